@@ -1,0 +1,992 @@
+/*
+ * The fault handler: one native thread ("lazyshare-fault") per attaching process.
+ *
+ *   Python (any thread, GIL released)          fault-handler thread (owns everything below)
+ *   ls_client_attach: mmap + UFFDIO_REGISTER    poll(uffd, command eventfd, one ZMTP DEALER
+ *                                               connection per owner, see zmtp.h)
+ *     -> CMD_ATTACH, waits on its cond   ---->  HOLD round trip; region joins the table
+ *   ls_client_detach -> CMD_DETACH       ---->  UFFDIO_UNREGISTER, munmap, RELEASE
+ *   a thread touches a missing page  --kernel-> uffd_msg -> READ request(s) -> reply
+ *                                               -> UFFDIO_COPY (wakes the faulting threads)
+ *
+ * Only this thread touches the regions, the in-flight table and the sockets;
+ * Python threads reach it through the command queue (cmd_lock). A region is
+ * unmapped by this thread only, after it is removed from the table, so a late
+ * reply can never be copied into memory that was reused for something else.
+ *
+ * Read-ahead (as CRIU's lazy-pages and the kernel's readahead): a region keeps a
+ * window that starts at min_block, doubles while faults move forward within two
+ * windows of the last one, and falls back to min_block on a random fault; a
+ * sequential fault also requests the next window ahead. Every page is requested
+ * once: a bitmap marks pages requested, the in-flight table dedupes faults on
+ * pages still on the wire.
+ *
+ * A fault that cannot be served (owner gone, segment released under a mapping,
+ * no reply within fault_timeout) is fatal for the process (ls_fatal): the
+ * faulting thread must never resume on zeros, and a hang is worse than an error.
+ */
+#include "internal.h"
+#include "zmtp.h"
+
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define MAX_PEERS 64
+#define EAGER_INFLIGHT 8 /* eager requests on the wire per region */
+
+struct peer {
+    char endpoint[256];
+    int pid;
+    int fd;              /* -1: slot free */
+    int refs;            /* regions and in-flight requests using it */
+    uint64_t last_check; /* last liveness check of pid, ns */
+    /* requests not yet written (the socket was full) */
+    uint8_t *tx;
+    size_t txlen, txcap;
+    /* reply being received: small frames in rx; a payload straight into stage */
+    uint8_t rx[4096];
+    size_t rxlen;
+    int have_rep;        /* rep holds a header whose payload frame comes next */
+    struct ls_rep rep;
+    uint8_t *stage;      /* page-aligned, LS_MAX_READ bytes: UFFDIO_COPY's source */
+    uint64_t dlen, dgot; /* payload length and bytes received; dlen 0: none pending */
+};
+
+struct waiter {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int done;
+    int status;
+};
+
+enum { R_HOLDING, R_EAGER, R_ACTIVE };
+
+struct region {
+    uint64_t id;
+    uintptr_t base;
+    uint64_t maplen; /* page-rounded */
+    uint64_t seglen;
+    uint64_t npages;
+    uint8_t seg[LS_ID_BYTES];
+    struct peer *peer;
+    uint8_t *requested; /* bitmap, one bit per page */
+    int state;
+    struct waiter *waiter; /* attach in progress */
+    uint64_t deadline;     /* attach deadline, ns */
+    uint64_t last_fault;   /* page index */
+    int have_last;
+    uint32_t window;       /* pages */
+    uint64_t eager_next;   /* next page to request in eager mode */
+    int inflight;
+    struct region *next;
+};
+
+struct inflight {
+    uint64_t tag;
+    uint64_t region;
+    uint64_t page, npages;
+    uint64_t sent;   /* ns */
+    uint64_t fault;  /* ns of the oldest fault waiting on it, 0 if none */
+    int nfaults;
+    struct peer *peer;
+};
+
+enum { CMD_ATTACH, CMD_DETACH };
+
+struct cmd {
+    int kind;
+    struct region *region; /* ATTACH */
+    char endpoint[256];    /* ATTACH: resolved to a peer by the handler thread */
+    int pid;               /* ATTACH: the owner */
+    uint64_t region_id;    /* DETACH */
+    struct cmd *next;
+};
+
+/* ---- shared with Python threads (cmd_lock) ---- */
+static pthread_mutex_t cmd_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct cmd *cmd_head, *cmd_tail;
+static int cmd_fd = -1;
+static int client_running;
+static int client_mode = -1;
+static int uffd = -1;
+static _Atomic uint64_t next_region_id = 1;
+static pthread_t client_thread;
+
+/* ---- the handler thread's own ---- */
+static struct region *regions;
+static struct peer peers[MAX_PEERS];
+static struct inflight *infl;
+static int ninfl, capinfl;
+static uint64_t next_tag = 1;
+static uint64_t min_pages = 4, max_pages = 1024;
+static uint64_t fault_timeout_ns = 60ull * 1000000000ull;
+
+static inline int bit_get(const uint8_t *b, uint64_t i) { return (b[i >> 3] >> (i & 7)) & 1; }
+static inline void bit_set(uint8_t *b, uint64_t i) { b[i >> 3] |= (uint8_t)(1u << (i & 7)); }
+
+static void waiter_done(struct waiter *w, int status)
+{
+    pthread_mutex_lock(&w->lock);
+    w->status = status;
+    w->done = 1;
+    pthread_cond_signal(&w->cond);
+    pthread_mutex_unlock(&w->lock);
+}
+
+static struct region *region_by_id(uint64_t id)
+{
+    for (struct region *r = regions; r; r = r->next)
+        if (r->id == id)
+            return r;
+    return NULL;
+}
+
+static struct region *region_by_addr(uintptr_t a)
+{
+    for (struct region *r = regions; r; r = r->next)
+        if (a >= r->base && a < r->base + r->maplen)
+            return r;
+    return NULL;
+}
+
+static void peer_close(struct peer *p)
+{
+    close(p->fd);
+    p->fd = -1;
+    free(p->tx);
+    free(p->stage);
+    p->tx = p->stage = NULL;
+}
+
+/* Write exactly n bytes to a blocking-mode socket during the handshake. */
+static int write_all(int fd, const uint8_t *b, size_t n)
+{
+    while (n) {
+        ssize_t w = write(fd, b, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return -errno;
+        b += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Read the server's greeting and READY command (bounded by SO_RCVTIMEO). */
+static int read_handshake(struct peer *p)
+{
+    size_t need = ZMTP_GREETING;
+    int greeted = 0;
+    for (;;) {
+        if (p->rxlen >= need) {
+            if (!greeted) {
+                if (zmtp_check_greeting(p->rx) < 0)
+                    return -EPROTO;
+                greeted = 1;
+            }
+            uint8_t flags;
+            uint64_t len;
+            size_t h = zmtp_parse_header(p->rx + ZMTP_GREETING, p->rxlen - ZMTP_GREETING, &flags, &len);
+            if (h) {
+                if (!(flags & ZMTP_COMMAND) || len > ZMTP_MAX_SMALL)
+                    return -EPROTO;
+                size_t total = ZMTP_GREETING + h + len;
+                if (p->rxlen >= total) {
+                    memmove(p->rx, p->rx + total, p->rxlen - total);
+                    p->rxlen -= total;
+                    return 0;
+                }
+            }
+        }
+        ssize_t r = read(p->fd, p->rx + p->rxlen, sizeof p->rx - p->rxlen);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return errno == EAGAIN ? -ETIMEDOUT : -errno;
+        if (r == 0)
+            return -ECONNRESET;
+        p->rxlen += (size_t)r;
+        need = p->rxlen + 1 > ZMTP_GREETING ? ZMTP_GREETING : need;
+    }
+}
+
+static int peer_connect(struct peer *p)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    if (strncmp(p->endpoint, "ipc://", 6) || strlen(p->endpoint + 6) >= sizeof sa.sun_path)
+        return -EINVAL;
+    strcpy(sa.sun_path, p->endpoint + 6);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    p->fd = fd;
+    struct timeval tv = {.tv_sec = 5};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0)
+        return errno == ENOENT || errno == ECONNREFUSED ? -ESRCH : -errno;
+    uint8_t hello[ZMTP_GREETING + 64];
+    zmtp_greeting(hello, 0);
+    size_t n = ZMTP_GREETING + zmtp_ready(hello + ZMTP_GREETING, 64, "DEALER");
+    int rc = write_all(fd, hello, n);
+    if (!rc)
+        rc = read_handshake(p);
+    if (rc < 0)
+        return rc;
+    if (fcntl(fd, F_SETFL, O_NONBLOCK) < 0)
+        return -errno;
+    void *stage;
+    if (posix_memalign(&stage, ls_page_size(), LS_MAX_READ))
+        return -ENOMEM;
+    p->stage = stage;
+    return 0;
+}
+
+/* The connection to an owner, opened (and handshaken) on first use. */
+static int peer_get(const char *endpoint, int pid, struct peer **out)
+{
+    struct peer *free_slot = NULL;
+    for (int i = 0; i < MAX_PEERS; i++) {
+        if (peers[i].fd >= 0 && !strcmp(peers[i].endpoint, endpoint)) {
+            *out = &peers[i];
+            return 0;
+        }
+        if (peers[i].fd < 0 && !free_slot)
+            free_slot = &peers[i];
+    }
+    if (!free_slot)
+        return -EMFILE;
+    memset(free_slot, 0, sizeof *free_slot);
+    free_slot->fd = -1;
+    snprintf(free_slot->endpoint, sizeof free_slot->endpoint, "%s", endpoint);
+    free_slot->pid = pid;
+    int rc = peer_connect(free_slot);
+    if (rc < 0) {
+        if (free_slot->fd >= 0)
+            peer_close(free_slot);
+        return rc;
+    }
+    *out = free_slot;
+    return 0;
+}
+
+static void peer_put(struct peer *p)
+{
+    if (--p->refs == 0)
+        peer_close(p);
+}
+
+static int peer_flush(struct peer *p)
+{
+    size_t off = 0;
+    while (off < p->txlen) {
+        ssize_t w = write(p->fd, p->tx + off, p->txlen - off);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0 && errno == EAGAIN)
+            break;
+        if (w <= 0)
+            return -errno;
+        off += (size_t)w;
+    }
+    memmove(p->tx, p->tx + off, p->txlen - off);
+    p->txlen -= off;
+    return 0;
+}
+
+static int send_req(struct peer *p, uint16_t op, const uint8_t *seg, uint64_t tag, uint64_t offset,
+                    uint64_t length)
+{
+    struct ls_req rq = {
+        .magic = LS_MAGIC,
+        .version = LS_VERSION,
+        .op = op,
+        .pid = (uint32_t)getpid(),
+        .tag = tag,
+        .offset = offset,
+        .length = length,
+    };
+    memcpy(rq.seg, seg, LS_ID_BYTES);
+    if (p->txlen + 9 + sizeof rq > p->txcap) {
+        size_t cap = p->txcap ? p->txcap * 2 : 4096;
+        uint8_t *b = realloc(p->tx, cap);
+        if (!b)
+            return -ENOMEM;
+        p->tx = b;
+        p->txcap = cap;
+    }
+    p->txlen += zmtp_frame_header(p->tx + p->txlen, 0, sizeof rq);
+    memcpy(p->tx + p->txlen, &rq, sizeof rq);
+    p->txlen += sizeof rq;
+    /* Written now if the socket has room, else when poll says POLLOUT. */
+    return peer_flush(p);
+}
+
+static struct inflight *infl_find_page(uint64_t region, uint64_t page)
+{
+    for (int i = 0; i < ninfl; i++)
+        if (infl[i].region == region && page >= infl[i].page && page < infl[i].page + infl[i].npages)
+            return &infl[i];
+    return NULL;
+}
+
+static struct inflight *infl_find_tag(uint64_t tag)
+{
+    for (int i = 0; i < ninfl; i++)
+        if (infl[i].tag == tag)
+            return &infl[i];
+    return NULL;
+}
+
+static void infl_remove(struct inflight *f)
+{
+    peer_put(f->peer);
+    *f = infl[--ninfl];
+}
+
+/* Request pages [page, page+n) of r, which none requested yet. */
+static void request_run(struct region *r, uint64_t page, uint64_t n, uint64_t fault_ns)
+{
+    const uint64_t ps = ls_page_size();
+    if (ninfl == capinfl) {
+        int cap = capinfl ? capinfl * 2 : 64;
+        struct inflight *p = realloc(infl, (size_t)cap * sizeof *p);
+        if (!p)
+            ls_fatal("out of memory for in-flight requests");
+        infl = p;
+        capinfl = cap;
+    }
+    uint64_t tag = next_tag++;
+    int rc = send_req(r->peer, LS_OP_READ, r->seg, tag, page * ps, n * ps);
+    if (rc < 0)
+        ls_fatal("cannot send a page request to %s: errno %d", r->peer->endpoint, -rc);
+    for (uint64_t i = page; i < page + n; i++)
+        bit_set(r->requested, i);
+    infl[ninfl++] = (struct inflight){
+        .tag = tag, .region = r->id, .page = page, .npages = n, .sent = ls_now_ns(),
+        .fault = fault_ns, .nfaults = fault_ns ? 1 : 0, .peer = r->peer,
+    };
+    r->peer->refs++;
+    r->inflight++;
+    CTR_ADD(requests, 1);
+}
+
+/* Request every not-yet-requested page of [from, to), in runs of at most max_pages. */
+static void request_range(struct region *r, uint64_t from, uint64_t to, uint64_t fault_ns)
+{
+    if (to > r->npages)
+        to = r->npages;
+    uint64_t p = from;
+    while (p < to) {
+        while (p < to && bit_get(r->requested, p))
+            p++;
+        uint64_t start = p;
+        while (p < to && !bit_get(r->requested, p) && p - start < max_pages)
+            p++;
+        if (p > start) {
+            request_run(r, start, p - start, start == from ? fault_ns : 0);
+        }
+    }
+}
+
+static void wake_page(uintptr_t addr)
+{
+    const uint64_t ps = ls_page_size();
+    struct uffdio_range rg = {.start = addr & ~(ps - 1), .len = ps};
+    ioctl(uffd, UFFDIO_WAKE, &rg); /* ENOENT: the range was unregistered meanwhile */
+}
+
+static void on_fault(uintptr_t addr, uint64_t now)
+{
+    CTR_ADD(faults, 1);
+    struct region *r = region_by_addr(addr);
+    if (!r || r->state != R_ACTIVE) {
+        wake_page(addr);
+        return;
+    }
+    const uint64_t ps = ls_page_size();
+    uint64_t page = (addr - r->base) / ps;
+
+    int seq = r->have_last && page >= r->last_fault && page <= r->last_fault + 2 * (uint64_t)r->window;
+    if (seq) {
+        uint64_t w = (uint64_t)r->window * 2;
+        r->window = (uint32_t)(w > max_pages ? max_pages : w);
+    } else {
+        r->window = (uint32_t)min_pages;
+    }
+    r->last_fault = page;
+    r->have_last = 1;
+
+    if (bit_get(r->requested, page)) {
+        struct inflight *f = infl_find_page(r->id, page);
+        if (f) {
+            if (!f->fault)
+                f->fault = now;
+            f->nfaults++;
+        } else {
+            wake_page(addr); /* installed after the fault was queued */
+        }
+    } else {
+        request_range(r, page, page + r->window, now);
+    }
+    if (seq)
+        request_range(r, page + r->window, page + 2 * (uint64_t)r->window, 0);
+}
+
+/* UFFDIO_COPY [dst, dst+len) from src, surviving partial copies and races. */
+static int install(struct region *r, uint64_t off, const uint8_t *src, uint64_t len)
+{
+    const uint64_t ps = ls_page_size();
+    uint64_t done = 0;
+    int again = 0;
+    while (done < len) {
+        struct uffdio_copy c = {
+            .dst = r->base + off + done, .src = (uintptr_t)(src + done), .len = len - done, .mode = 0,
+        };
+        if (ioctl(uffd, UFFDIO_COPY, &c) == 0) {
+            done = len;
+            break;
+        }
+        int e = errno;
+        if (c.copy > 0) { /* partial: the copied part is installed and woken */
+            done += (uint64_t)c.copy;
+            continue;
+        }
+        if (e == EEXIST) { /* that page is already there: wake its waiters, skip it */
+            wake_page(r->base + off + done);
+            CTR_ADD(eexist, 1);
+            done += ps;
+            continue;
+        }
+        if (e == EAGAIN && ++again < 1000) /* the layout is changing: retry */
+            continue;
+        return -e; /* ENOENT/ESRCH: the mapping or the process is going away */
+    }
+    return 0;
+}
+
+/* Eager rung: no userfaultfd, the region is ordinary memory filled by memcpy. */
+static void eager_pump(struct region *r)
+{
+    while (r->inflight < EAGER_INFLIGHT && r->eager_next < r->npages) {
+        uint64_t n = r->npages - r->eager_next;
+        if (n > max_pages)
+            n = max_pages;
+        request_run(r, r->eager_next, n, 0);
+        r->eager_next += n;
+    }
+}
+
+static void region_destroy(struct region *r, int tell_owner)
+{
+    struct region **pp = &regions;
+    while (*pp && *pp != r)
+        pp = &(*pp)->next;
+    if (*pp)
+        *pp = r->next;
+    if (client_mode != LS_MODE_EAGER) {
+        struct uffdio_range rg = {.start = r->base, .len = r->maplen};
+        if (ioctl(uffd, UFFDIO_UNREGISTER, &rg) < 0 && errno != EINVAL && errno != ENOENT)
+            ls_fatal("UFFDIO_UNREGISTER failed: errno %d", errno);
+    }
+    munmap((void *)r->base, r->maplen);
+    if (tell_owner && r->peer)
+        send_req(r->peer, LS_OP_RELEASE, r->seg, 0, 0, 0);
+    /* Replies still on the wire find no region and are dropped. */
+    for (int i = 0; i < ninfl;)
+        if (infl[i].region == r->id)
+            infl_remove(&infl[i]);
+        else
+            i++;
+    if (r->peer)
+        peer_put(r->peer);
+    free(r->requested);
+    free(r);
+    CTR_SUB(regions_attached, 1);
+}
+
+static void attach_finish(struct region *r, int status)
+{
+    struct waiter *w = r->waiter;
+    r->waiter = NULL;
+    if (status < 0) {
+        /* The region dies here (the caller unmaps nothing). The owner is told
+         * unless it refused the hold: after a timeout its HOLD may still land. */
+        region_destroy(r, status == -ETIMEDOUT || r->state != R_HOLDING);
+    }
+    waiter_done(w, status);
+}
+
+static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *src, uint64_t srclen, int has_data)
+{
+    const uint64_t ps = ls_page_size();
+    if (rep->op == LS_OP_HOLD) {
+        struct region *r = region_by_id(rep->tag);
+        if (!r || r->state != R_HOLDING)
+            return;
+        if (rep->status) {
+            attach_finish(r, rep->status);
+            return;
+        }
+        if (rep->seglen != r->seglen) {
+            attach_finish(r, -EBADMSG);
+            return;
+        }
+        if (client_mode == LS_MODE_EAGER) {
+            r->state = R_EAGER;
+            eager_pump(r);
+            if (!r->npages)
+                attach_finish(r, 0);
+        } else {
+            r->state = R_ACTIVE;
+            attach_finish(r, 0);
+        }
+        return;
+    }
+    if (rep->op != LS_OP_READ)
+        return; /* RELEASE/PING acknowledgements */
+    struct inflight *f = infl_find_tag(rep->tag);
+    if (!f || f->peer != p)
+        return; /* its region was detached */
+    struct region *r = region_by_id(f->region);
+    uint64_t page = f->page, npages = f->npages, fault = f->fault;
+    int nfaults = f->nfaults;
+    infl_remove(f);
+    if (!r)
+        return;
+    r->inflight--;
+    if (rep->status)
+        ls_fatal("the owner (pid %d, %s) refused pages %llu-%llu of segment of %llu bytes: %s",
+                 r->peer->pid, r->peer->endpoint, (unsigned long long)page,
+                 (unsigned long long)(page + npages - 1), (unsigned long long)r->seglen,
+                 rep->status == -ENOENT ? "the segment was released while this process still maps it"
+                                        : "error reply");
+    if (!has_data || srclen != npages * ps || rep->offset != page * ps)
+        ls_fatal("malformed page reply from %s", r->peer->endpoint);
+    if (r->state == R_EAGER) {
+        memcpy((uint8_t *)r->base + page * ps, src, npages * ps);
+        CTR_ADD(bytes_fetched, npages * ps);
+        eager_pump(r);
+        if (!r->inflight && r->eager_next >= r->npages) {
+            r->state = R_ACTIVE;
+            attach_finish(r, 0);
+        }
+        return;
+    }
+    int rc = install(r, page * ps, src, npages * ps);
+    if (rc < 0)
+        ls_fatal("UFFDIO_COPY failed: errno %d", -rc);
+    CTR_ADD(bytes_fetched, npages * ps);
+    if (fault) {
+        uint64_t dt = ls_now_ns() - fault;
+        for (int i = 0; i < nfaults; i++)
+            ls_hist_add(dt);
+    }
+}
+
+/* The owner's connection broke: fatal if anything still needs it. */
+static void peer_lost(struct peer *p, int err)
+{
+    if (p->refs)
+        ls_fatal("lost the connection to the owner of a lazily mapped array (pid %d%s, %s): %s",
+                 p->pid, ls_pid_alive(p->pid) ? "" : ", exited", p->endpoint, strerror(err));
+    peer_close(p);
+}
+
+/* Read and dispatch what the owner sent: [header] or [header][payload] replies. */
+static void drain_peer(struct peer *p)
+{
+    const uint64_t ps = ls_page_size();
+    for (int budget = 0; budget < 4096 && p->fd >= 0; budget++) {
+        if (p->dlen) { /* a payload streams straight into the staging buffer */
+            ssize_t r = read(p->fd, p->stage + p->dgot, p->dlen - p->dgot);
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r < 0 && errno == EAGAIN)
+                return;
+            if (r <= 0) {
+                peer_lost(p, r ? errno : ECONNRESET);
+                return;
+            }
+            p->dgot += (uint64_t)r;
+            if (p->dgot == p->dlen) {
+                uint64_t n = p->dlen;
+                p->dlen = p->dgot = 0;
+                p->have_rep = 0;
+                on_reply(p, &p->rep, p->stage, n, 1);
+            }
+            continue;
+        }
+        /* Parse complete small frames out of rx. */
+        uint8_t flags;
+        uint64_t len;
+        size_t h = zmtp_parse_header(p->rx, p->rxlen, &flags, &len);
+        if (h && (flags & ZMTP_COMMAND) && len <= ZMTP_MAX_SMALL && p->rxlen >= h + len) {
+            memmove(p->rx, p->rx + h + len, p->rxlen - h - len); /* PING etc.: ignored */
+            p->rxlen -= h + len;
+            continue;
+        }
+        if (h && p->have_rep) { /* the payload frame */
+            if (len > LS_MAX_READ || len % ps || (flags & (ZMTP_MORE | ZMTP_COMMAND)))
+                ls_fatal("malformed page payload from %s", p->endpoint);
+            uint64_t inbuf = p->rxlen - h < len ? p->rxlen - h : len;
+            memcpy(p->stage, p->rx + h, inbuf);
+            memmove(p->rx, p->rx + h + inbuf, p->rxlen - h - inbuf);
+            p->rxlen -= h + inbuf;
+            p->dlen = len;
+            p->dgot = inbuf;
+            if (!len)
+                ls_fatal("empty page payload from %s", p->endpoint);
+            if (inbuf == len) {
+                p->dlen = p->dgot = 0;
+                p->have_rep = 0;
+                on_reply(p, &p->rep, p->stage, len, 1);
+            }
+            continue;
+        }
+        if (h && p->rxlen >= h + len) { /* a reply header frame */
+            if (len != sizeof(struct ls_rep) || (flags & ZMTP_COMMAND))
+                ls_fatal("malformed reply header from %s", p->endpoint);
+            memcpy(&p->rep, p->rx + h, sizeof p->rep);
+            memmove(p->rx, p->rx + h + len, p->rxlen - h - len);
+            p->rxlen -= h + len;
+            if (p->rep.magic != LS_MAGIC || p->rep.version != LS_VERSION)
+                ls_fatal("reply of another protocol from %s", p->endpoint);
+            if (flags & ZMTP_MORE) {
+                p->have_rep = 1;
+            } else {
+                struct ls_rep rep = p->rep;
+                on_reply(p, &rep, NULL, 0, 0);
+            }
+            continue;
+        }
+        if (h && len > sizeof p->rx)
+            ls_fatal("oversized frame from %s", p->endpoint);
+        if (p->rxlen == sizeof p->rx)
+            ls_fatal("unparseable stream from %s", p->endpoint);
+        ssize_t r = read(p->fd, p->rx + p->rxlen, sizeof p->rx - p->rxlen);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && errno == EAGAIN)
+            return;
+        if (r <= 0) {
+            peer_lost(p, r ? errno : ECONNRESET);
+            return;
+        }
+        p->rxlen += (size_t)r;
+    }
+}
+
+static void handle_commands(void)
+{
+    ls_eventfd_drain(cmd_fd);
+    for (;;) {
+        pthread_mutex_lock(&cmd_lock);
+        struct cmd *c = cmd_head;
+        if (c) {
+            cmd_head = c->next;
+            if (!cmd_head)
+                cmd_tail = NULL;
+        }
+        pthread_mutex_unlock(&cmd_lock);
+        if (!c)
+            return;
+        if (c->kind == CMD_ATTACH) {
+            struct region *r = c->region;
+            r->next = regions;
+            regions = r;
+            CTR_ADD(regions_attached, 1);
+            int rc = peer_get(c->endpoint, c->pid, &r->peer);
+            if (rc < 0) {
+                r->peer = NULL;
+                attach_finish(r, rc == -ESRCH || !ls_pid_alive(c->pid) ? -ESRCH : rc);
+            } else {
+                r->peer->refs++;
+                rc = send_req(r->peer, LS_OP_HOLD, r->seg, r->id, 0, 0);
+                if (rc < 0)
+                    attach_finish(r, rc);
+            }
+        } else {
+            struct region *r = region_by_id(c->region_id);
+            if (r)
+                region_destroy(r, 1);
+        }
+        free(c);
+    }
+}
+
+static void check_deadlines(uint64_t now)
+{
+    for (struct region *r = regions, *next; r; r = next) {
+        next = r->next;
+        if (r->waiter && now > r->deadline) {
+            int alive = ls_pid_alive(r->peer->pid);
+            attach_finish(r, alive ? -ETIMEDOUT : -ESRCH);
+        }
+    }
+    for (int i = 0; i < ninfl; i++) {
+        struct inflight *f = &infl[i];
+        uint64_t age = now - f->sent;
+        if (age < 200000000ull)
+            continue;
+        struct peer *p = f->peer;
+        if (now - p->last_check > 200000000ull) {
+            p->last_check = now;
+            if (!ls_pid_alive(p->pid))
+                ls_fatal("the owner of a lazily mapped array (pid %d) exited; its pages can no longer "
+                         "be fetched",
+                         p->pid);
+        }
+        if (age > fault_timeout_ns)
+            ls_fatal("no reply from the owner (pid %d, %s) for %llu s; giving up on its pages", p->pid,
+                     p->endpoint, (unsigned long long)(age / 1000000000ull));
+    }
+}
+
+static void *client_main(void *arg)
+{
+    (void)arg;
+    ls_block_signals();
+    pthread_setname_np(pthread_self(), "lazyshare-fault");
+    struct pollfd fds[2 + MAX_PEERS];
+    struct peer *who[MAX_PEERS];
+    struct uffd_msg msgs[64];
+    for (;;) {
+        int n = 0, np = 0;
+        fds[n++] = (struct pollfd){.fd = cmd_fd, .events = POLLIN};
+        fds[n++] = (struct pollfd){.fd = uffd, .events = POLLIN}; /* -1 (eager): ignored */
+        for (int i = 0; i < MAX_PEERS; i++)
+            if (peers[i].fd >= 0) {
+                who[np++] = &peers[i];
+                fds[n++] = (struct pollfd){.fd = peers[i].fd,
+                                           .events = (short)(POLLIN | (peers[i].txlen ? POLLOUT : 0))};
+            }
+        int timeout = (ninfl || regions) ? 100 : -1;
+        if (poll(fds, (nfds_t)n, timeout) < 0 && errno != EINTR)
+            ls_fatal("poll failed in the fault handler: errno %d", errno);
+        uint64_t now = ls_now_ns();
+        if (uffd >= 0 && fds[1].revents) {
+            for (;;) {
+                ssize_t got = read(uffd, msgs, sizeof msgs);
+                if (got < 0) {
+                    if (errno == EINTR)
+                        continue;
+                    if (errno != EAGAIN)
+                        ls_fatal("read(userfaultfd) failed: errno %d", errno);
+                    break;
+                }
+                for (size_t i = 0; i < (size_t)got / sizeof msgs[0]; i++)
+                    if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
+                        on_fault((uintptr_t)msgs[i].arg.pagefault.address, now);
+                if ((size_t)got < sizeof msgs)
+                    break;
+            }
+        }
+        for (int i = 0; i < np; i++) {
+            struct peer *p = who[i];
+            if (p->fd < 0)
+                continue;
+            if ((fds[2 + i].revents & POLLOUT) && peer_flush(p) < 0) {
+                peer_lost(p, errno);
+                continue;
+            }
+            if (fds[2 + i].revents & (POLLIN | POLLHUP | POLLERR))
+                drain_peer(p);
+        }
+        if (fds[0].revents)
+            handle_commands();
+        check_deadlines(ls_now_ns());
+    }
+    return NULL;
+}
+
+int ls_client_start(int mode, uint32_t min_block, uint32_t max_block, uint32_t fault_timeout_ms)
+{
+    if (client_running)
+        return mode == client_mode ? 0 : -EALREADY;
+    const uint64_t ps = ls_page_size();
+    if (min_block < ps || max_block < min_block || max_block > LS_MAX_READ)
+        return -EINVAL;
+    min_pages = min_block / ps;
+    max_pages = max_block / ps;
+    fault_timeout_ns = (uint64_t)fault_timeout_ms * 1000000ull;
+    if (mode != LS_MODE_EAGER) {
+        int fd = ls_uffd_open(mode);
+        if (fd < 0)
+            return fd;
+        uffd = fd;
+    }
+    cmd_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (cmd_fd < 0) {
+        int e = errno;
+        if (uffd >= 0)
+            close(uffd);
+        uffd = -1;
+        return -e;
+    }
+    for (int i = 0; i < MAX_PEERS; i++)
+        peers[i].fd = -1;
+    client_mode = mode;
+    int rc = pthread_create(&client_thread, NULL, client_main, NULL);
+    if (rc)
+        return -rc;
+    pthread_detach(client_thread);
+    client_running = 1;
+    return 0;
+}
+
+int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uint64_t len,
+                     uint32_t timeout_ms, uint64_t *addr_out, uint64_t *region_out)
+{
+    if (!client_running)
+        return -ENOTCONN;
+    if (!len)
+        return -EINVAL;
+    const uint64_t ps = ls_page_size();
+    uint64_t maplen = (len + ps - 1) / ps * ps;
+    if (maplen < len)
+        return -EOVERFLOW;
+    void *base = mmap(NULL, maplen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                      -1, 0);
+    if (base == MAP_FAILED)
+        return -errno;
+    /* A forked child never sees these pages: its registration would be gone and
+     * it would read zeros; with DONTFORK the child's access faults loudly. */
+    madvise(base, maplen, MADV_DONTFORK);
+    if (client_mode != LS_MODE_EAGER) {
+        struct uffdio_register reg = {
+            .range = {.start = (uintptr_t)base, .len = maplen},
+            .mode = UFFDIO_REGISTER_MODE_MISSING,
+        };
+        if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0) {
+            int e = errno;
+            munmap(base, maplen);
+            return -e;
+        }
+        if (!(reg.ioctls & (1ULL << _UFFDIO_COPY))) {
+            struct uffdio_range rg = {.start = (uintptr_t)base, .len = maplen};
+            ioctl(uffd, UFFDIO_UNREGISTER, &rg);
+            munmap(base, maplen);
+            return -EOPNOTSUPP;
+        }
+    }
+    struct region *r = calloc(1, sizeof *r);
+    uint64_t npages = maplen / ps;
+    uint8_t *bits = calloc((size_t)(npages + 7) / 8, 1);
+    struct cmd *c = calloc(1, sizeof *c);
+    struct waiter w = {.done = 0};
+    if (!r || !bits || !c) {
+        free(r);
+        free(bits);
+        free(c);
+        if (client_mode != LS_MODE_EAGER) {
+            struct uffdio_range rg = {.start = (uintptr_t)base, .len = maplen};
+            ioctl(uffd, UFFDIO_UNREGISTER, &rg);
+        }
+        munmap(base, maplen);
+        return -ENOMEM;
+    }
+    pthread_mutex_init(&w.lock, NULL);
+    pthread_cond_init(&w.cond, NULL);
+    r->id = atomic_fetch_add(&next_region_id, 1);
+    r->base = (uintptr_t)base;
+    r->maplen = maplen;
+    r->seglen = len;
+    r->npages = npages;
+    memcpy(r->seg, id, LS_ID_BYTES);
+    r->requested = bits;
+    r->state = R_HOLDING;
+    r->window = (uint32_t)min_pages;
+    r->waiter = &w;
+    r->deadline = ls_now_ns() + (uint64_t)timeout_ms * 1000000ull;
+
+    /* The peer table belongs to the handler thread: the endpoint rides along
+     * in the command and is resolved there. */
+    c->kind = CMD_ATTACH;
+    c->region = r;
+    c->pid = owner_pid;
+    snprintf(c->endpoint, sizeof c->endpoint, "%s", endpoint);
+
+    pthread_mutex_lock(&cmd_lock);
+    if (cmd_tail)
+        cmd_tail->next = c;
+    else
+        cmd_head = c;
+    cmd_tail = c;
+    pthread_mutex_unlock(&cmd_lock);
+    ls_eventfd_signal(cmd_fd);
+
+    pthread_mutex_lock(&w.lock);
+    while (!w.done)
+        pthread_cond_wait(&w.cond, &w.lock);
+    pthread_mutex_unlock(&w.lock);
+    pthread_cond_destroy(&w.cond);
+    pthread_mutex_destroy(&w.lock);
+    if (w.status < 0)
+        return w.status; /* the handler destroyed the region */
+    *addr_out = (uint64_t)(uintptr_t)base;
+    *region_out = r->id;
+    return 0;
+}
+
+int ls_client_detach(uint64_t region)
+{
+    if (!client_running)
+        return -ENOTCONN;
+    struct cmd *c = calloc(1, sizeof *c);
+    if (!c)
+        return -ENOMEM;
+    c->kind = CMD_DETACH;
+    c->region_id = region;
+    pthread_mutex_lock(&cmd_lock);
+    if (cmd_tail)
+        cmd_tail->next = c;
+    else
+        cmd_head = c;
+    cmd_tail = c;
+    pthread_mutex_unlock(&cmd_lock);
+    return ls_eventfd_signal(cmd_fd);
+}
+
+int ls_client_materialize(uint64_t addr, uint64_t len)
+{
+    const uint64_t ps = ls_page_size();
+    volatile const uint8_t *p = (volatile const uint8_t *)(uintptr_t)addr;
+    uint64_t start = addr & ~(ps - 1);
+    uint8_t sink = 0;
+    for (uint64_t a = start; a < addr + len; a += ps)
+        sink ^= p[a > addr ? a - addr : 0];
+    (void)sink;
+    return 0;
+}
+
+void ls_client_reset_after_fork(void)
+{
+    pthread_mutex_init(&cmd_lock, NULL);
+    cmd_head = cmd_tail = NULL;
+    if (cmd_fd >= 0)
+        close(cmd_fd);
+    if (uffd >= 0)
+        close(uffd);
+    cmd_fd = uffd = -1;
+    client_running = 0;
+    client_mode = -1;
+    regions = NULL;
+    memset(peers, 0, sizeof peers);
+    for (int i = 0; i < MAX_PEERS; i++)
+        peers[i].fd = -1;
+    infl = NULL;
+    ninfl = capinfl = 0;
+    atomic_store(&ls_ctr.regions_attached, 0);
+}

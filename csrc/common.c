@@ -1,0 +1,271 @@
+/* lazyshare native core: capability probe, counters, helpers. */
+#include "internal.h"
+
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
+
+struct ls_counters ls_ctr;
+
+/* Open a userfaultfd at one rung; -errno if this process may not. */
+static int uffd_open_devnode(void)
+{
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev < 0)
+        return -errno;
+    int fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+    int e = errno;
+    close(dev);
+    return fd < 0 ? -e : fd;
+}
+
+static int uffd_open_syscall(int flags)
+{
+#ifdef SYS_userfaultfd
+    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | flags);
+    return fd < 0 ? -errno : fd;
+#else
+    (void)flags;
+    return -ENOSYS;
+#endif
+}
+
+static int uffd_handshake(int fd)
+{
+    struct uffdio_api api = {.api = UFFD_API, .features = 0};
+    if (ioctl(fd, UFFDIO_API, &api) < 0)
+        return -errno;
+    if (!(api.ioctls & (1ULL << _UFFDIO_REGISTER)))
+        return -EOPNOTSUPP;
+    return 0;
+}
+
+/* Shared by ls_probe and the handler: a ready userfaultfd at `mode`. */
+int ls_uffd_open(int mode)
+{
+    int fd;
+    if (mode == LS_MODE_UFFD) {
+        fd = uffd_open_devnode();
+        if (fd < 0)
+            fd = uffd_open_syscall(0);
+    } else if (mode == LS_MODE_UFFD_USER) {
+        fd = uffd_open_syscall(UFFD_USER_MODE_ONLY);
+    } else {
+        return -EINVAL;
+    }
+    if (fd < 0)
+        return fd;
+    int rc = uffd_handshake(fd);
+    if (rc < 0) {
+        close(fd);
+        return rc;
+    }
+    return fd;
+}
+
+int ls_probe(struct ls_probe *out)
+{
+    int fd;
+    memset(out, 0, sizeof(*out));
+    out->mode = LS_MODE_EAGER;
+
+    fd = uffd_open_devnode();
+    if (fd >= 0) {
+        out->err_devnode = -uffd_handshake(fd);
+        close(fd);
+    } else {
+        out->err_devnode = -fd;
+    }
+    fd = uffd_open_syscall(0);
+    if (fd >= 0) {
+        out->err_syscall = -uffd_handshake(fd);
+        close(fd);
+    } else {
+        out->err_syscall = -fd;
+    }
+    fd = uffd_open_syscall(UFFD_USER_MODE_ONLY);
+    if (fd >= 0) {
+        out->err_usermode = -uffd_handshake(fd);
+        close(fd);
+    } else {
+        out->err_usermode = -fd;
+    }
+    if (!out->err_devnode || !out->err_syscall)
+        out->mode = LS_MODE_UFFD;
+    else if (!out->err_usermode)
+        out->mode = LS_MODE_UFFD_USER;
+    return 0;
+}
+
+void ls_get_stats(struct ls_stats *s)
+{
+#define LD(f) atomic_load_explicit(&ls_ctr.f, memory_order_relaxed)
+    s->faults = LD(faults);
+    s->requests = LD(requests);
+    s->bytes_fetched = LD(bytes_fetched);
+    s->bytes_zero = LD(bytes_zero);
+    s->regions_attached = LD(regions_attached);
+    s->eexist = LD(eexist);
+    for (int i = 0; i < LS_HIST_BUCKETS; i++)
+        s->hist[i] = LD(hist[i]);
+    s->requests_served = LD(requests_served);
+    s->bytes_served = LD(bytes_served);
+    s->errors_served = LD(errors_served);
+    s->segments_exported = LD(segments_exported);
+#undef LD
+}
+
+uint64_t ls_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+void ls_hist_add(uint64_t ns)
+{
+    uint64_t us = ns / 1000;
+    int b = 0;
+    while (us > 1 && b < LS_HIST_BUCKETS - 1) {
+        us >>= 1;
+        b++;
+    }
+    CTR_ADD(hist[b], 1);
+}
+
+size_t ls_page_size(void)
+{
+    static size_t ps;
+    if (!ps)
+        ps = (size_t)sysconf(_SC_PAGESIZE);
+    return ps;
+}
+
+int ls_pid_alive(int pid)
+{
+    if (pid <= 0)
+        return 1;
+    return kill(pid, 0) == 0 || errno != ESRCH;
+}
+
+void ls_block_signals(void)
+{
+    /* Python handles signals on its main thread; native threads take none. */
+    sigset_t all;
+    sigfillset(&all);
+    sigdelset(&all, SIGBUS);
+    sigdelset(&all, SIGSEGV);
+    sigdelset(&all, SIGFPE);
+    sigdelset(&all, SIGILL);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+}
+
+int ls_eventfd_signal(int fd)
+{
+    uint64_t one = 1;
+    return write(fd, &one, sizeof one) == sizeof one ? 0 : -errno;
+}
+
+void ls_eventfd_drain(int fd)
+{
+    uint64_t v;
+    while (read(fd, &v, sizeof v) == sizeof v)
+        ;
+}
+
+void ls_fatal(const char *fmt, ...)
+{
+    char buf[768];
+    int n = snprintf(buf, sizeof buf, "lazyshare: fatal (pid %d): ", (int)getpid());
+    va_list ap;
+    va_start(ap, fmt);
+    int m = vsnprintf(buf + n, sizeof buf - (size_t)n - 2, fmt, ap);
+    va_end(ap);
+    size_t len = (size_t)n + (size_t)(m < 0 ? 0 : m);
+    if (len > sizeof buf - 2)
+        len = sizeof buf - 2;
+    buf[len++] = '\n';
+    ssize_t w = write(2, buf, len);
+    (void)w;
+    /* SIGBUS, as for a mapped file truncated under a reader: the memory the
+     * process was promised cannot be provided. The installed handler (Python's
+     * faulthandler dumps every thread's stack) gets the first go; if the
+     * process survives it, the default action ends it. */
+    sigset_t s;
+    sigemptyset(&s);
+    sigaddset(&s, SIGBUS);
+    pthread_sigmask(SIG_UNBLOCK, &s, NULL);
+    kill(getpid(), SIGBUS);
+    sleep(2);
+    signal(SIGBUS, SIG_DFL);
+    kill(getpid(), SIGBUS);
+    for (;;)
+        pause();
+}
+
+void ls_reset_after_fork(void)
+{
+    /* The child has none of the parent's threads: forget their state without
+     * touching it (locks may be held, sockets belong to the parent). */
+    ls_server_reset_after_fork();
+    ls_client_reset_after_fork();
+}
+
+int64_t ls_bench_uffd_copy(uint64_t len, uint32_t block)
+{
+    const uint64_t ps = ls_page_size();
+    if (!block || block % ps || len % block)
+        return -EINVAL;
+    int fd = ls_uffd_open(LS_MODE_UFFD);
+    if (fd < 0)
+        fd = ls_uffd_open(LS_MODE_UFFD_USER);
+    if (fd < 0)
+        return fd;
+    int64_t rc = 0;
+    void *src = mmap(NULL, block, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void *dst = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (src == MAP_FAILED || dst == MAP_FAILED) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    memset(src, 0x5a, block);
+    struct uffdio_register reg = {.range = {.start = (uintptr_t)dst, .len = len},
+                                  .mode = UFFDIO_REGISTER_MODE_MISSING};
+    if (ioctl(fd, UFFDIO_REGISTER, &reg) < 0) {
+        rc = -errno;
+        goto out;
+    }
+    uint64_t t0 = ls_now_ns();
+    for (uint64_t off = 0; off < len;) {
+        struct uffdio_copy c = {.dst = (uintptr_t)dst + off, .src = (uintptr_t)src, .len = block, .mode = 0};
+        if (ioctl(fd, UFFDIO_COPY, &c) < 0 && c.copy <= 0) {
+            rc = -errno;
+            goto out;
+        }
+        off += c.copy > 0 ? (uint64_t)c.copy : block;
+    }
+    rc = (int64_t)(ls_now_ns() - t0);
+out:
+    if (dst != MAP_FAILED)
+        munmap(dst, len);
+    if (src != MAP_FAILED)
+        munmap(src, block);
+    close(fd);
+    return rc;
+}

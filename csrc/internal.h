@@ -1,0 +1,78 @@
+/* lazyshare native core: what the .c files share (not parsed by cffi). */
+#ifndef LAZYSHARE_INTERNAL_H
+#define LAZYSHARE_INTERNAL_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdatomic.h>
+#include <pthread.h>
+
+#include "lazyshare.h"
+
+/* ---- the page protocol (mirrored by lazyshare/transport.py) ---- */
+#define LS_MAGIC 0x31535A4Cu /* "LZS1" */
+#define LS_VERSION 1
+#define LS_OP_READ 1
+#define LS_OP_HOLD 2
+#define LS_OP_RELEASE 3
+#define LS_OP_PING 4
+/* Largest READ the server answers: bounds what one request can make it copy. */
+#define LS_MAX_READ (8u << 20)
+
+struct ls_req {
+    uint32_t magic;
+    uint16_t version;
+    uint16_t op;
+    uint32_t pid;
+    uint32_t reserved;
+    uint64_t tag;
+    uint64_t offset;
+    uint64_t length;
+    uint8_t seg[LS_ID_BYTES];
+} __attribute__((packed));
+
+struct ls_rep {
+    uint32_t magic;
+    uint16_t version;
+    uint16_t op;
+    int32_t status;
+    uint32_t reserved;
+    uint64_t tag;
+    uint64_t offset;
+    uint64_t length;
+    uint64_t seglen;
+} __attribute__((packed));
+
+_Static_assert(sizeof(struct ls_req) == 56, "request layout");
+_Static_assert(sizeof(struct ls_rep) == 48, "reply layout");
+
+/* ---- counters (relaxed atomics: read by ls_get_stats from any thread) ---- */
+struct ls_counters {
+    _Atomic uint64_t faults, requests, bytes_fetched, bytes_zero, regions_attached, eexist;
+    _Atomic uint64_t hist[LS_HIST_BUCKETS];
+    _Atomic uint64_t requests_served, bytes_served, errors_served, segments_exported;
+};
+extern struct ls_counters ls_ctr;
+#define CTR_ADD(field, n) atomic_fetch_add_explicit(&ls_ctr.field, (n), memory_order_relaxed)
+#define CTR_SUB(field, n) atomic_fetch_sub_explicit(&ls_ctr.field, (n), memory_order_relaxed)
+
+uint64_t ls_now_ns(void);
+void ls_hist_add(uint64_t ns);
+size_t ls_page_size(void);
+int ls_pid_alive(int pid);
+void ls_block_signals(void);
+int ls_eventfd_signal(int fd);
+void ls_eventfd_drain(int fd);
+/* A fault can no longer be served: say why on stderr and die with SIGBUS
+ * (a blocked thread must never resume on a page of zeros). */
+__attribute__((noreturn, format(printf, 1, 2))) void ls_fatal(const char *fmt, ...);
+
+int ls_uffd_open(int mode);
+void ls_server_reset_after_fork(void);
+void ls_client_reset_after_fork(void);
+
+#endif

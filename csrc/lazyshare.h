@@ -1,0 +1,80 @@
+/*
+ * lazyshare native core: the public declarations (parsed by cffi's cdef, so
+ * only plain declarations and integer #defines live here).
+ *
+ * Every function returns 0 (or a count) on success and -errno on failure; the
+ * one Python module that loads this library (lazyshare/handler.py) turns the
+ * errno into a typed exception. No function here calls the Python C API, and
+ * the two threads this library starts never do.
+ *
+ *   owner (exporting) side                consumer (attaching) side
+ *   ls_server_start   -> "lazyshare-pages" ls_client_start  -> "lazyshare-fault"
+ *   ls_server_export / unexport           ls_client_attach / detach
+ *   ls_server_pop_freed                   ls_client_materialize
+ */
+
+#define LS_MODE_UFFD 0      /* userfaultfd handling user and kernel faults */
+#define LS_MODE_UFFD_USER 1 /* UFFD_USER_MODE_ONLY: kernel accesses get EFAULT */
+#define LS_MODE_EAGER 2     /* no userfaultfd: whole segments pulled on attach */
+
+#define LS_ID_BYTES 16
+#define LS_HIST_BUCKETS 32
+
+struct ls_probe {
+    int mode;          /* best rung available (LS_MODE_*) */
+    int err_devnode;   /* errno of /dev/userfaultfd (0: worked) */
+    int err_syscall;   /* errno of userfaultfd(2) with kernel faults */
+    int err_usermode;  /* errno of userfaultfd(UFFD_USER_MODE_ONLY) */
+};
+
+struct ls_stats {
+    /* consumer */
+    uint64_t faults;           /* page-fault messages handled */
+    uint64_t requests;         /* READ requests sent */
+    uint64_t bytes_fetched;    /* payload bytes received and installed */
+    uint64_t bytes_zero;       /* bytes installed as zero pages without payload */
+    uint64_t regions_attached; /* live attached regions */
+    uint64_t eexist;           /* pages found already present */
+    uint64_t hist[LS_HIST_BUCKETS]; /* fault service time, bucket i: [2^i, 2^(i+1)) us */
+    /* owner */
+    uint64_t requests_served;
+    uint64_t bytes_served;
+    uint64_t errors_served;    /* error replies (bad request, unknown segment, ...) */
+    uint64_t segments_exported;/* live exported segments */
+};
+
+/* Which userfaultfd rungs this process can open (opens and closes them). */
+int ls_probe(struct ls_probe *out);
+
+/* ---- owner: the page server ---- */
+int ls_server_start(const char *endpoint);
+int ls_server_stop(void);
+int ls_server_export(const uint8_t *id, uint64_t addr, uint64_t len);
+/* Stop offering a segment: 1 if freed now, 0 if mappings still hold it (its
+ * id comes out of ls_server_pop_freed when the last one is gone). A holder is
+ * a connection: a process that dies releases what it held. */
+int ls_server_unexport(const uint8_t *id);
+/* Copy out (up to max) ids of segments freed since the last call. */
+int ls_server_pop_freed(uint8_t *ids, int max);
+/* An eventfd that becomes readable when a segment is freed. */
+int ls_server_freed_fd(void);
+int ls_server_holders(const uint8_t *id);
+
+/* ---- consumer: the fault handler ---- */
+/* Start the handler at the given rung (its userfaultfd is opened here). */
+int ls_client_start(int mode, uint32_t min_block, uint32_t max_block, uint32_t fault_timeout_ms);
+/* Map len bytes of segment id served at endpoint; blocks until the owner
+ * confirms (or timeout_ms passes); in eager mode until every byte arrived. */
+int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uint64_t len,
+                     uint32_t timeout_ms, uint64_t *addr_out, uint64_t *region_out);
+/* Asynchronous: the handler unregisters, unmaps and tells the owner. */
+int ls_client_detach(uint64_t region);
+/* Touch every page of [addr, addr+len) from this thread (user mode). */
+int ls_client_materialize(uint64_t addr, uint64_t len);
+
+void ls_get_stats(struct ls_stats *out);
+void ls_reset_after_fork(void);
+
+/* Benchmark ceiling: UFFDIO_COPY len bytes, block bytes at a time, from a local
+ * buffer into a fresh registered mapping in this thread; returns ns or -errno. */
+int64_t ls_bench_uffd_copy(uint64_t len, uint32_t block);

@@ -1,0 +1,635 @@
+/*
+ * The page server: one native thread ("lazyshare-pages") per owning process,
+ * a ZeroMQ ROUTER peer (ZMTP 3.0, see zmtp.h) on an ipc:// socket file.
+ *
+ *   Python (any thread, GIL released)       page-server thread (epoll)
+ *   ls_server_export   --+                   accept: same uid only (SO_PEERCRED)
+ *   ls_server_unexport --+-- seg table --+-> READ: bounds-check, reply from the pinned
+ *                        |   (seg_lock)  |   buffer itself (writev, no copy)
+ *   freed ids <----------+---------------+-> HOLD/RELEASE: holders per connection;
+ *   (eventfd wakes Python's reaper)          a closed connection drops its holds
+ *
+ * Segments live in malloc'd nodes (stable addresses). A node is freed only when
+ * it is neither exported, held, nor being sent ("busy": a reply still streaming
+ * from its memory); then its id is queued for Python, which drops its pin. So
+ * no byte is read from a buffer Python may have let go.
+ *
+ * A request is never trusted: a frame that is not one 56-byte message gets
+ * -EPROTO, an unknown or released segment -ENOENT, a range outside the
+ * (page-padded) segment -ERANGE, a read over LS_MAX_READ -EINVAL. Bytes past the
+ * segment's end in its last page are zeros, never the owner's other memory. A
+ * peer that breaks the framing is disconnected; others are not affected, and a
+ * slow reader only ever fills its own socket (its remaining reply waits on
+ * EPOLLOUT while the others are served).
+ */
+#include "internal.h"
+#include "zmtp.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+struct seg {
+    uint8_t id[LS_ID_BYTES];
+    const uint8_t *addr;
+    uint64_t len;
+    int exported;
+    int busy;   /* replies streaming from it */
+    int nholders, capholders;
+    uint64_t *holders; /* connection ids, one entry per held mapping */
+};
+
+struct conn {
+    uint64_t id;
+    int fd;
+    int greeted;  /* peer greeting and READY received */
+    int bad_multipart;
+    uint8_t rx[4096];
+    size_t rxlen;
+    uint8_t tx[256]; /* reply headers; the payload streams from the segment */
+    size_t txoff, txlen;
+    struct seg *dseg; /* payload source (busy-referenced), NULL if none */
+    const uint8_t *dptr;
+    uint64_t dlen, zpad; /* segment bytes, then zero padding, still to send */
+};
+
+static pthread_mutex_t seg_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct seg **segs;
+static int nsegs, capsegs;
+static uint8_t *freed; /* ids freed but not yet popped by Python */
+static int nfreed, capfreed;
+static int freed_fd = -1;
+
+static pthread_t server_thread;
+static int server_running;
+static int stop_fd = -1, listen_fd = -1, ep_fd = -1;
+static char listen_path[108];
+static uint64_t next_conn_id = 1;
+static const uint8_t zeros[4096];
+
+static struct seg *seg_find(const uint8_t *id)
+{
+    for (int i = 0; i < nsegs; i++)
+        if (!memcmp(segs[i]->id, id, LS_ID_BYTES))
+            return segs[i];
+    return NULL;
+}
+
+/* seg_lock held: free s if nothing needs it any more. Returns 1 if freed. */
+static int seg_maybe_free(struct seg *s, int notify)
+{
+    if (s->exported || s->nholders || s->busy)
+        return 0;
+    if (notify) {
+        if (nfreed == capfreed) {
+            int cap = capfreed ? capfreed * 2 : 64;
+            uint8_t *p = realloc(freed, (size_t)cap * LS_ID_BYTES);
+            if (!p)
+                return 0; /* keep it: a pin held longer beats a pin dropped early */
+            freed = p;
+            capfreed = cap;
+        }
+        memcpy(freed + (size_t)nfreed++ * LS_ID_BYTES, s->id, LS_ID_BYTES);
+    }
+    for (int i = 0; i < nsegs; i++)
+        if (segs[i] == s) {
+            segs[i] = segs[--nsegs];
+            break;
+        }
+    free(s->holders);
+    free(s);
+    CTR_SUB(segments_exported, 1);
+    return 1;
+}
+
+int ls_server_export(const uint8_t *id, uint64_t addr, uint64_t len)
+{
+    if (!len)
+        return -EINVAL;
+    int rc = 0;
+    pthread_mutex_lock(&seg_lock);
+    if (seg_find(id)) {
+        rc = -EEXIST;
+        goto out;
+    }
+    if (nsegs == capsegs) {
+        int cap = capsegs ? capsegs * 2 : 64;
+        struct seg **p = realloc(segs, (size_t)cap * sizeof *p);
+        if (!p) {
+            rc = -ENOMEM;
+            goto out;
+        }
+        segs = p;
+        capsegs = cap;
+    }
+    struct seg *s = calloc(1, sizeof *s);
+    if (!s) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    memcpy(s->id, id, LS_ID_BYTES);
+    s->addr = (const uint8_t *)(uintptr_t)addr;
+    s->len = len;
+    s->exported = 1;
+    segs[nsegs++] = s;
+    CTR_ADD(segments_exported, 1);
+out:
+    pthread_mutex_unlock(&seg_lock);
+    return rc;
+}
+
+int ls_server_unexport(const uint8_t *id)
+{
+    int rc;
+    pthread_mutex_lock(&seg_lock);
+    struct seg *s = seg_find(id);
+    if (!s || !s->exported) {
+        rc = -ENOENT;
+    } else {
+        s->exported = 0;
+        rc = seg_maybe_free(s, 0); /* 1: Python drops the pin now; 0: later, via freed */
+    }
+    pthread_mutex_unlock(&seg_lock);
+    return rc;
+}
+
+int ls_server_holders(const uint8_t *id)
+{
+    pthread_mutex_lock(&seg_lock);
+    struct seg *s = seg_find(id);
+    int n = s ? s->nholders : -ENOENT;
+    pthread_mutex_unlock(&seg_lock);
+    return n;
+}
+
+int ls_server_pop_freed(uint8_t *ids, int max)
+{
+    if (freed_fd >= 0)
+        ls_eventfd_drain(freed_fd);
+    pthread_mutex_lock(&seg_lock);
+    int n = nfreed < max ? nfreed : max;
+    memcpy(ids, freed, (size_t)n * LS_ID_BYTES);
+    memmove(freed, freed + (size_t)n * LS_ID_BYTES, (size_t)(nfreed - n) * LS_ID_BYTES);
+    nfreed -= n;
+    pthread_mutex_unlock(&seg_lock);
+    return n;
+}
+
+int ls_server_freed_fd(void)
+{
+    return freed_fd;
+}
+
+/* ---- the server thread ---- */
+
+static void conn_close(struct conn *c)
+{
+    int freed_any = 0;
+    pthread_mutex_lock(&seg_lock);
+    if (c->dseg) {
+        c->dseg->busy--;
+        freed_any |= seg_maybe_free(c->dseg, 1);
+        c->dseg = NULL;
+    }
+    /* The peer's mappings die with its connection (a killed worker too). */
+    for (int i = 0; i < nsegs;) {
+        struct seg *s = segs[i];
+        for (int j = 0; j < s->nholders;)
+            if (s->holders[j] == c->id)
+                s->holders[j] = s->holders[--s->nholders];
+            else
+                j++;
+        if (seg_maybe_free(s, 1))
+            freed_any = 1; /* segs[i] is now another segment */
+        else
+            i++;
+    }
+    pthread_mutex_unlock(&seg_lock);
+    if (freed_any)
+        ls_eventfd_signal(freed_fd);
+    epoll_ctl(ep_fd, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    free(c);
+}
+
+/* Write what is pending. 1: all sent, 0: socket full, -1: peer gone. */
+static int conn_flush(struct conn *c)
+{
+    for (;;) {
+        struct iovec iov[3];
+        int n = 0;
+        if (c->txoff < c->txlen)
+            iov[n++] = (struct iovec){c->tx + c->txoff, c->txlen - c->txoff};
+        if (c->dlen)
+            iov[n++] = (struct iovec){(void *)c->dptr, c->dlen};
+        if (c->zpad)
+            iov[n++] = (struct iovec){(void *)zeros, c->zpad < sizeof zeros ? c->zpad : sizeof zeros};
+        if (!n)
+            break;
+        ssize_t w = writev(c->fd, iov, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN)
+                return 0;
+            return -1;
+        }
+        size_t left = (size_t)w;
+        size_t t = c->txlen - c->txoff < left ? c->txlen - c->txoff : left;
+        c->txoff += t;
+        left -= t;
+        t = c->dlen < left ? c->dlen : left;
+        c->dptr += t;
+        c->dlen -= t;
+        left -= t;
+        c->zpad -= left;
+    }
+    c->txoff = c->txlen = 0;
+    if (c->dseg) {
+        int f;
+        pthread_mutex_lock(&seg_lock);
+        c->dseg->busy--;
+        f = seg_maybe_free(c->dseg, 1);
+        pthread_mutex_unlock(&seg_lock);
+        c->dseg = NULL;
+        if (f)
+            ls_eventfd_signal(freed_fd);
+    }
+    return 1;
+}
+
+static void tx_put(struct conn *c, const void *p, size_t n)
+{
+    memcpy(c->tx + c->txlen, p, n);
+    c->txlen += n;
+}
+
+/* Queue a reply: [header] or [header][payload]. seg_lock held if s. */
+static void reply(struct conn *c, const struct ls_req *rq, int status, uint64_t seglen, struct seg *s,
+                  uint64_t have, uint64_t length)
+{
+    struct ls_rep rep = {
+        .magic = LS_MAGIC,
+        .version = LS_VERSION,
+        .op = rq ? rq->op : 0,
+        .status = status,
+        .tag = rq ? rq->tag : 0,
+        .offset = rq ? rq->offset : 0,
+        .length = s ? length : 0,
+        .seglen = seglen,
+    };
+    uint8_t h[9];
+    if (status)
+        CTR_ADD(errors_served, 1);
+    tx_put(c, h, zmtp_frame_header(h, s ? ZMTP_MORE : 0, sizeof rep));
+    tx_put(c, &rep, sizeof rep);
+    if (s) {
+        tx_put(c, h, zmtp_frame_header(h, 0, length));
+        s->busy++;
+        c->dseg = s;
+        c->dptr = s->addr + rq->offset;
+        c->dlen = have;
+        c->zpad = length - have;
+        CTR_ADD(requests_served, 1);
+        CTR_ADD(bytes_served, length);
+    }
+}
+
+static void serve_read(struct conn *c, const struct ls_req *rq)
+{
+    const uint64_t ps = ls_page_size();
+    pthread_mutex_lock(&seg_lock);
+    struct seg *s = seg_find(rq->seg);
+    if (!s) {
+        reply(c, rq, -ENOENT, 0, NULL, 0, 0);
+    } else {
+        uint64_t padded = (s->len + ps - 1) / ps * ps;
+        if (!rq->length || rq->length > LS_MAX_READ) {
+            reply(c, rq, -EINVAL, s->len, NULL, 0, 0);
+        } else if (rq->offset >= padded || rq->length > padded - rq->offset) {
+            reply(c, rq, -ERANGE, s->len, NULL, 0, 0);
+        } else {
+            uint64_t have = rq->offset < s->len ? s->len - rq->offset : 0;
+            if (have > rq->length)
+                have = rq->length;
+            reply(c, rq, 0, s->len, s, have, rq->length);
+        }
+    }
+    pthread_mutex_unlock(&seg_lock);
+}
+
+static void serve_hold(struct conn *c, const struct ls_req *rq, int release)
+{
+    int status = 0, freed_now = 0;
+    uint64_t seglen = 0;
+    pthread_mutex_lock(&seg_lock);
+    struct seg *s = seg_find(rq->seg);
+    if (!s) {
+        status = -ENOENT;
+    } else if (release) {
+        seglen = s->len;
+        for (int j = 0; j < s->nholders; j++)
+            if (s->holders[j] == c->id) {
+                s->holders[j] = s->holders[--s->nholders];
+                break;
+            }
+        freed_now = seg_maybe_free(s, 1);
+    } else if (!s->exported) {
+        status = -ENOENT; /* released: no new mappings */
+    } else {
+        seglen = s->len;
+        if (s->nholders == s->capholders) {
+            int cap = s->capholders ? s->capholders * 2 : 4;
+            uint64_t *p = realloc(s->holders, (size_t)cap * sizeof *p);
+            if (p) {
+                s->holders = p;
+                s->capholders = cap;
+            }
+        }
+        if (s->nholders < s->capholders)
+            s->holders[s->nholders++] = c->id;
+        else
+            status = -ENOMEM;
+    }
+    pthread_mutex_unlock(&seg_lock);
+    if (freed_now)
+        ls_eventfd_signal(freed_fd);
+    reply(c, rq, status, seglen, NULL, 0, 0);
+}
+
+static void serve_message(struct conn *c, const uint8_t *body, uint64_t len)
+{
+    struct ls_req rq;
+    if (len != sizeof rq) {
+        reply(c, NULL, -EPROTO, 0, NULL, 0, 0);
+        return;
+    }
+    memcpy(&rq, body, sizeof rq);
+    if (rq.magic != LS_MAGIC || rq.version != LS_VERSION) {
+        reply(c, &rq, -EPROTO, 0, NULL, 0, 0);
+        return;
+    }
+    switch (rq.op) {
+    case LS_OP_READ:
+        serve_read(c, &rq);
+        break;
+    case LS_OP_HOLD:
+        serve_hold(c, &rq, 0);
+        break;
+    case LS_OP_RELEASE:
+        serve_hold(c, &rq, 1);
+        break;
+    case LS_OP_PING:
+        reply(c, &rq, 0, 0, NULL, 0, 0);
+        break;
+    default:
+        reply(c, &rq, -EPROTO, 0, NULL, 0, 0);
+    }
+}
+
+/* Parse and serve what rx holds, one reply at a time. -1: drop the peer. */
+static int conn_parse(struct conn *c)
+{
+    size_t off = 0;
+    int rc = 0;
+    if (!c->greeted) {
+        if (c->rxlen < ZMTP_GREETING)
+            return 0;
+        if (zmtp_check_greeting(c->rx) < 0)
+            return -1;
+        off = ZMTP_GREETING;
+        c->greeted = 1; /* READY follows as the first command frame */
+    }
+    while (!c->txlen && !c->dseg) { /* the previous reply is out */
+        uint8_t flags;
+        uint64_t len;
+        size_t h = zmtp_parse_header(c->rx + off, c->rxlen - off, &flags, &len);
+        if (!h)
+            break;
+        if (len > ZMTP_MAX_SMALL) { /* no request is that long: a broken or hostile peer */
+            rc = -1;
+            break;
+        }
+        if (c->rxlen - off - h < len)
+            break;
+        const uint8_t *body = c->rx + off + h;
+        off += h + len;
+        if (flags & ZMTP_COMMAND)
+            continue; /* READY (its properties need no answer), PING, ... */
+        if (flags & ZMTP_MORE) {
+            c->bad_multipart = 1; /* requests are single frames */
+            continue;
+        }
+        if (c->bad_multipart) {
+            c->bad_multipart = 0;
+            reply(c, NULL, -EPROTO, 0, NULL, 0, 0);
+        } else {
+            serve_message(c, body, len);
+        }
+        if (conn_flush(c) < 0)
+            return -1;
+    }
+    memmove(c->rx, c->rx + off, c->rxlen - off);
+    c->rxlen -= off;
+    return rc;
+}
+
+/* Level-triggered epoll: wait for either input or room for output, never both,
+ * so a peer whose reply is stuck does not make the loop spin on its requests. */
+static void conn_wants_out(struct conn *c, int out)
+{
+    struct epoll_event ev = {.events = out ? EPOLLOUT : (EPOLLIN | EPOLLRDHUP), .data.ptr = c};
+    epoll_ctl(ep_fd, EPOLL_CTL_MOD, c->fd, &ev);
+}
+
+static void on_conn(struct conn *c, uint32_t events)
+{
+    (void)events;
+    int pending = c->txlen || c->dseg;
+    if (pending) {
+        int f = conn_flush(c);
+        if (f < 0) {
+            conn_close(c);
+            return;
+        }
+        if (f == 0)
+            return; /* still waiting for room (EPOLLOUT mode) */
+        conn_wants_out(c, 0);
+    }
+    /* Requests may already be buffered from before the reply went out. */
+    if (conn_parse(c) < 0) {
+        conn_close(c);
+        return;
+    }
+    while (!c->txlen && !c->dseg) {
+        if (c->rxlen == sizeof c->rx) {
+            conn_close(c); /* a full buffer that parses to nothing */
+            return;
+        }
+        ssize_t r = read(c->fd, c->rx + c->rxlen, sizeof c->rx - c->rxlen);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && errno == EAGAIN)
+            break;
+        if (r <= 0) {
+            conn_close(c);
+            return;
+        }
+        c->rxlen += (size_t)r;
+        if (conn_parse(c) < 0) {
+            conn_close(c);
+            return;
+        }
+    }
+    if (c->txlen || c->dseg)
+        conn_wants_out(c, 1);
+}
+
+static void on_accept(void)
+{
+    static const char peer_type[] = "ROUTER";
+    for (;;) {
+        int fd = accept4(listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0)
+            return;
+        struct ucred cred;
+        socklen_t cl = sizeof cred;
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) < 0 || cred.uid != getuid()) {
+            close(fd); /* the 0700 directory already keeps others out; belt and braces */
+            continue;
+        }
+        int sz = 4 << 20; /* capped by net.core.wmem_max */
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof sz);
+        struct conn *c = calloc(1, sizeof *c);
+        if (!c) {
+            close(fd);
+            continue;
+        }
+        c->id = next_conn_id++;
+        c->fd = fd;
+        uint8_t g[ZMTP_GREETING];
+        zmtp_greeting(g, 1);
+        tx_put(c, g, sizeof g);
+        c->txlen += zmtp_ready(c->tx + c->txlen, sizeof c->tx - c->txlen, peer_type);
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP, .data.ptr = c};
+        if (epoll_ctl(ep_fd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+            close(fd);
+            free(c);
+            continue;
+        }
+        if (conn_flush(c) < 0)
+            conn_close(c);
+        else if (c->txlen)
+            conn_wants_out(c, 1);
+    }
+}
+
+static void *server_main(void *arg)
+{
+    (void)arg;
+    ls_block_signals();
+    pthread_setname_np(pthread_self(), "lazyshare-pages");
+    struct epoll_event evs[64];
+    for (;;) {
+        int n = epoll_wait(ep_fd, evs, 64, -1);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            if (evs[i].data.ptr == &listen_fd)
+                on_accept();
+            else if (evs[i].data.ptr == &stop_fd)
+                return NULL;
+            else
+                on_conn(evs[i].data.ptr, evs[i].events);
+        }
+    }
+    return NULL;
+}
+
+int ls_server_start(const char *endpoint)
+{
+    if (server_running)
+        return -EALREADY;
+    if (strncmp(endpoint, "ipc://", 6))
+        return -EINVAL;
+    const char *path = endpoint + 6;
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof sa.sun_path)
+        return -ENAMETOOLONG;
+    strcpy(sa.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 || chmod(path, 0600) < 0 || listen(fd, 128) < 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    if (freed_fd < 0)
+        freed_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    ep_fd = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event ev1 = {.events = EPOLLIN, .data.ptr = &listen_fd};
+    struct epoll_event ev2 = {.events = EPOLLIN, .data.ptr = &stop_fd};
+    listen_fd = fd;
+    if (freed_fd < 0 || stop_fd < 0 || ep_fd < 0 || epoll_ctl(ep_fd, EPOLL_CTL_ADD, fd, &ev1) < 0 ||
+        epoll_ctl(ep_fd, EPOLL_CTL_ADD, stop_fd, &ev2) < 0) {
+        int e = errno;
+        close(fd);
+        unlink(path);
+        return -e;
+    }
+    snprintf(listen_path, sizeof listen_path, "%s", path);
+    int rc = pthread_create(&server_thread, NULL, server_main, NULL);
+    if (rc) {
+        close(fd);
+        unlink(path);
+        return -rc;
+    }
+    server_running = 1;
+    return 0;
+}
+
+int ls_server_stop(void)
+{
+    if (!server_running)
+        return 0;
+    ls_eventfd_signal(stop_fd);
+    pthread_join(server_thread, NULL);
+    /* Connections are left to the process's exit: peers see EOF then. */
+    close(listen_fd);
+    unlink(listen_path);
+    close(stop_fd);
+    listen_fd = stop_fd = -1;
+    server_running = 0;
+    return 0;
+}
+
+void ls_server_reset_after_fork(void)
+{
+    pthread_mutex_init(&seg_lock, NULL);
+    segs = NULL;
+    nsegs = capsegs = 0;
+    freed = NULL;
+    nfreed = capfreed = 0;
+    server_running = 0;
+    int *fds[] = {&stop_fd, &freed_fd, &listen_fd, &ep_fd};
+    for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++) {
+        if (*fds[i] >= 0)
+            close(*fds[i]);
+        *fds[i] = -1;
+    }
+    atomic_store(&ls_ctr.segments_exported, 0);
+}

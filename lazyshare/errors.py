@@ -1,0 +1,53 @@
+"""Exceptions raised by lazyshare.
+
+Every error the native core can report reaches Python through
+:func:`lazyshare.handler._check` and becomes one of these.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LazyshareError",
+    "CapabilityError",
+    "SegmentError",
+    "OwnerGoneError",
+    "ProtocolError",
+    "WorkerLostError",
+]
+
+
+class LazyshareError(RuntimeError):
+    """Base class of every lazyshare error."""
+
+
+class CapabilityError(LazyshareError):
+    """The requested userfaultfd rung is not available in this process."""
+
+
+class SegmentError(LazyshareError):
+    """A segment is unknown to its owner, already released, or was asked for
+    out of its bounds."""
+
+
+class OwnerGoneError(LazyshareError):
+    """The process that exported a segment is gone or does not answer."""
+
+
+class ProtocolError(LazyshareError):
+    """A peer sent a message that does not follow the page protocol."""
+
+
+class WorkerLostError(LazyshareError):
+    """A pool worker died while it held this task.
+
+    ``exitcode`` is the worker's exit status as ``multiprocessing`` reports it
+    (negative: killed by that signal).
+    """
+
+    def __init__(self, message: str, exitcode: int | None = None, pid: int | None = None):
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.pid = pid
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.exitcode, self.pid))

@@ -1,0 +1,471 @@
+"""The one module that touches the compiled core (``lazyshare._native``).
+
+Owner side::
+
+    desc = export(arr)          # pin arr, offer it on this process's page server
+    ...                         # other processes attach(desc)
+    release(desc)               # no new attaches; unpinned once the last mapping is gone
+
+Consumer side::
+
+    a = attach(desc)            # anonymous mapping, every page missing; first touch
+                                # of a page makes the native fault handler fetch it
+    del a                       # last view gone -> unmapped, the owner is told
+
+Threads (all named, so ``top -H`` and py-spy are readable)::
+
+    lazyshare-pages   native  page server: answers READ/HOLD/RELEASE (csrc/server.c)
+    lazyshare-fault   native  fault handler: userfaultfd -> requests -> UFFDIO_COPY (csrc/client.c)
+    lazyshare-reaper  Python  drops the pins of segments whose last holder is gone
+
+``_pins`` (segment id -> pinned object) is guarded by ``_lock``; the native
+tables are guarded inside C. C returns 0 or -errno; :func:`_check` alone turns
+that into exceptions.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import errno
+import os
+import secrets
+import select
+import threading
+import warnings
+from typing import Any
+
+import numpy as np
+
+from . import transport
+from ._native import ffi, lib
+from .errors import CapabilityError, LazyshareError, OwnerGoneError, ProtocolError, SegmentError
+
+__all__ = [
+    "SegmentDescriptor",
+    "ArrayDescriptor",
+    "Capabilities",
+    "LazyshareWarning",
+    "export",
+    "exported",
+    "attach",
+    "release",
+    "materialize",
+    "capabilities",
+    "stats",
+]
+
+MODES = {"uffd": lib.LS_MODE_UFFD, "uffd-user-mode-only": lib.LS_MODE_UFFD_USER, "eager": lib.LS_MODE_EAGER}
+_MODE_NAMES = {v: k for k, v in MODES.items()}
+
+# 16 KiB first fetch: a random 4 KiB fault costs a zmq round trip (~40 us) plus
+# UFFDIO_COPY (~24 us per 4 KiB here); 16 KiB adds little to either. Sequential
+# faults grow the window to 4 MiB, inside UFFDIO_COPY's best range on this kernel
+# (256 KiB-2 MiB per call measured fastest, 4 MiB within 5% of it).
+_MIN_BLOCK = int(os.environ.get("LAZYSHARE_MIN_BLOCK", 4 << 10))
+_MAX_BLOCK = int(os.environ.get("LAZYSHARE_MAX_BLOCK", 4 << 20))
+_FAULT_TIMEOUT = float(os.environ.get("LAZYSHARE_FAULT_TIMEOUT", 60))
+_ATTACH_TIMEOUT = float(os.environ.get("LAZYSHARE_ATTACH_TIMEOUT", 30))
+
+
+class LazyshareWarning(RuntimeWarning):
+    """lazyshare fell back to a slower mechanism."""
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _check(rc: int, what: str) -> int:
+    """Turn the core's ``-errno`` into a typed exception; pass counts through."""
+    if rc >= 0:
+        return rc
+    e = -rc
+    msg = f"{what}: {os.strerror(e)}"
+    if e == errno.ENOENT:
+        raise SegmentError(f"{what}: unknown or already released segment")
+    if e in (errno.ESRCH, errno.ETIMEDOUT):
+        raise OwnerGoneError(
+            f"{what}: the owner " + ("is gone" if e == errno.ESRCH else "did not answer in time")
+        )
+    if e in (errno.EPROTO, errno.EBADMSG):
+        raise ProtocolError(msg)
+    if e == errno.ENOTCONN:
+        raise LazyshareError(f"{what}: the native fault handler is not running")
+    raise OSError(e, msg)
+
+
+# ---------------------------------------------------------------- capabilities
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """The capability-ladder rung in use and why (see :func:`capabilities`)."""
+
+    mode: str  # "uffd" | "uffd-user-mode-only" | "eager"
+    reason: str
+    forced: bool
+    devnode_errno: int
+    syscall_errno: int
+    usermode_errno: int
+
+    @property
+    def lazy(self) -> bool:
+        return self.mode != "eager"
+
+
+_caps: Capabilities | None = None
+_lock = threading.RLock()
+
+
+def _probe() -> Capabilities:
+    p = ffi.new("struct ls_probe *")
+    _check(lib.ls_probe(p), "probing userfaultfd")
+    best = _MODE_NAMES[p.mode]
+    why = {
+        "uffd": "userfaultfd handles user- and kernel-mode faults"
+        + (" (/dev/userfaultfd)" if not p.err_devnode else " (userfaultfd(2), privileged)"),
+        "uffd-user-mode-only": (
+            "unprivileged userfaultfd (UFFD_USER_MODE_ONLY): /dev/userfaultfd "
+            f"{os.strerror(p.err_devnode)}, userfaultfd(2) {os.strerror(p.err_syscall)}; "
+            "a kernel access (os.write, socket.send of a lazy array) to a page not yet "
+            "touched fails with EFAULT unless lazyshare.materialize() is called first"
+        ),
+        "eager": (
+            f"userfaultfd unavailable (/dev/userfaultfd: {os.strerror(p.err_devnode)}; "
+            f"userfaultfd(2): {os.strerror(p.err_syscall)}; user-mode-only: "
+            f"{os.strerror(p.err_usermode)}): whole arrays are copied on attach"
+        ),
+    }[best]
+    forced = os.environ.get("LAZYSHARE_MODE")
+    if forced:
+        if forced not in MODES:
+            raise CapabilityError(f"LAZYSHARE_MODE={forced!r}: expected one of {sorted(MODES)}")
+        if MODES[forced] < MODES[best]:
+            raise CapabilityError(f"LAZYSHARE_MODE={forced!r} is not available here: {why}")
+        if forced != best:
+            why = f"forced by LAZYSHARE_MODE (best available: {best})"
+        best = forced
+    return Capabilities(best, why, bool(forced), p.err_devnode, p.err_syscall, p.err_usermode)
+
+
+def capabilities() -> Capabilities:
+    """Which rung of the capability ladder this process uses, and why.
+
+    Detected once; ``LAZYSHARE_MODE`` (``uffd``, ``uffd-user-mode-only``,
+    ``eager``) forces a rung at or below the best available one.
+    """
+    global _caps
+    with _lock:
+        if _caps is None:
+            _caps = _probe()
+        return _caps
+
+
+# ---------------------------------------------------------------- descriptors
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentDescriptor:
+    """A pinned byte range of an owner process, as other processes see it."""
+
+    id: bytes  # 16 random bytes: unguessable, the only capability to read it
+    nbytes: int
+    endpoint: str
+    owner_pid: int
+
+    def __repr__(self) -> str:
+        return f"SegmentDescriptor({self.id.hex()[:8]}…, {self.nbytes} bytes, pid {self.owner_pid})"
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayDescriptor:
+    """A numpy array (or a view) living in a segment: enough to rebuild it."""
+
+    segment: SegmentDescriptor
+    offset: int
+    shape: tuple
+    strides: tuple
+    dtype: Any
+    writeable: bool = True
+
+    @classmethod
+    def for_view(cls, seg: SegmentDescriptor, arr: np.ndarray, low: int) -> ArrayDescriptor:
+        return cls(seg, arr.ctypes.data - low, arr.shape, arr.strides, arr.dtype, bool(arr.flags.writeable))
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+# ---------------------------------------------------------------- owner side
+
+_pins: dict[bytes, Any] = {}
+_server_endpoint: str | None = None
+_server_pid: int | None = None
+_reaper: threading.Thread | None = None
+_stopping = threading.Event()
+
+
+def _ensure_server() -> str:
+    global _server_endpoint, _server_pid, _reaper
+    with _lock:
+        if _server_endpoint is None or _server_pid != os.getpid():
+            ep = transport.new_endpoint("pages")
+            _check(lib.ls_server_start(ep.encode()), f"starting the page server on {ep}")
+            _server_endpoint, _server_pid = ep, os.getpid()
+            _reaper = threading.Thread(target=_reap_loop, name="lazyshare-reaper", daemon=True)
+            _reaper.start()
+        return _server_endpoint
+
+
+def _drop_freed() -> None:
+    buf = ffi.new("uint8_t[]", 16 * 256)
+    while True:
+        n = lib.ls_server_pop_freed(buf, 256)
+        if n <= 0:
+            return
+        raw = bytes(ffi.buffer(buf, 16 * n))
+        with _lock:
+            for i in range(n):
+                _pins.pop(raw[16 * i : 16 * i + 16], None)
+
+
+def _reap_loop() -> None:
+    fd = lib.ls_server_freed_fd()
+    while not _stopping.is_set():
+        try:
+            select.select([fd], [], [], 1.0)
+        except (OSError, ValueError):
+            return
+        _drop_freed()
+
+
+def root_extent(arr: np.ndarray) -> tuple[Any, int, int]:
+    """The allocation ``arr`` lives in: (object to pin, low address, high address).
+
+    A view (slice, transpose, strided) maps to its base array's whole extent, so
+    that every view of one array shares one segment.
+    """
+    bounds = getattr(np.lib, "array_utils", np).byte_bounds
+    root = arr
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    low, high = bounds(root)
+    vlow, vhigh = bounds(arr)
+    if not (low <= vlow and vhigh <= high):  # a view built over foreign memory
+        return arr, vlow, vhigh
+    return root, low, high
+
+
+def export_memory(pin: Any, address: int, nbytes: int) -> SegmentDescriptor:
+    """Offer ``nbytes`` at ``address`` (kept alive by ``pin``) to other processes."""
+    if nbytes <= 0:
+        raise ValueError("cannot export an empty buffer")
+    ep = _ensure_server()
+    seg_id = secrets.token_bytes(16)
+    with _lock:
+        _pins[seg_id] = pin
+    rc = lib.ls_server_export(seg_id, address, nbytes)
+    if rc < 0:
+        with _lock:
+            _pins.pop(seg_id, None)
+        _check(rc, "exporting a segment")
+    return SegmentDescriptor(seg_id, nbytes, ep, os.getpid())
+
+
+def _as_array(obj: Any) -> np.ndarray:
+    if isinstance(obj, np.ndarray):
+        arr = obj
+    else:
+        try:
+            arr = np.frombuffer(memoryview(obj).cast("B"), dtype=np.uint8)
+        except TypeError as e:
+            raise TypeError(f"export() takes a numpy array or a buffer, not {type(obj).__name__}") from e
+    if arr.dtype.hasobject:
+        raise TypeError("cannot export an array of Python objects (dtype=object): pickle it instead")
+    if arr.size == 0:
+        raise ValueError("cannot export a zero-size array: there are no pages to share")
+    return arr
+
+
+def export(obj: Any) -> ArrayDescriptor:
+    """Pin ``obj`` (a numpy array or any buffer) and return a picklable descriptor.
+
+    Another process passes the descriptor to :func:`attach`. A view exports its
+    base allocation; the descriptor rebuilds the view. The owner serves the
+    bytes as they are when a page is first touched, so do not write to the array
+    while others may still read it; call :func:`release` when done.
+    """
+    arr = _as_array(obj)
+    pin, low, high = root_extent(arr)
+    seg = export_memory(pin, low, high - low)
+    return ArrayDescriptor.for_view(seg, arr, low)
+
+
+def release(desc: ArrayDescriptor | SegmentDescriptor) -> None:
+    """Stop offering a segment. Its buffer is unpinned as soon as no process maps it."""
+    seg = desc.segment if isinstance(desc, ArrayDescriptor) else desc
+    if seg.owner_pid != os.getpid():
+        raise SegmentError("release() must be called by the process that exported the segment")
+    rc = _check(lib.ls_server_unexport(seg.id), "releasing a segment")
+    if rc == 1:
+        with _lock:
+            _pins.pop(seg.id, None)
+
+
+class exported:
+    """``with exported(arr) as desc:`` export for the duration of a block."""
+
+    def __init__(self, obj: Any):
+        self.desc = export(obj)
+
+    def __enter__(self) -> ArrayDescriptor:
+        return self.desc
+
+    def __exit__(self, *exc) -> None:
+        release(self.desc)
+
+
+def holders(desc: ArrayDescriptor | SegmentDescriptor) -> int:
+    """How many mappings of the segment other processes hold (owner side)."""
+    seg = desc.segment if isinstance(desc, ArrayDescriptor) else desc
+    return _check(lib.ls_server_holders(seg.id), "counting holders")
+
+
+def pinned_segments() -> int:
+    """Segments this process still pins (exported or mapped somewhere)."""
+    with _lock:
+        return len(_pins)
+
+
+# ---------------------------------------------------------------- consumer side
+
+_client_pid: int | None = None
+_warned_eager = False
+
+
+def _ensure_client() -> Capabilities:
+    global _client_pid, _warned_eager
+    caps = capabilities()
+    with _lock:
+        if _client_pid != os.getpid():
+            rc = lib.ls_client_start(MODES[caps.mode], _MIN_BLOCK, _MAX_BLOCK, int(_FAULT_TIMEOUT * 1000))
+            _check(rc, f"starting the fault handler ({caps.mode})")
+            _client_pid = os.getpid()
+            if caps.mode == "eager" and not _warned_eager and not caps.forced:
+                _warned_eager = True
+                warnings.warn(
+                    f"lazyshare: {caps.reason}. To get lazy paging, run on Linux 5.11+ with "
+                    "/dev/userfaultfd readable by this user (Linux 6.1+), or "
+                    "sysctl vm.unprivileged_userfaultfd=1, or allow the userfaultfd syscall "
+                    "in the container's seccomp profile. See `python -m lazyshare doctor`.",
+                    LazyshareWarning,
+                    stacklevel=3,
+                )
+    return caps
+
+
+class _Mapping:
+    """Owns one attached region; numpy arrays over it keep it alive as ``.base``."""
+
+    __slots__ = ("address", "nbytes", "region", "pid", "__array_interface__", "__weakref__")
+
+    def __init__(self, address: int, nbytes: int, region: int):
+        self.address, self.nbytes, self.region, self.pid = address, nbytes, region, os.getpid()
+        self.__array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (address, False),
+            "version": 3,
+        }
+
+    def __del__(self):
+        if self.pid == os.getpid():  # a forked child has no such region
+            lib.ls_client_detach(self.region)
+
+
+def attach(desc: ArrayDescriptor | SegmentDescriptor) -> np.ndarray:
+    """Map a segment exported by another process; pages arrive on first touch.
+
+    Returns a private, writable array (as unpickling would give): writes stay in
+    this process. The mapping lives as long as any view of the array.
+    """
+    if isinstance(desc, SegmentDescriptor):
+        desc = ArrayDescriptor(desc, 0, (desc.nbytes,), (1,), np.dtype(np.uint8))
+    seg = desc.segment
+    if seg.owner_pid == os.getpid():
+        raise SegmentError("attach() in the exporting process: use the array itself")
+    _ensure_client()
+    addr = ffi.new("uint64_t *")
+    region = ffi.new("uint64_t *")
+    rc = lib.ls_client_attach(
+        seg.endpoint.encode(), seg.owner_pid, seg.id, seg.nbytes, int(_ATTACH_TIMEOUT * 1000), addr, region
+    )
+    _check(rc, f"attaching segment {seg.id.hex()[:8]} of pid {seg.owner_pid}")
+    raw = np.asarray(_Mapping(addr[0], seg.nbytes, region[0]))
+    arr = np.ndarray(desc.shape, np.dtype(desc.dtype), buffer=raw, offset=desc.offset, strides=desc.strides)
+    if not desc.writeable:
+        arr.flags.writeable = False
+    return arr
+
+
+def materialize(arr: np.ndarray) -> np.ndarray:
+    """Fetch every page under ``arr`` now (from this thread, in user mode).
+
+    Needed before handing a lazily attached array to the kernel (``os.write``,
+    ``socket.send``, ``arr.tofile``) on the ``uffd-user-mode-only`` rung, where the
+    kernel may not wait for a missing page. Returns ``arr``.
+    """
+    if arr.size:
+        low, high = getattr(np.lib, "array_utils", np).byte_bounds(arr)
+        lib.ls_client_materialize(low, high - low)
+    return arr
+
+
+# ---------------------------------------------------------------- stats
+
+
+def stats() -> dict:
+    """This process's counters, as consumer and as owner.
+
+    ``fault_latency_us`` is a histogram ``{upper bound in us: count}`` of the time
+    from the handler reading a fault to its page being installed.
+    """
+    s = ffi.new("struct ls_stats *")
+    lib.ls_get_stats(s)
+    hist = {2 ** (i + 1): s.hist[i] for i in range(lib.LS_HIST_BUCKETS) if s.hist[i]}
+    return {
+        "faults": s.faults,
+        "requests": s.requests,
+        "bytes_fetched": s.bytes_fetched,
+        "regions_attached": s.regions_attached,
+        "pages_already_present": s.eexist,
+        "fault_latency_us": hist,
+        "requests_served": s.requests_served,
+        "bytes_served": s.bytes_served,
+        "errors_served": s.errors_served,
+        "segments_exported": s.segments_exported,
+        "mode": capabilities().mode,
+    }
+
+
+# ---------------------------------------------------------------- process lifecycle
+
+
+def _after_fork_in_child() -> None:
+    global _server_endpoint, _server_pid, _reaper, _client_pid, _lock, _stopping
+    lib.ls_reset_after_fork()
+    _lock = threading.RLock()
+    _pins.clear()
+    _server_endpoint = _server_pid = _reaper = _client_pid = None
+    _stopping = threading.Event()
+
+
+def _at_exit() -> None:
+    _stopping.set()
+    if _server_pid == os.getpid():
+        lib.ls_server_stop()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_at_exit)

@@ -1,0 +1,152 @@
+"""ZeroMQ plumbing shared by the page plane and the pool's control plane.
+
+Endpoints
+    Every socket lazyshare binds is an ``ipc://`` socket file inside one private
+    directory per process: ``<base>/p<pid>-<random>/``, mode 0700, where
+    ``<base>`` is ``$LAZYSHARE_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/lazyshare``,
+    else ``/tmp/lazyshare-<uid>`` (created 0700 and checked to be ours and not a
+    symlink). Only the same user can reach them; nothing listens on a network
+    interface. The directory is removed at exit, and directories left by dead
+    processes are swept the next time a process creates its own.
+
+Page protocol (version 1, little-endian, mirrored by ``csrc/lazyshare.h``)
+    request, one frame of 56 bytes (client DEALER -> server ROUTER)::
+
+        u32 magic 'LZS1' | u16 version | u16 op | u32 pid | u32 reserved
+        u64 tag | u64 offset | u64 length | u8[16] segment id
+
+    reply, a 48-byte header frame, then for a successful READ one data frame of
+    ``length`` bytes (page-padded with zeros past the segment's end)::
+
+        u32 magic | u16 version | u16 op | i32 status (0 or -errno) | u32 reserved
+        u64 tag | u64 offset | u64 length | u64 segment length
+
+    ops: READ (bytes of a segment), HOLD (a mapping of it now exists in ``pid``),
+    RELEASE (that mapping is gone), PING. A request the server cannot parse gets a
+    reply with ``-EPROTO``; an unknown or released segment ``-ENOENT``; a range
+    outside the segment ``-ERANGE``; a too-long read ``-EINVAL``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import os
+import secrets
+import shutil
+import stat
+import struct
+import threading
+
+import zmq
+
+__all__ = [
+    "runtime_dir",
+    "new_endpoint",
+    "context",
+    "REQUEST",
+    "REPLY",
+    "MAGIC",
+    "VERSION",
+    "OP_READ",
+    "OP_HOLD",
+    "OP_RELEASE",
+    "OP_PING",
+    "pack_request",
+    "unpack_reply",
+]
+
+MAGIC = 0x31535A4C  # b"LZS1" little-endian
+VERSION = 1
+OP_READ, OP_HOLD, OP_RELEASE, OP_PING = 1, 2, 3, 4
+REQUEST = struct.Struct("<IHHIIQQQ16s")
+REPLY = struct.Struct("<IHHiIQQQQ")
+assert REQUEST.size == 56 and REPLY.size == 48
+
+
+def pack_request(op: int, seg: bytes, offset: int = 0, length: int = 0, tag: int = 0, pid: int | None = None) -> bytes:
+    return REQUEST.pack(MAGIC, VERSION, op, os.getpid() if pid is None else pid, 0, tag, offset, length, seg)
+
+
+def unpack_reply(frame: bytes) -> dict:
+    magic, version, op, status, _, tag, offset, length, seglen = REPLY.unpack(frame)
+    return dict(magic=magic, version=version, op=op, status=status, tag=tag, offset=offset, length=length, seglen=seglen)
+
+
+_lock = threading.Lock()
+_dir: str | None = None
+_dir_pid: int | None = None
+
+
+def _base_dir() -> str:
+    base = os.environ.get("LAZYSHARE_RUNTIME_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        base = os.path.join(xdg, "lazyshare") if xdg and os.path.isdir(xdg) else f"/tmp/lazyshare-{os.getuid()}"
+    try:
+        os.mkdir(base, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(
+            f"lazyshare runtime directory {base!r} must be a directory owned by uid {os.getuid()} "
+            f"with mode 0700 (set LAZYSHARE_RUNTIME_DIR to use another)"
+        )
+    return base
+
+
+def _sweep(base: str) -> None:
+    """Remove directories left by processes that died without cleaning up."""
+    for name in os.listdir(base):
+        if not name.startswith("p") or "-" not in name:
+            continue
+        try:
+            pid = int(name[1:].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def runtime_dir() -> str:
+    """This process's private socket directory (created on first use)."""
+    global _dir, _dir_pid
+    with _lock:
+        if _dir is None or _dir_pid != os.getpid():
+            base = _base_dir()
+            _sweep(base)
+            path = os.path.join(base, f"p{os.getpid()}-{secrets.token_hex(4)}")
+            os.mkdir(path, 0o700)
+            _dir, _dir_pid = path, os.getpid()
+            atexit.register(_remove_dir, path, os.getpid())
+        return _dir
+
+
+def _remove_dir(path: str, pid: int) -> None:
+    if os.getpid() == pid:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def new_endpoint(name: str) -> str:
+    """A fresh ``ipc://`` endpoint in the private directory."""
+    path = os.path.join(runtime_dir(), f"{name}-{secrets.token_hex(4)}.sock")
+    if len(path.encode()) > 107:  # sun_path limit
+        raise OSError(errno.ENAMETOOLONG, f"socket path too long: {path!r}; set LAZYSHARE_RUNTIME_DIR shorter")
+    return "ipc://" + path
+
+
+def endpoint_path(endpoint: str) -> str:
+    assert endpoint.startswith("ipc://")
+    return endpoint[len("ipc://"):]
+
+
+def context() -> zmq.Context:
+    """The process's ZeroMQ context for Python sockets (re-created after fork)."""
+    return zmq.Context.instance()
