@@ -584,10 +584,10 @@ static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *sr
         }
         return;
     }
+    CTR_ADD(bytes_fetched, npages * ps); /* before the wake: a woken reader sees it */
     int rc = install(r, page * ps, src, npages * ps);
     if (rc < 0)
         ls_fatal("UFFDIO_COPY failed: errno %d", -rc);
-    CTR_ADD(bytes_fetched, npages * ps);
     if (fault) {
         uint64_t dt = ls_now_ns() - fault;
         for (int i = 0; i < nfaults; i++)

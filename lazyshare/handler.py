@@ -352,7 +352,7 @@ def _ensure_client() -> Capabilities:
             rc = lib.ls_client_start(MODES[caps.mode], _MIN_BLOCK, _MAX_BLOCK, int(_FAULT_TIMEOUT * 1000))
             _check(rc, f"starting the fault handler ({caps.mode})")
             _client_pid = os.getpid()
-            if caps.mode == "eager" and not _warned_eager and not caps.forced:
+            if caps.mode == "eager" and not _warned_eager:
                 _warned_eager = True
                 warnings.warn(
                     f"lazyshare: {caps.reason}. To get lazy paging, run on Linux 5.11+ with "
