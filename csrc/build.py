@@ -18,7 +18,9 @@ with open(os.path.join(HERE, "lazyshare.h")) as f:
 ffibuilder.set_source(
     "lazyshare._native",
     '#include "internal.h"\n',
-    sources=[os.path.relpath(os.path.join(HERE, n), ROOT) for n in ("common.c", "zmtp.c", "server.c", "client.c")],
+    sources=[
+        os.path.relpath(os.path.join(HERE, n), ROOT) for n in ("common.c", "zmtp.c", "server.c", "client.c")
+    ],
     include_dirs=[os.path.relpath(HERE, ROOT)],
     extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-fvisibility=hidden"],
     libraries=["pthread"],

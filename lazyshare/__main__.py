@@ -34,8 +34,10 @@ def demo(args) -> int:
 
     n = args.tasks
     nbytes = args.size_mib << 20
-    print(f"lazyshare demo: a {_fmt_bytes(nbytes)} float64 array, {n} tasks each averaging a "
-          f"different 1% slice, {args.processes} workers")
+    print(
+        f"lazyshare demo: a {_fmt_bytes(nbytes)} float64 array, {n} tasks each averaging a "
+        f"different 1% slice, {args.processes} workers"
+    )
     caps = lazyshare.capabilities()
     print(f"paging: {caps.mode} — {caps.reason}\n")
     arr = np.random.default_rng(0).random(nbytes // 8)
@@ -48,7 +50,7 @@ def demo(args) -> int:
         st = pool.stats()
     t_lazy = time.perf_counter() - t
     assert got == expected, "lazyshare.Pool returned wrong results"
-    moved_lazy = st["total"]["bytes_lazy"] + st["total"]["bytes_pickled"]
+    moved_lazy = st["totals"]["bytes_lazy"] + st["totals"]["bytes_pickled"]
 
     ctx = multiprocessing.get_context("forkserver")
     moved_mp = sum(len(pickle.dumps(w, protocol=pickle.HIGHEST_PROTOCOL)) for w in work[:1]) * n
@@ -61,9 +63,11 @@ def demo(args) -> int:
     print(f"{'':24}{'time':>10}{'bytes moved':>16}")
     print(f"{'multiprocessing.Pool':24}{t_mp:>9.2f}s{_fmt_bytes(moved_mp):>16}")
     print(f"{'lazyshare.Pool':24}{t_lazy:>9.2f}s{_fmt_bytes(moved_lazy):>16}")
-    print(f"\nspeed-up {t_mp / t_lazy:.1f}x, {moved_mp / max(moved_lazy, 1):.0f}x fewer bytes moved "
-          f"(lazy pages {_fmt_bytes(st['total']['bytes_lazy'])}, "
-          f"pickled {_fmt_bytes(st['total']['bytes_pickled'])})")
+    print(
+        f"\nspeed-up {t_mp / t_lazy:.1f}x, {moved_mp / max(moved_lazy, 1):.0f}x fewer bytes moved "
+        f"(lazy pages {_fmt_bytes(st['total']['bytes_lazy'])}, "
+        f"pickled {_fmt_bytes(st['total']['bytes_pickled'])})"
+    )
     return 0
 
 
@@ -79,8 +83,10 @@ def doctor(args) -> int:
     print(f"vm.unprivileged_userfaultfd: {sysctl}")
     try:
         st = os.stat("/dev/userfaultfd")
-        print(f"/dev/userfaultfd: mode {stat.filemode(st.st_mode)}, uid {st.st_uid}, gid {st.st_gid}, "
-              f"writable by this process: {os.access('/dev/userfaultfd', os.R_OK | os.W_OK)}")
+        print(
+            f"/dev/userfaultfd: mode {stat.filemode(st.st_mode)}, uid {st.st_uid}, gid {st.st_gid}, "
+            f"writable by this process: {os.access('/dev/userfaultfd', os.R_OK | os.W_OK)}"
+        )
     except OSError as e:
         print(f"/dev/userfaultfd: {e.strerror} (needs Linux 6.1+)")
     seccomp = "unknown"
@@ -95,24 +101,34 @@ def doctor(args) -> int:
     print(f"uid {os.getuid()}, euid {os.geteuid()}")
     caps = handler._probe()
     print(f"\nrung in use: {caps.mode}\n  {caps.reason}")
-    print(f"  /dev/userfaultfd: {os.strerror(caps.devnode_errno) if caps.devnode_errno else 'ok'}; "
-          f"userfaultfd(2): {os.strerror(caps.syscall_errno) if caps.syscall_errno else 'ok'}; "
-          f"user-mode-only: {os.strerror(caps.usermode_errno) if caps.usermode_errno else 'ok'}")
+    print(
+        f"  /dev/userfaultfd: {os.strerror(caps.devnode_errno) if caps.devnode_errno else 'ok'}; "
+        f"userfaultfd(2): {os.strerror(caps.syscall_errno) if caps.syscall_errno else 'ok'}; "
+        f"user-mode-only: {os.strerror(caps.usermode_errno) if caps.usermode_errno else 'ok'}"
+    )
     if caps.mode == "uffd":
         print("\nBest rung: nothing to do.")
         return 0
     print("\nTo reach the best rung ('uffd'), one of:")
     print("  * give this user access to /dev/userfaultfd (Linux 6.1+), e.g. as root:")
-    print("      groupadd -f userfaultfd && chgrp userfaultfd /dev/userfaultfd && chmod 0660 /dev/userfaultfd")
-    print(f"      usermod -aG userfaultfd {os.environ.get('USER', '<user>')}   (a udev rule makes it permanent)")
+    print(
+        "      groupadd -f userfaultfd && chgrp userfaultfd /dev/userfaultfd && chmod 0660 /dev/userfaultfd"
+    )
+    print(
+        f"      usermod -aG userfaultfd {os.environ.get('USER', '<user>')}   (a udev rule makes it permanent)"
+    )
     print("  * or allow unprivileged userfaultfd system-wide: sysctl -w vm.unprivileged_userfaultfd=1")
     print("  * or grant CAP_SYS_PTRACE to the process.")
     if caps.mode == "eager":
-        print("  * in a container, allow the userfaultfd syscall in the seccomp profile "
-              "(Docker's default profile blocks it).")
+        print(
+            "  * in a container, allow the userfaultfd syscall in the seccomp profile "
+            "(Docker's default profile blocks it)."
+        )
     else:
-        print("\nOn the current rung, arrays are lazy but the kernel cannot wait for a missing page: call\n"
-              "lazyshare.materialize(arr) before os.write/socket.send/arr.tofile of an attached array.")
+        print(
+            "\nOn the current rung, arrays are lazy but the kernel cannot wait for a missing page: call\n"
+            "lazyshare.materialize(arr) before os.write/socket.send/arr.tofile of an attached array."
+        )
     return 0
 
 

@@ -63,11 +63,7 @@ class _LazyPickler(cloudpickle.Pickler):
         self._exports = exports
 
     def reducer_override(self, obj):
-        if (
-            type(obj) is np.ndarray
-            and obj.nbytes >= self._exports.threshold
-            and not obj.dtype.hasobject
-        ):
+        if type(obj) is np.ndarray and obj.nbytes >= self._exports.threshold and not obj.dtype.hasobject:
             return _rebuild_array, (self._exports.export_array(obj),)
         return super().reducer_override(obj)
 

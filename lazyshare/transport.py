@@ -64,13 +64,24 @@ REPLY = struct.Struct("<IHHiIQQQQ")
 assert REQUEST.size == 56 and REPLY.size == 48
 
 
-def pack_request(op: int, seg: bytes, offset: int = 0, length: int = 0, tag: int = 0, pid: int | None = None) -> bytes:
+def pack_request(
+    op: int, seg: bytes, offset: int = 0, length: int = 0, tag: int = 0, pid: int | None = None
+) -> bytes:
     return REQUEST.pack(MAGIC, VERSION, op, os.getpid() if pid is None else pid, 0, tag, offset, length, seg)
 
 
 def unpack_reply(frame: bytes) -> dict:
     magic, version, op, status, _, tag, offset, length, seglen = REPLY.unpack(frame)
-    return dict(magic=magic, version=version, op=op, status=status, tag=tag, offset=offset, length=length, seglen=seglen)
+    return dict(
+        magic=magic,
+        version=version,
+        op=op,
+        status=status,
+        tag=tag,
+        offset=offset,
+        length=length,
+        seglen=seglen,
+    )
 
 
 _lock = threading.Lock()
@@ -82,7 +93,9 @@ def _base_dir() -> str:
     base = os.environ.get("LAZYSHARE_RUNTIME_DIR")
     if not base:
         xdg = os.environ.get("XDG_RUNTIME_DIR")
-        base = os.path.join(xdg, "lazyshare") if xdg and os.path.isdir(xdg) else f"/tmp/lazyshare-{os.getuid()}"
+        base = (
+            os.path.join(xdg, "lazyshare") if xdg and os.path.isdir(xdg) else f"/tmp/lazyshare-{os.getuid()}"
+        )
     try:
         os.mkdir(base, 0o700)
     except FileExistsError:
@@ -138,13 +151,15 @@ def new_endpoint(name: str) -> str:
     """A fresh ``ipc://`` endpoint in the private directory."""
     path = os.path.join(runtime_dir(), f"{name}-{secrets.token_hex(4)}.sock")
     if len(path.encode()) > 107:  # sun_path limit
-        raise OSError(errno.ENAMETOOLONG, f"socket path too long: {path!r}; set LAZYSHARE_RUNTIME_DIR shorter")
+        raise OSError(
+            errno.ENAMETOOLONG, f"socket path too long: {path!r}; set LAZYSHARE_RUNTIME_DIR shorter"
+        )
     return "ipc://" + path
 
 
 def endpoint_path(endpoint: str) -> str:
     assert endpoint.startswith("ipc://")
-    return endpoint[len("ipc://"):]
+    return endpoint[len("ipc://") :]
 
 
 def context() -> zmq.Context:

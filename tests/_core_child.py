@@ -116,6 +116,7 @@ def user_mode_kernel_access(desc, q):
 
 # ---- run as a script: the owner-killed test needs real process boundaries
 
+
 def _owner_main():
     """Export an array of ones, print its descriptor (pickled, hex), sleep."""
     import pickle

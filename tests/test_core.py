@@ -16,15 +16,14 @@ import tempfile
 import textwrap
 import time
 
+import _core_child as child
 import numpy as np
 import pytest
 import zmq
+from conftest import DEADLINE
 
 import lazyshare
 from lazyshare import handler, transport
-
-import _core_child as child
-from conftest import DEADLINE
 
 CTX = mp.get_context("spawn")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -293,7 +292,9 @@ def test_attach_after_release_is_a_segment_error():
 
 def test_attach_to_a_dead_owner_is_owner_gone():
     desc = lazyshare.export(np.ones(1 << 16))
-    dead = lazyshare.SegmentDescriptor(desc.segment.id, desc.segment.nbytes, "ipc:///nonexistent/x.sock", 2**22 + 1)
+    dead = lazyshare.SegmentDescriptor(
+        desc.segment.id, desc.segment.nbytes, "ipc:///nonexistent/x.sock", 2**22 + 1
+    )
     lazyshare.release(desc)
     kind, msg = run(child.attach_error, lazyshare.ArrayDescriptor(dead, 0, (8192,), (8,), np.dtype("f8")))
     assert kind == "OwnerGoneError", msg
@@ -360,8 +361,13 @@ def _run_script(code, env_extra, user=None, timeout=DEADLINE):
         # open /dev/userfaultfd (0600, needs write) or pass userfaultfd(2)'s
         # CAP_SYS_PTRACE check.
         cmd = [
-            "setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
-            "--inh-caps=-all,+dac_read_search", "--ambient-caps=-all,+dac_read_search", "--",
+            "setpriv",
+            f"--reuid={user}",
+            f"--regid={user}",
+            "--clear-groups",
+            "--inh-caps=-all,+dac_read_search",
+            "--ambient-caps=-all,+dac_read_search",
+            "--",
         ] + cmd
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
