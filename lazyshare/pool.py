@@ -483,8 +483,8 @@ def _dumps_small(threshold: float, task: tuple) -> list | None:
     cloudpickle costs 2-3x the C pickler on a small task (a Python ``ChainMap``
     lookup and ``reducer_override`` call per object): 10,000 ``apply_async`` spend
     most of their parent time there. The C pickler gives the same result when it
-    succeeds, nothing lives in ``__main__`` (cloudpickle pickles that by value), no
-    module is registered to be pickled by value, and nothing is big enough to be
+    succeeds, nothing lives in an interactive ``__main__`` (see
+    ``_main_is_importable``), no module is registered to be pickled by value, and nothing is big enough to be
     exported; then the frames are laid out as ``CallExports.dumps`` lays them out.
     Otherwise (lambdas, closures, big arrays ...) None: use ``CallExports.dumps``.
     """
@@ -501,7 +501,9 @@ def _dumps_small(threshold: float, task: tuple) -> list | None:
         payload = pickle.dumps(task, 5, buffer_callback=buffers.append)
     except Exception:
         return None
-    if len(payload) >= threshold or b"__main__" in payload or b"__mp_main__" in payload:
+    if len(payload) >= threshold:
+        return None
+    if (b"__main__" in payload or b"__mp_main__" in payload) and not _main_is_importable():
         return None
     if not buffers:
         return [_EMPTY_KINDS, payload]
@@ -509,6 +511,17 @@ def _dumps_small(threshold: float, task: tuple) -> list | None:
     if any(r.nbytes >= threshold for r in raws):
         return None
     return [pickle.dumps([None] * len(raws), 5), payload, *raws]
+
+
+def _main_is_importable() -> bool:
+    """Whether workers import the parent's ``__main__`` (as ``__mp_main__``), as
+    spawn and forkserver children do when it is a file: then a ``__main__``
+    function pickles by reference, as the stdlib pickles it. An interactive
+    ``__main__`` (REPL, notebook, ``python -c``) has no file: cloudpickle sends
+    its functions by value."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return bool(path) and os.path.isfile(path)
 
 
 def _big_array(items, threshold) -> bool:

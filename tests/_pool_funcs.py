@@ -137,3 +137,24 @@ def first(a):
 def add_one_inplace(a):
     a += 1  # arguments arrive writable, as after unpickling
     return a
+
+
+def sparse_sum(a, step):
+    """Sum one element every `step`: touches len(a)/step pages at most."""
+    return float(a[::step].sum())
+
+
+def frame_stats(df, key):
+    return float(df[key].sum()), len(df), type(df).__name__
+
+
+def write_then_sum(a):
+    """Write into the (private) argument, then read it back."""
+    a[:1000] = -1.0
+    return float(a[:2000].sum()), bool(a.flags.writeable)
+
+
+def lazy_stats(_=None):
+    from lazyshare import handler
+
+    return handler.stats()

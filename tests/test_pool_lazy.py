@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 from conftest import DEADLINE
 
+from lazyshare import handler
 from lazyshare.pool import Pool
-
-handler = pytest.importorskip("lazyshare.handler")
 
 pytestmark = pytest.mark.timeout(DEADLINE)
 
@@ -61,3 +60,77 @@ def test_threshold_none_pickles_everything():
         s = p.stats()["totals"]
         assert s["bytes_pickled"] >= a.nbytes and s["bytes_lazy"] == 0
     p.join()
+
+
+def test_mutation_between_calls_is_seen():
+    """Snapshot per call: a write by the parent between two maps is seen by the second."""
+    a = np.zeros(4 * MiB)  # 32 MiB
+    with Pool(2) as p:
+        assert p.map(f.first, [a, a]) == [0.0, 0.0]
+        a[0] = 7.0
+        assert p.map(f.first, [a, a]) == [7.0, 7.0]
+        a[0] = 9.0
+        assert p.apply(f.first, (a,)) == 9.0
+
+
+def test_worker_writes_stay_private():
+    a = np.ones(2 * MiB)
+    with Pool(2) as p:
+        assert p.map(f.write_then_sum, [a, a]) == [(0.0, True), (0.0, True)]
+        assert p.apply(f.write_then_sum, (a,)) == (0.0, True)  # a fresh copy again
+    assert a[:2000].sum() == 2000.0  # the parent's array is untouched
+
+
+def test_pandas_frame_goes_lazily():
+    pd = pytest.importorskip("pandas", reason="pandas is a test dependency: pip install '.[test]'")
+    df = pd.DataFrame({"x": np.arange(2 * MiB, dtype=np.float64), "y": np.ones(2 * MiB)})
+    with Pool(2) as p:
+        got = p.starmap(f.frame_stats, [(df, "x"), (df, "y")])
+        s = p.stats()["totals"]
+    assert got[0] == (float(df["x"].sum()), len(df), "DataFrame")
+    assert got[1] == (float(len(df)), len(df), "DataFrame")
+    assert s["bytes_pickled"] < MiB  # 32 MiB of columns, none of it pickled
+    assert s["bytes_lazy"] > 0
+
+
+def test_array_over_2_gib_read_sparsely():
+    big = np.zeros((2 << 30) // 8 + 1024 * 1024, dtype=np.float64)  # 2 GiB + 8 MiB, untouched zeros
+    big[-1] = 5.0
+    big[0] = 3.0
+    step = 64 << 20 >> 3  # one element every 64 MiB
+    with Pool(2) as p:
+        got = p.apply(f.sparse_sum, (big, step))
+        s = p.stats()["totals"]
+    assert got == float(big[::step].sum())
+    assert s["bytes_pickled"] < MiB
+    assert s["bytes_lazy"] < 64 * MiB  # a few pages of 2 GiB
+
+
+MAIN_SCRIPT = """
+import lazyshare, numpy as np
+
+def twice(x):
+    return 2 * x
+
+if __name__ == "__main__":
+    with lazyshare.Pool(2) as p:
+        print(p.map(twice, range(5)), p.apply(twice, (21,)), p.apply(lambda: 7))
+        print(p.apply(twice, (np.ones(1 << 18),)).sum())
+"""
+
+
+@pytest.mark.parametrize("as_file", [True, False])
+def test_functions_of_main_script_and_of_interactive_main(tmp_path, as_file):
+    import os
+    import subprocess
+    import sys
+
+    if as_file:
+        path = tmp_path / "script.py"
+        path.write_text(MAIN_SCRIPT)
+        cmd = [sys.executable, str(path)]
+    else:
+        cmd = [sys.executable, "-c", MAIN_SCRIPT]  # __main__ without a file: by value
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["[0, 2, 4, 6, 8] 42 7", str(2.0 * (1 << 18))]
