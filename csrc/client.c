@@ -83,6 +83,7 @@ struct region {
     int state;
     struct waiter *waiter; /* attach in progress */
     uint64_t deadline;     /* attach deadline, ns */
+    uint64_t timeout;      /* attach timeout, ns: eager progress pushes the deadline */
     uint64_t last_fault;   /* page index */
     int have_last;
     uint32_t window;       /* pages */
@@ -130,6 +131,8 @@ static int ninfl, capinfl;
 static uint64_t next_tag = 1;
 static uint64_t min_pages = 4, max_pages = 1024;
 static uint64_t fault_timeout_ns = 60ull * 1000000000ull;
+static uint64_t spin_ns = 50000; /* LAZYSHARE_SPIN_US; 0 disables */
+static uint64_t last_activity;
 
 static inline int bit_get(const uint8_t *b, uint64_t i) { return (b[i >> 3] >> (i & 7)) & 1; }
 static inline void bit_set(uint8_t *b, uint64_t i) { b[i >> 3] |= (uint8_t)(1u << (i & 7)); }
@@ -577,6 +580,7 @@ static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *sr
     if (r->state == R_EAGER) {
         memcpy((uint8_t *)r->base + page * ps, src, npages * ps);
         CTR_ADD(bytes_fetched, npages * ps);
+        r->deadline = ls_now_ns() + r->timeout; /* a big segment may take long: time progress */
         eager_pump(r);
         if (!r->inflight && r->eager_next >= r->npages) {
             r->state = R_ACTIVE;
@@ -773,9 +777,23 @@ static void *client_main(void *arg)
                                            .events = (short)(POLLIN | (peers[i].txlen ? POLLOUT : 0))};
             }
         int timeout = (ninfl || regions) ? 100 : -1;
-        if (poll(fds, (nfds_t)n, timeout) < 0 && errno != EINTR)
+        /* Spin briefly before sleeping while a reply or the next fault is likely:
+         * on an idle VM each sleep/wake-up costs tens of microseconds, as much as
+         * the fault itself. Bounded, so an idle handler sleeps. */
+        int ready = 0;
+        if (spin_ns && (ninfl || ls_now_ns() - last_activity < spin_ns)) {
+            uint64_t until = ls_now_ns() + spin_ns;
+            do {
+                ready = poll(fds, (nfds_t)n, 0);
+            } while (!ready && ls_now_ns() < until);
+        }
+        if (!ready)
+            ready = poll(fds, (nfds_t)n, timeout);
+        if (ready < 0 && errno != EINTR)
             ls_fatal("poll failed in the fault handler: errno %d", errno);
         uint64_t now = ls_now_ns();
+        if (ready > 0)
+            last_activity = now;
         if (uffd >= 0 && fds[1].revents) {
             for (;;) {
                 ssize_t got = read(uffd, msgs, sizeof msgs);
@@ -821,6 +839,9 @@ int ls_client_start(int mode, uint32_t min_block, uint32_t max_block, uint32_t f
     min_pages = min_block / ps;
     max_pages = max_block / ps;
     fault_timeout_ns = (uint64_t)fault_timeout_ms * 1000000ull;
+    const char *spin = getenv("LAZYSHARE_SPIN_US");
+    if (spin)
+        spin_ns = strtoull(spin, NULL, 10) * 1000ull;
     if (mode != LS_MODE_EAGER) {
         int fd = ls_uffd_open(mode);
         if (fd < 0)
@@ -909,7 +930,8 @@ int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uin
     r->state = R_HOLDING;
     r->window = (uint32_t)min_pages;
     r->waiter = &w;
-    r->deadline = ls_now_ns() + (uint64_t)timeout_ms * 1000000ull;
+    r->timeout = (uint64_t)timeout_ms * 1000000ull;
+    r->deadline = ls_now_ns() + r->timeout;
 
     /* The peer table belongs to the handler thread: the endpoint rides along
      * in the command and is resolved there. */
