@@ -61,7 +61,6 @@ Results are pickled by the worker with multiprocessing's own ``ForkingPickler``
 from __future__ import annotations
 
 import collections
-import io
 import itertools
 import multiprocessing
 import os
@@ -91,7 +90,6 @@ from multiprocessing.pool import (
     MaybeEncodingError,
     RemoteTraceback,
 )
-from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
 import cloudpickle
@@ -1366,27 +1364,9 @@ def _native_counters() -> tuple[int, int]:
         return 0, 0
 
 
-class _ResultPickler(pickle.Pickler):
-    """multiprocessing's ForkingPickler (its reducers), with a buffer_callback."""
-
-    def __init__(self, file, buffers: list):
-        super().__init__(file, 5, buffer_callback=buffers.append)
-        table = ForkingPickler._copyreg_dispatch_table.copy()
-        table.update(ForkingPickler._extra_reducers)
-        self.dispatch_table = table
-
-
-def _dumps_result(obj) -> list:
-    """Like ``serialization.dumps_result`` (same frames), with the stdlib's pickler."""
-    buffers: list = []
-    f = io.BytesIO()
-    _ResultPickler(f, buffers).dump(obj)
-    return [f.getbuffer(), *(b.raw() for b in buffers)]
-
-
 def _encode_result(result: tuple) -> list:
     try:
-        frames = _dumps_result(result)
+        frames = serialization.dumps_result(result)
         if not result[0]:  # an exception must also unpickle (custom __init__ ...)
             pickle.loads(frames[0], buffers=frames[1:])
         return frames
@@ -1399,7 +1379,7 @@ def _encode_result(result: tuple) -> list:
         except Exception:
             wrapped = MaybeEncodingError(e, f"<unrepresentable {type(value).__name__}>")
         try:
-            return _dumps_result((False, wrapped))
+            return serialization.dumps_result((False, wrapped))
         except Exception:  # repr() gave something odd: keep the worker alive
             return [pickle.dumps((False, MaybeEncodingError(type(e).__name__, type(value).__name__)), 5)]
 

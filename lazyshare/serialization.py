@@ -22,8 +22,9 @@ allocation once per call and is rebuilt as the same view in the worker. Other
 objects that pickle their data out-of-band (protocol 5 ``PickleBuffer``) go
 through ``buffer_callback``.
 
-Results (``dumps_result``/``loads_result``) are pickled with protocol 5 and their
-out-of-band buffers travel as separate zero-copy frames; nothing is exported.
+Results (``dumps_result``/``loads_result``) are pickled with protocol 5 by the
+stdlib's pickler and their out-of-band buffers travel as separate zero-copy
+frames; nothing is exported.
 """
 
 from __future__ import annotations
@@ -154,11 +155,27 @@ def loads(frames) -> Any:
     return pickle.loads(frames[1], buffers=buffers)
 
 
+class _ResultPickler(pickle.Pickler):
+    """multiprocessing's ForkingPickler (its reducers), with a buffer_callback.
+
+    Results use the stdlib's pickler, not cloudpickle, so that what the stdlib
+    cannot send back (a lambda, say) raises MaybeEncodingError here too."""
+
+    def __init__(self, file, buffers: list):
+        from multiprocessing.reduction import ForkingPickler
+
+        super().__init__(file, _PROTOCOL, buffer_callback=buffers.append)
+        table = ForkingPickler._copyreg_dispatch_table.copy()
+        table.update(ForkingPickler._extra_reducers)
+        self.dispatch_table = table
+
+
 def dumps_result(obj) -> list:
     """Pickle a result: ``[payload, buffer, ...]`` with buffers out-of-band."""
     buffers: list = []
-    payload = cloudpickle.dumps(obj, protocol=_PROTOCOL, buffer_callback=buffers.append)
-    return [payload, *(b.raw() for b in buffers)]
+    f = io.BytesIO()
+    _ResultPickler(f, buffers).dump(obj)
+    return [f.getbuffer(), *(b.raw() for b in buffers)]
 
 
 def loads_result(frames) -> Any:
