@@ -479,6 +479,34 @@ static int install(struct region *r, uint64_t off, const uint8_t *src, uint64_t 
     return 0;
 }
 
+/* UFFDIO_ZEROPAGE [off, off+len): pages the owner never touched cost no bytes. */
+static int install_zero(struct region *r, uint64_t off, uint64_t len)
+{
+    const uint64_t ps = ls_page_size();
+    uint64_t done = 0;
+    int again = 0;
+    while (done < len) {
+        struct uffdio_zeropage z = {.range = {.start = r->base + off + done, .len = len - done}, .mode = 0};
+        if (ioctl(uffd, UFFDIO_ZEROPAGE, &z) == 0)
+            break;
+        int e = errno;
+        if (z.zeropage > 0) {
+            done += (uint64_t)z.zeropage;
+            continue;
+        }
+        if (e == EEXIST) {
+            wake_page(r->base + off + done);
+            CTR_ADD(eexist, 1);
+            done += ps;
+            continue;
+        }
+        if (e == EAGAIN && ++again < 1000)
+            continue;
+        return -e;
+    }
+    return 0;
+}
+
 /* Eager rung: no userfaultfd, the region is ordinary memory filled by memcpy. */
 static void eager_pump(struct region *r)
 {
@@ -569,6 +597,29 @@ static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *sr
     if (!r)
         return;
     r->inflight--;
+    if (!rep->status && (rep->flags & LS_REP_ZERO) && !has_data && rep->length == npages * ps &&
+        rep->offset == page * ps) {
+        CTR_ADD(bytes_zero, npages * ps);
+        if (r->state == R_EAGER) { /* fresh anonymous memory is already zero */
+            eager_pump(r);
+            if (!r->inflight && r->eager_next >= r->npages) {
+                r->state = R_ACTIVE;
+                attach_finish(r, 0);
+            } else {
+                r->deadline = ls_now_ns() + r->timeout;
+            }
+            return;
+        }
+        int rc = install_zero(r, page * ps, npages * ps);
+        if (rc < 0)
+            ls_fatal("UFFDIO_ZEROPAGE failed: errno %d", -rc);
+        if (fault) {
+            uint64_t dt = ls_now_ns() - fault;
+            for (int i = 0; i < nfaults; i++)
+                ls_hist_add(dt);
+        }
+        return;
+    }
     if (rep->status)
         ls_fatal("the owner (pid %d, %s) refused pages %llu-%llu of segment of %llu bytes: %s",
                  r->peer->pid, r->peer->endpoint, (unsigned long long)page,
@@ -895,7 +946,7 @@ int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uin
             munmap(base, maplen);
             return -e;
         }
-        if (!(reg.ioctls & (1ULL << _UFFDIO_COPY))) {
+        if (!(reg.ioctls & (1ULL << _UFFDIO_COPY)) || !(reg.ioctls & (1ULL << _UFFDIO_ZEROPAGE))) {
             struct uffdio_range rg = {.start = (uintptr_t)base, .len = maplen};
             ioctl(uffd, UFFDIO_UNREGISTER, &rg);
             munmap(base, maplen);

@@ -20,6 +20,7 @@
 #define LS_OP_HOLD 2
 #define LS_OP_RELEASE 3
 #define LS_OP_PING 4
+#define LS_REP_ZERO 1u
 /* Largest READ the server answers: bounds what one request can make it copy. */
 #define LS_MAX_READ (8u << 20)
 
@@ -40,7 +41,7 @@ struct ls_rep {
     uint16_t version;
     uint16_t op;
     int32_t status;
-    uint32_t reserved;
+    uint32_t flags; /* LS_REP_ZERO: the range reads as zeros; no payload follows */
     uint64_t tag;
     uint64_t offset;
     uint64_t length;

@@ -49,7 +49,10 @@ int ls_probe(struct ls_probe *out);
 /* ---- owner: the page server ---- */
 int ls_server_start(const char *endpoint);
 int ls_server_stop(void);
-int ls_server_export(const uint8_t *id, uint64_t addr, uint64_t len);
+/* anon: the memory is private anonymous memory, so a page the owner never
+ * touched (absent from /proc/self/pagemap) reads as zeros and is answered as a
+ * zero range without payload. Never set it for file-backed memory. */
+int ls_server_export(const uint8_t *id, uint64_t addr, uint64_t len, int anon);
 /* Stop offering a segment: 1 if freed now, 0 if mappings still hold it (its
  * id comes out of ls_server_pop_freed when the last one is gone). A holder is
  * a connection: a process that dies releases what it held. */

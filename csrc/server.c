@@ -43,9 +43,16 @@ struct seg {
     const uint8_t *addr;
     uint64_t len;
     int exported;
+    int anon;   /* untouched pages are known zeros (see ls_server_export) */
     int busy;   /* replies streaming from it */
     int nholders, capholders;
     uint64_t *holders; /* connection ids, one entry per held mapping */
+};
+
+/* A run of payload bytes: the owner's memory, or zeros (src NULL). */
+struct span {
+    const uint8_t *src;
+    uint64_t len;
 };
 
 struct conn {
@@ -58,8 +65,8 @@ struct conn {
     uint8_t tx[256]; /* reply headers; the payload streams from the segment */
     size_t txoff, txlen;
     struct seg *dseg; /* payload source (busy-referenced), NULL if none */
-    const uint8_t *dptr;
-    uint64_t dlen, zpad; /* segment bytes, then zero padding, still to send */
+    struct span *spans; /* the payload still to send, in order */
+    int nspans, capspans, cur;
 };
 
 static pthread_mutex_t seg_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -75,6 +82,7 @@ static int stop_fd = -1, listen_fd = -1, ep_fd = -1;
 static char listen_path[108];
 static uint64_t next_conn_id = 1;
 static const uint8_t zeros[4096];
+static int pagemap_fd = -1;
 static uint64_t spin_ns = 50000; /* LAZYSHARE_SPIN_US; 0 disables */
 
 static struct seg *seg_find(const uint8_t *id)
@@ -112,7 +120,7 @@ static int seg_maybe_free(struct seg *s, int notify)
     return 1;
 }
 
-int ls_server_export(const uint8_t *id, uint64_t addr, uint64_t len)
+int ls_server_export(const uint8_t *id, uint64_t addr, uint64_t len, int anon)
 {
     if (!len)
         return -EINVAL;
@@ -141,6 +149,7 @@ int ls_server_export(const uint8_t *id, uint64_t addr, uint64_t len)
     s->addr = (const uint8_t *)(uintptr_t)addr;
     s->len = len;
     s->exported = 1;
+    s->anon = anon && pagemap_fd >= 0;
     segs[nsegs++] = s;
     CTR_ADD(segments_exported, 1);
 out:
@@ -219,6 +228,7 @@ static void conn_close(struct conn *c)
         ls_eventfd_signal(freed_fd);
     epoll_ctl(ep_fd, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
+    free(c->spans);
     free(c);
 }
 
@@ -226,14 +236,24 @@ static void conn_close(struct conn *c)
 static int conn_flush(struct conn *c)
 {
     for (;;) {
-        struct iovec iov[3];
+        struct iovec iov[64];
         int n = 0;
         if (c->txoff < c->txlen)
             iov[n++] = (struct iovec){c->tx + c->txoff, c->txlen - c->txoff};
-        if (c->dlen)
-            iov[n++] = (struct iovec){(void *)c->dptr, c->dlen};
-        if (c->zpad)
-            iov[n++] = (struct iovec){(void *)zeros, c->zpad < sizeof zeros ? c->zpad : sizeof zeros};
+        for (int i = c->cur; i < c->nspans && n < 64; i++) {
+            struct span *sp = &c->spans[i];
+            if (sp->src) {
+                iov[n++] = (struct iovec){(void *)sp->src, sp->len};
+            } else { /* zeros, at most a page of them per iovec */
+                uint64_t left = sp->len;
+                while (left && n < 64) {
+                    size_t k = left < sizeof zeros ? left : sizeof zeros;
+                    iov[n++] = (struct iovec){(void *)zeros, k};
+                    left -= k;
+                }
+                break; /* the offsets below assume whole spans before this one */
+            }
+        }
         if (!n)
             break;
         ssize_t w = writev(c->fd, iov, n);
@@ -248,13 +268,19 @@ static int conn_flush(struct conn *c)
         size_t t = c->txlen - c->txoff < left ? c->txlen - c->txoff : left;
         c->txoff += t;
         left -= t;
-        t = c->dlen < left ? c->dlen : left;
-        c->dptr += t;
-        c->dlen -= t;
-        left -= t;
-        c->zpad -= left;
+        while (left && c->cur < c->nspans) {
+            struct span *sp = &c->spans[c->cur];
+            t = sp->len < left ? sp->len : left;
+            if (sp->src)
+                sp->src += t;
+            sp->len -= t;
+            left -= t;
+            if (!sp->len)
+                c->cur++;
+        }
     }
     c->txoff = c->txlen = 0;
+    c->nspans = c->cur = 0;
     if (c->dseg) {
         int f;
         pthread_mutex_lock(&seg_lock);
@@ -274,18 +300,99 @@ static void tx_put(struct conn *c, const void *p, size_t n)
     c->txlen += n;
 }
 
-/* Queue a reply: [header] or [header][payload]. seg_lock held if s. */
+static int span_add(struct conn *c, const uint8_t *src, uint64_t len)
+{
+    if (!len)
+        return 0;
+    if (c->nspans) { /* merge with the previous run of the same kind */
+        struct span *last = &c->spans[c->nspans - 1];
+        if ((!src && !last->src) || (src && last->src && last->src + last->len == src)) {
+            last->len += len;
+            return 0;
+        }
+    }
+    if (c->nspans == c->capspans) {
+        int cap = c->capspans ? c->capspans * 2 : 16;
+        struct span *p = realloc(c->spans, (size_t)cap * sizeof *p);
+        if (!p)
+            return -ENOMEM;
+        c->spans = p;
+        c->capspans = cap;
+    }
+    c->spans[c->nspans++] = (struct span){src, len};
+    return 0;
+}
+
+/*
+ * The payload for [p, p+n) of a segment. For private anonymous memory, a page
+ * absent from /proc/self/pagemap (neither present nor swapped) was never
+ * written: its bytes are zeros and are sent from a static page, never read from
+ * the owner's memory. Reading them would map the zero page there -- a huge zero
+ * page under THP, marking up to 2 MiB "present" ahead of the reader, so that
+ * every later window looked touched. Returns how many bytes were taken from the
+ * owner's memory (0: the range is all zeros), or -ENOMEM.
+ */
+static int64_t build_payload(struct conn *c, const struct seg *s, const uint8_t *p, uint64_t n)
+{
+    if (!s->anon)
+        return span_add(c, p, n) < 0 ? -ENOMEM : (int64_t)n;
+    const uint64_t ps = ls_page_size();
+    uint64_t first = (uintptr_t)p / ps, last = ((uintptr_t)p + n - 1) / ps;
+    uint64_t ent[512];
+    int64_t real = 0;
+    for (uint64_t pg = first; pg <= last;) {
+        uint64_t k = last - pg + 1 < 512 ? last - pg + 1 : 512;
+        if (pread(pagemap_fd, ent, k * 8, (off_t)(pg * 8)) != (ssize_t)(k * 8))
+            for (uint64_t i = 0; i < k; i++)
+                ent[i] = 1ull << 63; /* unknown: treat as written */
+        for (uint64_t i = 0; i < k; i++) {
+            uintptr_t lo = (uintptr_t)((pg + i) * ps), hi = lo + ps;
+            if (lo < (uintptr_t)p)
+                lo = (uintptr_t)p;
+            if (hi > (uintptr_t)p + n)
+                hi = (uintptr_t)p + n;
+            int touched = (ent[i] & (3ull << 62)) != 0; /* bit 63 present, 62 swapped */
+            if (span_add(c, touched ? (const uint8_t *)lo : NULL, hi - lo) < 0)
+                return -ENOMEM;
+            if (touched)
+                real += (int64_t)(hi - lo);
+        }
+        pg += k;
+    }
+    return real;
+}
+
+/* Queue a reply: [header], or for a READ of s [header][payload]. seg_lock held if s. */
 static void reply(struct conn *c, const struct ls_req *rq, int status, uint64_t seglen, struct seg *s,
                   uint64_t have, uint64_t length)
 {
+    uint32_t flags = 0;
+    if (s) {
+        int64_t real = have ? build_payload(c, s, s->addr + rq->offset, have) : 0;
+        if (real < 0) {
+            c->nspans = 0;
+            status = -ENOMEM;
+            s = NULL;
+        } else if (real == 0) {
+            c->nspans = 0; /* nothing to send: the consumer maps zero pages */
+            flags = LS_REP_ZERO;
+            CTR_ADD(requests_served, 1);
+            s = NULL;
+        } else if (span_add(c, NULL, length - have) < 0) { /* padding past the end */
+            c->nspans = 0;
+            status = -ENOMEM;
+            s = NULL;
+        }
+    }
     struct ls_rep rep = {
         .magic = LS_MAGIC,
         .version = LS_VERSION,
         .op = rq ? rq->op : 0,
         .status = status,
+        .flags = flags,
         .tag = rq ? rq->tag : 0,
         .offset = rq ? rq->offset : 0,
-        .length = s ? length : 0,
+        .length = s || flags ? length : 0,
         .seglen = seglen,
     };
     uint8_t h[9];
@@ -297,9 +404,7 @@ static void reply(struct conn *c, const struct ls_req *rq, int status, uint64_t 
         tx_put(c, h, zmtp_frame_header(h, 0, length));
         s->busy++;
         c->dseg = s;
-        c->dptr = s->addr + rq->offset;
-        c->dlen = have;
-        c->zpad = length - have;
+        c->cur = 0;
         CTR_ADD(requests_served, 1);
         CTR_ADD(bytes_served, length);
     }
@@ -593,6 +698,8 @@ int ls_server_start(const char *endpoint)
     }
     if (freed_fd < 0)
         freed_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (pagemap_fd < 0)
+        pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC); /* -1: no zero replies */
     stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     ep_fd = epoll_create1(EPOLL_CLOEXEC);
     struct epoll_event ev1 = {.events = EPOLLIN, .data.ptr = &listen_fd};
@@ -639,7 +746,7 @@ void ls_server_reset_after_fork(void)
     freed = NULL;
     nfreed = capfreed = 0;
     server_running = 0;
-    int *fds[] = {&stop_fd, &freed_fd, &listen_fd, &ep_fd};
+    int *fds[] = {&stop_fd, &freed_fd, &listen_fd, &ep_fd, &pagemap_fd};
     for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++) {
         if (*fds[i] >= 0)
             close(*fds[i]);

@@ -257,15 +257,47 @@ def root_extent(arr: np.ndarray) -> tuple[Any, int, int]:
     return root, low, high
 
 
+def _untouched_pages_are_zero(address: int, nbytes: int) -> bool:
+    """Whether [address, address+nbytes) is private anonymous memory of this
+    process that is not itself a lazy mapping: there, a page absent from the page
+    table was never written and reads as zeros, so the page server may answer it
+    without payload. File-backed or shared memory, and regions attached from
+    another owner (absent pages there are not fetched yet), do not qualify."""
+    end = address + nbytes
+    with _lock:
+        if any(a < end and address < a + n for a, n in _attached.values()):
+            return False
+    covered = address
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(None, 5)
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if hi <= address or lo >= end:
+                continue
+            path = fields[5].strip() if len(fields) > 5 else ""
+            if lo > covered or fields[1][3] != "p" or (path and path not in ("[heap]", "[stack]")):
+                return False
+            covered = hi
+    return covered >= end
+
+
 def export_memory(pin: Any, address: int, nbytes: int) -> SegmentDescriptor:
     """Offer ``nbytes`` at ``address`` (kept alive by ``pin``) to other processes."""
     if nbytes <= 0:
         raise ValueError("cannot export an empty buffer")
     ep = _ensure_server()
+    anon = _untouched_pages_are_zero(address, nbytes)
+    if not anon and capabilities().mode == "uffd-user-mode-only":
+        # Re-exporting a lazy mapping: the page server's kernel-mode reads of
+        # pages not fetched yet would fail with EFAULT on this rung.
+        with _lock:
+            lazy = any(a < address + nbytes and address < a + n for a, n in _attached.values())
+        if lazy:
+            lib.ls_client_materialize(address, nbytes)
     seg_id = secrets.token_bytes(16)
     with _lock:
         _pins[seg_id] = pin
-    rc = lib.ls_server_export(seg_id, address, nbytes)
+    rc = lib.ls_server_export(seg_id, address, nbytes, anon)
     if rc < 0:
         with _lock:
             _pins.pop(seg_id, None)
@@ -342,6 +374,7 @@ def pinned_segments() -> int:
 
 _client_pid: int | None = None
 _warned_eager = False
+_attached: dict[int, tuple[int, int]] = {}  # region -> (address, length), live mappings
 
 
 def _ensure_client() -> Capabilities:
@@ -372,6 +405,7 @@ class _Mapping:
 
     def __init__(self, address: int, nbytes: int, region: int):
         self.address, self.nbytes, self.region, self.pid = address, nbytes, region, os.getpid()
+        _attached[region] = (address, nbytes)
         self.__array_interface__ = {
             "shape": (nbytes,),
             "typestr": "|u1",
@@ -381,6 +415,7 @@ class _Mapping:
 
     def __del__(self):
         if self.pid == os.getpid():  # a forked child has no such region
+            _attached.pop(self.region, None)
             lib.ls_client_detach(self.region)
 
 
@@ -438,6 +473,7 @@ def stats() -> dict:
         "faults": s.faults,
         "requests": s.requests,
         "bytes_fetched": s.bytes_fetched,
+        "bytes_zero": s.bytes_zero,
         "regions_attached": s.regions_attached,
         "pages_already_present": s.eexist,
         "fault_latency_us": hist,
@@ -457,6 +493,7 @@ def _after_fork_in_child() -> None:
     lib.ls_reset_after_fork()
     _lock = threading.RLock()
     _pins.clear()
+    _attached.clear()
     _server_endpoint = _server_pid = _reaper = _client_pid = None
     _stopping = threading.Event()
 

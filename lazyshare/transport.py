@@ -18,8 +18,11 @@ Page protocol (version 1, little-endian, mirrored by ``csrc/lazyshare.h``)
     reply, a 48-byte header frame, then for a successful READ one data frame of
     ``length`` bytes (page-padded with zeros past the segment's end)::
 
-        u32 magic | u16 version | u16 op | i32 status (0 or -errno) | u32 reserved
+        u32 magic | u16 version | u16 op | i32 status (0 or -errno) | u32 flags
         u64 tag | u64 offset | u64 length | u64 segment length
+
+    A READ reply with flag ZERO (1) has no data frame: the range reads as zeros
+    (pages the owner never touched; only for private anonymous memory).
 
     ops: READ (bytes of a segment), HOLD (a mapping of it now exists in ``pid``),
     RELEASE (that mapping is gone), PING. A request the server cannot parse gets a
@@ -59,6 +62,7 @@ __all__ = [
 MAGIC = 0x31535A4C  # b"LZS1" little-endian
 VERSION = 1
 OP_READ, OP_HOLD, OP_RELEASE, OP_PING = 1, 2, 3, 4
+FLAG_ZERO = 1
 REQUEST = struct.Struct("<IHHIIQQQ16s")
 REPLY = struct.Struct("<IHHiIQQQQ")
 assert REQUEST.size == 56 and REPLY.size == 48
@@ -71,12 +75,13 @@ def pack_request(
 
 
 def unpack_reply(frame: bytes) -> dict:
-    magic, version, op, status, _, tag, offset, length, seglen = REPLY.unpack(frame)
+    magic, version, op, status, flags, tag, offset, length, seglen = REPLY.unpack(frame)
     return dict(
         magic=magic,
         version=version,
         op=op,
         status=status,
+        flags=flags,
         tag=tag,
         offset=offset,
         length=length,

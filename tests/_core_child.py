@@ -187,3 +187,22 @@ def fork_after_attach(desc, q):
             os._exit(0)
     _, status = os.waitpid(pid, 0)
     q.put((os.WIFSIGNALED(status) and os.WTERMSIG(status), float(a[12345])))
+
+
+def reexport(desc, q):
+    """Attach, then export the attached (still lazy) array to a grandchild."""
+    import multiprocessing as mp
+
+    import lazyshare
+    from lazyshare import handler
+
+    a = lazyshare.attach(desc)
+    zero_claimed = handler._untouched_pages_are_zero(a.ctypes.data, a.nbytes)
+    d2 = lazyshare.export(a)
+    ctx = mp.get_context("spawn")
+    q2 = ctx.Queue()
+    p = ctx.Process(target=content, args=(d2, [0, 1, a.size - 1], q2))
+    p.start()
+    _, total, vals, _, _ = q2.get(timeout=60)
+    p.join()
+    q.put((zero_claimed, total, vals))

@@ -465,3 +465,33 @@ def test_forked_child_does_not_read_zeros():
 def test_gc_collect_leaves_owner_clean(big):
     gc.collect()
     assert handler.pinned_segments() >= 1  # the module's array is still exported
+
+
+def test_untouched_zero_pages_cost_no_bytes():
+    a = np.zeros(256 << 20 >> 3)  # 256 MiB, never written but for two pages
+    a[12345] = 1.5
+    a[-1] = 2.5
+    with lazyshare.exported(a) as desc:
+        _, total, vals, st, _ = run(child.content, desc, [12345, a.size - 1, 0])
+    assert total == 4.0 and vals == [1.5, 2.5, 0.0]
+    assert st["bytes_fetched"] <= 16 << 20  # the two written pages: 2 MiB each under THP, plus windows
+    assert st["bytes_zero"] + st["bytes_fetched"] >= a.nbytes
+
+
+def test_file_backed_memory_is_never_taken_for_zeros(tmp_path):
+    path = tmp_path / "data.bin"
+    np.arange(1 << 20, dtype=np.float64).tofile(path)
+    m = np.memmap(path, dtype=np.float64, mode="r")  # pages not yet read: absent, not zero
+    assert not handler._untouched_pages_are_zero(m.ctypes.data, m.nbytes)
+    with lazyshare.exported(m) as desc:
+        _, total, vals, _, _ = run(child.content, desc, [0, 7, (1 << 20) - 1])
+    assert total == float(np.arange(1 << 20, dtype=np.float64).sum())
+    assert vals == [0.0, 7.0, float((1 << 20) - 1)]
+
+
+def test_reexported_lazy_mapping_is_not_taken_for_zeros():
+    a = np.random.default_rng(11).random(1 << 20)
+    with lazyshare.exported(a) as desc:
+        zero_claimed, total, vals = run(child.reexport, desc)
+    assert zero_claimed is False
+    assert total == float(a.sum()) and vals == [a[0], a[1], a[-1]]
