@@ -88,6 +88,7 @@ struct region {
     int have_last;
     uint32_t window;       /* pages */
     uint64_t eager_next;   /* next page to request in eager mode */
+    uint64_t ra_lo, ra_hi; /* pages the view reaches: read-ahead stays inside */
     int inflight;
     struct region *next;
 };
@@ -431,6 +432,17 @@ static void on_fault(uintptr_t addr, uint64_t now)
     r->last_fault = page;
     r->have_last = 1;
 
+    /* Read-ahead stops at the end of what the view can reach (the demand page
+     * itself is always fetched). */
+    uint64_t end = page + r->window, end2 = page + 2 * (uint64_t)r->window;
+    if (page < r->ra_hi) {
+        if (end > r->ra_hi)
+            end = r->ra_hi;
+        if (end2 > r->ra_hi)
+            end2 = r->ra_hi;
+    }
+    if (end <= page)
+        end = page + 1;
     if (bit_get(r->requested, page)) {
         struct inflight *f = infl_find_page(r->id, page);
         if (f) {
@@ -441,10 +453,10 @@ static void on_fault(uintptr_t addr, uint64_t now)
             wake_page(addr); /* installed after the fault was queued */
         }
     } else {
-        request_range(r, page, page + r->window, now);
+        request_range(r, page, end, now);
     }
     if (seq)
-        request_range(r, page + r->window, page + 2 * (uint64_t)r->window, 0);
+        request_range(r, end, end2, 0);
 }
 
 /* UFFDIO_COPY [dst, dst+len) from src, surviving partial copies and races. */
@@ -919,7 +931,8 @@ int ls_client_start(int mode, uint32_t min_block, uint32_t max_block, uint32_t f
 }
 
 int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uint64_t len,
-                     uint32_t timeout_ms, uint64_t *addr_out, uint64_t *region_out)
+                     uint64_t view_lo, uint64_t view_hi, uint32_t timeout_ms, uint64_t *addr_out,
+                     uint64_t *region_out)
 {
     if (!client_running)
         return -ENOTCONN;
@@ -976,6 +989,12 @@ int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uin
     r->maplen = maplen;
     r->seglen = len;
     r->npages = npages;
+    if (view_hi > len || view_lo >= view_hi) {
+        view_lo = 0;
+        view_hi = len;
+    }
+    r->ra_lo = view_lo / ps;
+    r->ra_hi = (view_hi + ps - 1) / ps;
     memcpy(r->seg, id, LS_ID_BYTES);
     r->requested = bits;
     r->state = R_HOLDING;

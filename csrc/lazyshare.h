@@ -67,9 +67,12 @@ int ls_server_holders(const uint8_t *id);
 /* Start the handler at the given rung (its userfaultfd is opened here). */
 int ls_client_start(int mode, uint32_t min_block, uint32_t max_block, uint32_t fault_timeout_ms);
 /* Map len bytes of segment id served at endpoint; blocks until the owner
- * confirms (or timeout_ms passes); in eager mode until every byte arrived. */
+ * confirms (or timeout_ms passes); in eager mode until every byte arrived.
+ * [view_lo, view_hi) are the bytes the caller's view can reach: read-ahead
+ * stays inside them (a page outside is still served when touched). */
 int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uint64_t len,
-                     uint32_t timeout_ms, uint64_t *addr_out, uint64_t *region_out);
+                     uint64_t view_lo, uint64_t view_hi, uint32_t timeout_ms, uint64_t *addr_out,
+                     uint64_t *region_out);
 /* Asynchronous: the handler unregisters, unmaps and tells the owner. */
 int ls_client_detach(uint64_t region);
 /* Touch every page of [addr, addr+len) from this thread (user mode). */

@@ -419,6 +419,20 @@ class _Mapping:
             lib.ls_client_detach(self.region)
 
 
+def _view_extent(desc: ArrayDescriptor) -> tuple[int, int]:
+    """The byte range of the segment the described view can reach."""
+    itemsize = np.dtype(desc.dtype).itemsize
+    if not desc.shape or 0 in desc.shape:
+        return desc.offset, desc.offset + itemsize
+    lo = hi = desc.offset
+    for n, st in zip(desc.shape, desc.strides):
+        if st < 0:
+            lo += (n - 1) * st
+        else:
+            hi += (n - 1) * st
+    return lo, hi + itemsize
+
+
 def attach(desc: ArrayDescriptor | SegmentDescriptor) -> np.ndarray:
     """Map a segment exported by another process; pages arrive on first touch.
 
@@ -433,8 +447,17 @@ def attach(desc: ArrayDescriptor | SegmentDescriptor) -> np.ndarray:
     _ensure_client()
     addr = ffi.new("uint64_t *")
     region = ffi.new("uint64_t *")
+    lo, hi = _view_extent(desc)
     rc = lib.ls_client_attach(
-        seg.endpoint.encode(), seg.owner_pid, seg.id, seg.nbytes, int(_ATTACH_TIMEOUT * 1000), addr, region
+        seg.endpoint.encode(),
+        seg.owner_pid,
+        seg.id,
+        seg.nbytes,
+        lo,
+        hi,
+        int(_ATTACH_TIMEOUT * 1000),
+        addr,
+        region,
     )
     _check(rc, f"attaching segment {seg.id.hex()[:8]} of pid {seg.owner_pid}")
     raw = np.asarray(_Mapping(addr[0], seg.nbytes, region[0]))

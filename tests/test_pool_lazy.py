@@ -134,3 +134,15 @@ def test_functions_of_main_script_and_of_interactive_main(tmp_path, as_file):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE, env=dict(os.environ))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[:2] == ["[0, 2, 4, 6, 8] 42 7", str(2.0 * (1 << 18))]
+
+
+def test_read_ahead_stays_inside_a_sliced_argument():
+    a = np.random.default_rng(0).random(16 * MiB)  # 128 MiB
+    n = a.size // 8
+    slices = [a[i * n : i * n + a.size // 100] for i in range(8)]
+    with Pool(2) as p:
+        got = p.starmap(f.sparse_sum, [(s, 1) for s in slices], chunksize=1)
+        moved = p.stats()["totals"]["bytes_lazy"]
+    assert got == [float(s.sum()) for s in slices]
+    need = sum(s.nbytes for s in slices)
+    assert need <= moved <= need + 8 * 2 * 4096  # at most a partial page at each end
