@@ -103,10 +103,10 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--mp-runs", type=int, default=1)
     ap.add_argument("--tiny", type=int, default=10_000)
-    ap.add_argument("--quick", action="store_true", help="256 MiB, one run each: under a minute")
+    ap.add_argument("--quick", action="store_true", help="128 MiB, one run each: under a minute")
     args = ap.parse_args()
     if args.quick:
-        args.size_mib, args.runs, args.mp_runs = 256, 1, 1
+        args.size_mib, args.runs, args.mp_runs = 128, 1, 1
 
     import lazyshare
 
