@@ -159,7 +159,8 @@ def test_owner_killed_while_consumer_faults_ends_in_a_clear_error():
         )
         consumer.stdin.write(line)
         consumer.stdin.flush()
-        assert consumer.stdout.readline().startswith("page 0")
+        first = consumer.stdout.readline()
+        assert first.startswith("page 0"), (first, consumer.poll())
         owner.kill()
         owner.wait(DEADLINE)
         t0 = time.monotonic()
@@ -168,7 +169,7 @@ def test_owner_killed_while_consumer_faults_ends_in_a_clear_error():
         assert consumer.returncode == -signal.SIGBUS, (consumer.returncode, out, err)
         assert "WRONG" not in out and "finished" not in out
         assert "lazyshare: fatal" in err and "owner" in err, err
-        assert elapsed < 15
+        assert elapsed < 30, (elapsed, err)
     finally:
         for p in (owner, consumer):
             if p and p.poll() is None:
