@@ -39,6 +39,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MAX_PEERS 64
@@ -134,6 +135,11 @@ static uint64_t min_pages = 4, max_pages = 1024;
 static uint64_t fault_timeout_ns = 60ull * 1000000000ull;
 static uint64_t spin_ns = 50000; /* LAZYSHARE_SPIN_US; 0 disables */
 static uint64_t last_activity;
+/* For the watchdog: the handler's loop count and how many requests it has on
+ * the wire, published each iteration. */
+static _Atomic uint64_t heartbeat;
+static _Atomic int inflight_published;
+static pthread_t watch_thread;
 
 static inline int bit_get(const uint8_t *b, uint64_t i) { return (b[i >> 3] >> (i & 7)) & 1; }
 static inline void bit_set(uint8_t *b, uint64_t i) { b[i >> 3] |= (uint8_t)(1u << (i & 7)); }
@@ -888,6 +894,50 @@ static void *client_main(void *arg)
         if (fds[0].revents)
             handle_commands();
         check_deadlines(ls_now_ns());
+        atomic_store_explicit(&inflight_published, ninfl, memory_order_relaxed);
+        atomic_fetch_add_explicit(&heartbeat, 1, memory_order_relaxed);
+    }
+    return NULL;
+}
+
+/*
+ * The watchdog ("lazyshare-watch"): the handler gives up on an owner that does
+ * not answer, but nothing inside it can notice that it is itself wedged (stopped,
+ * stuck in a syscall, deadlocked): faulting threads would then wait forever. As
+ * Firecracker pairs its handler with one, this thread checks twice a second that
+ * the handler's loop still turns whenever work is waiting for it -- faults
+ * queued on the userfaultfd, requests on the wire, commands -- and makes a
+ * freeze longer than the fault timeout fatal.
+ */
+static void *watch_main(void *arg)
+{
+    (void)arg;
+    ls_block_signals();
+    pthread_setname_np(pthread_self(), "lazyshare-watch");
+    uint64_t seen = atomic_load(&heartbeat), since = ls_now_ns();
+    for (;;) {
+        struct timespec ts = {.tv_sec = 0, .tv_nsec = 500000000};
+        nanosleep(&ts, NULL);
+        uint64_t hb = atomic_load_explicit(&heartbeat, memory_order_relaxed), now = ls_now_ns();
+        if (hb != seen) {
+            seen = hb;
+            since = now;
+            continue;
+        }
+        struct pollfd pf = {.fd = uffd, .events = POLLIN};
+        pthread_mutex_lock(&cmd_lock);
+        int waiting = cmd_head != NULL;
+        pthread_mutex_unlock(&cmd_lock);
+        waiting |= atomic_load_explicit(&inflight_published, memory_order_relaxed) > 0;
+        waiting |= uffd >= 0 && poll(&pf, 1, 0) > 0;
+        if (!waiting) {
+            since = now; /* idle, not wedged */
+            continue;
+        }
+        if (now - since > fault_timeout_ns)
+            ls_fatal("the fault-handler thread has not run for %llu s while page faults wait for it; "
+                     "giving up rather than leaving them blocked",
+                     (unsigned long long)((now - since) / 1000000000ull));
     }
     return NULL;
 }
@@ -926,6 +976,10 @@ int ls_client_start(int mode, uint32_t min_block, uint32_t max_block, uint32_t f
     if (rc)
         return -rc;
     pthread_detach(client_thread);
+    rc = pthread_create(&watch_thread, NULL, watch_main, NULL);
+    if (rc)
+        return -rc;
+    pthread_detach(watch_thread);
     client_running = 1;
     return 0;
 }

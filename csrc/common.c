@@ -211,10 +211,13 @@ void ls_fatal(const char *fmt, ...)
     sigemptyset(&s);
     sigaddset(&s, SIGBUS);
     pthread_sigmask(SIG_UNBLOCK, &s, NULL);
-    kill(getpid(), SIGBUS);
+    /* To this thread: a process-wide signal could be picked up by a stopped or
+     * traced thread (the very one that is wedged) and never acted upon. */
+    pid_t tid = (pid_t)syscall(SYS_gettid);
+    syscall(SYS_tgkill, getpid(), tid, SIGBUS);
     sleep(2);
     signal(SIGBUS, SIG_DFL);
-    kill(getpid(), SIGBUS);
+    syscall(SYS_tgkill, getpid(), tid, SIGBUS);
     for (;;)
         pause();
 }

@@ -1026,6 +1026,8 @@ class Pool:
             raise TypeError("initializer must be a callable")
         self._processes = processes
         self._threshold = threshold
+        if threshold is not None:
+            _warn_if_eager()
 
         core = _Core(
             self._ctx,
@@ -1317,6 +1319,41 @@ def _resolve_context(context):
     return context
 
 
+def _warn_if_eager() -> None:
+    """Say once, in the caller's process, that workers will copy big arrays whole
+    (the eager rung): workers keep quiet, else every worker started (maxtasksperchild
+    churn, replacements) would print the same warning to the terminal."""
+    from . import handler
+
+    caps = handler.capabilities()
+    if caps.mode == "eager":
+        warnings.warn(
+            f"lazyshare: {caps.reason}. To get lazy paging, run on Linux 5.11+ with "
+            "/dev/userfaultfd readable by this user (Linux 6.1+), or "
+            "sysctl vm.unprivileged_userfaultfd=1, or allow the userfaultfd syscall "
+            "in the container's seccomp profile. See `python -m lazyshare doctor`.",
+            handler.LazyshareWarning,
+            stacklevel=3,
+        )
+
+
+def _explain_efault(e: BaseException) -> None:
+    """On the user-mode-only rung, a kernel access (os.write, socket.send, tofile)
+    to a lazy page not yet touched fails with EFAULT: say what to do."""
+    h = sys.modules.get("lazyshare.handler")
+    caps = getattr(h, "_caps", None)
+    if caps is None or caps.mode != "uffd-user-mode-only" or not isinstance(e, OSError):
+        return
+    if e.errno == 14 or (e.errno is None and " requested and " in str(e)):  # EFAULT; numpy's tofile
+        note = (
+            "lazyshare: this worker is on the uffd-user-mode-only rung, where the kernel cannot "
+            "fetch a lazy page: call lazyshare.materialize(arr) before handing a lazily attached "
+            "array to os.write/socket.send/tofile (see `python -m lazyshare doctor`)"
+        )
+        if hasattr(e, "add_note"):
+            e.add_note(note)
+
+
 # =========================================================================== worker side
 def _watch_parent(pid: int) -> None:
     """Exit when the pool's process dies, even in the middle of a task. With
@@ -1405,6 +1442,7 @@ def _run_task(sock, msg) -> None:
             value = list(itertools.starmap(func, args))
         result = (True, value)
     except Exception as e:
+        _explain_efault(e)
         result = (False, ExceptionWithTraceback(e, e.__traceback__))
     # Drop the task before the result leaves: lazy mappings are released promptly.
     func = args = kwds = payload = value = msg = None
@@ -1425,6 +1463,7 @@ def _await_ack(sock) -> None:
 
 def _worker_main(endpoint: str, wid: bytes, pool_pid: int, initializer, initargs, maxtasks) -> None:
     _watch_parent(pool_pid)
+    warnings.filterwarnings("ignore", message="lazyshare: ", category=RuntimeWarning)  # _warn_if_eager
     sock = transport.context().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IDENTITY, wid)
