@@ -10,7 +10,9 @@ Workloads (2 workers each):
 
 Peers: multiprocessing.Pool (forkserver: pickles the array into every task),
 multiprocessing.shared_memory by hand (copy into a segment once per call, workers
-attach by name), joblib (loky, auto-memmapping of arrays over 1 MiB).
+attach by name), joblib (loky, auto-memmapping of arrays over 1 MiB), and Ray
+when it is installed (``ray.put`` of the array once per call into its shared-memory
+object store, tasks get it zero-copy, read-only; --no-ray skips it).
 
 Every pool is started before its timings; what is timed is the call, including
 whatever the peer must do per call (copy into shared memory, joblib's dump).
@@ -91,6 +93,29 @@ def run_joblib(parallel, a, kind):
     return parallel(delayed(sum_slice)(a, s, e) for s, e in bounds(a.size, kind))
 
 
+def start_ray():
+    """Ray with 2 worker CPUs, warmed up; None if Ray is not installed."""
+    try:
+        import ray
+    except ImportError:
+        print("ray not installed: its column is skipped (pip install ray)")
+        return None
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
+    remote = ray.remote(sum_slice)
+    ray.get([remote.remote(np.zeros(8), 0, 8) for _ in range(4)])
+    return remote
+
+
+def run_ray(remote, a, kind):
+    import ray
+
+    ref = ray.put(a)  # the per-call copy into the object store; tasks map it read-only
+    try:
+        return ray.get([remote.remote(ref, s, e) for s, e in bounds(a.size, kind)])
+    finally:
+        del ref
+
+
 def timed(fn, *args):
     t = time.perf_counter()
     out = fn(*args)
@@ -103,6 +128,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--mp-runs", type=int, default=1)
     ap.add_argument("--tiny", type=int, default=10_000)
+    ap.add_argument("--no-mp", action="store_true", help="skip multiprocessing.Pool (minutes at 1 GiB)")
+    ap.add_argument("--no-ray", action="store_true", help="skip Ray even if it is installed")
     ap.add_argument("--quick", action="store_true", help="128 MiB, one run each: under a minute")
     args = ap.parse_args()
     if args.quick:
@@ -129,6 +156,7 @@ def main() -> int:
     lz = lazyshare.Pool(2)
     mpp = ctx.Pool(2)
     par = Parallel(n_jobs=2, backend="loky", max_nbytes="1M") if Parallel else None
+    ray_remote = None if args.no_ray else start_ray()
     try:
         # warm every pool up (worker start-up is not what is compared)
         lz.map(tiny, range(4))
@@ -139,7 +167,10 @@ def main() -> int:
             peers = [("lazyshare", run_lazyshare, lz, args.runs), ("shared_memory", run_shm, mpp, args.runs)]
             if par:
                 peers.append(("joblib", run_joblib, par, args.runs))
-            peers.append(("multiprocessing", run_mp, mpp, args.mp_runs))
+            if ray_remote:
+                peers.append(("ray", run_ray, ray_remote, args.runs))
+            if not args.no_mp:
+                peers.append(("multiprocessing", run_mp, mpp, args.mp_runs))
             for name, fn, pool, runs in peers:
                 ts = []
                 for _ in range(runs):
@@ -171,6 +202,8 @@ def main() -> int:
         lz.terminate()
         lz.join()
         mpp.terminate()
+        if ray_remote:
+            __import__("ray").shutdown()
         mpp.join()
 
     print("\nratios (peer time / lazyshare time; above 1: lazyshare is faster)")
@@ -178,7 +211,7 @@ def main() -> int:
         lzt = results[(kind, "lazyshare")]
         row = ", ".join(
             f"{name} {results[(kind, name)] / lzt:.1f}x"
-            for name in ("multiprocessing", "shared_memory", "joblib")
+            for name in ("multiprocessing", "shared_memory", "joblib", "ray")
             if (kind, name) in results
         )
         print(f"  {kind:6}: {row}")

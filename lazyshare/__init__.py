@@ -7,7 +7,10 @@ the parent over ZeroMQ. See README.md for the design and the guarantees.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .errors import (
+    BrokenWorkerError,
     CapabilityError,
     LazyshareError,
     OwnerGoneError,
@@ -29,15 +32,23 @@ from .handler import (
     stats,
 )
 
+if TYPE_CHECKING:  # loaded on first use by __getattr__ below
+    from .executor import Executor
+    from .pool import Pool
+    from .progressbar import progress
+
 __version__ = "0.1.0"
 
 __all__ = [
     "ArrayDescriptor",
+    "BrokenWorkerError",
     "Capabilities",
     "CapabilityError",
+    "Executor",
     "LazyshareError",
     "LazyshareWarning",
     "OwnerGoneError",
+    "Pool",
     "ProtocolError",
     "SegmentDescriptor",
     "SegmentError",
@@ -47,6 +58,8 @@ __all__ = [
     "export",
     "exported",
     "materialize",
+    "progress",
+    "register_joblib",
     "release",
     "stats",
 ]
@@ -58,4 +71,20 @@ def __getattr__(name: str):
         from .pool import Pool
 
         return Pool
+    if name == "Executor":
+        from .executor import Executor
+
+        return Executor
+    if name == "progress":
+        from .progressbar import progress
+
+        return progress
     raise AttributeError(f"module 'lazyshare' has no attribute {name!r}")
+
+
+def register_joblib() -> None:
+    """Register the ``"lazyshare"`` joblib backend, as ``import lazyshare.joblib``
+    does: ``joblib.parallel_config(backend="lazyshare")`` then selects it."""
+    from .joblib import register
+
+    register()

@@ -9,8 +9,32 @@ import stat
 import sys
 
 
+def _user(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(uid).pw_name} ({uid})"
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+def _group(gid: int) -> str:
+    try:
+        import grp
+
+        return f"{grp.getgrgid(gid).gr_name} ({gid})"
+    except (ImportError, KeyError):
+        return str(gid)
+
+
+def _my_groups() -> set[int]:
+    return {os.getegid(), *os.getgroups()}
+
+
 def doctor(args) -> int:
+    """Print the capability ladder on this machine and how to reach its best rung."""
     from lazyshare import handler
+    from lazyshare.errors import CapabilityError
 
     print(f"kernel: {platform.release()} ({platform.machine()})")
     try:
@@ -22,8 +46,9 @@ def doctor(args) -> int:
     try:
         st = os.stat("/dev/userfaultfd")
         print(
-            f"/dev/userfaultfd: mode {stat.filemode(st.st_mode)}, uid {st.st_uid}, gid {st.st_gid}, "
-            f"writable by this process: {os.access('/dev/userfaultfd', os.R_OK | os.W_OK)}"
+            f"/dev/userfaultfd: mode {stat.filemode(st.st_mode)}, owner {_user(st.st_uid)}, "
+            f"group {_group(st.st_gid)} (this user is {'' if st.st_gid in _my_groups() else 'not '}"
+            f"a member), usable by this process: {os.access('/dev/userfaultfd', os.R_OK | os.W_OK)}"
         )
     except OSError as e:
         print(f"/dev/userfaultfd: {e.strerror} (needs Linux 6.1+)")
@@ -37,15 +62,29 @@ def doctor(args) -> int:
         pass
     print(f"seccomp: {seccomp}")
     print(f"uid {os.getuid()}, euid {os.geteuid()}")
-    caps = handler._probe()
+    forced = os.environ.pop("LAZYSHARE_MODE", None)
+    try:
+        best = handler._probe()  # what this machine gives, whatever LAZYSHARE_MODE says
+    finally:
+        if forced is not None:
+            os.environ["LAZYSHARE_MODE"] = forced
+    try:
+        caps = handler._probe()
+    except CapabilityError as e:
+        print(f"\nLAZYSHARE_MODE: {e}")
+        print(f"best rung available: {best.mode}\n  {best.reason}")
+        return 2
     print(f"\nrung in use: {caps.mode}\n  {caps.reason}")
+    if caps.mode != best.mode:
+        print(f"best rung available: {best.mode} (unset LAZYSHARE_MODE to use it)")
+        caps = best
     print(
         f"  /dev/userfaultfd: {os.strerror(caps.devnode_errno) if caps.devnode_errno else 'ok'}; "
         f"userfaultfd(2): {os.strerror(caps.syscall_errno) if caps.syscall_errno else 'ok'}; "
         f"user-mode-only: {os.strerror(caps.usermode_errno) if caps.usermode_errno else 'ok'}"
     )
     if caps.mode == "uffd":
-        print("\nBest rung: nothing to do.")
+        print("\nThis machine gives the best rung: nothing to do.")
         return 0
     print("\nTo reach the best rung ('uffd'), one of:")
     print("  * give this user access to /dev/userfaultfd (Linux 6.1+), e.g. as root:")

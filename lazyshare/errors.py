@@ -6,6 +6,8 @@ Every error the native core can report reaches Python through
 
 from __future__ import annotations
 
+from concurrent.futures.process import BrokenProcessPool
+
 __all__ = [
     "LazyshareError",
     "CapabilityError",
@@ -13,6 +15,7 @@ __all__ = [
     "OwnerGoneError",
     "ProtocolError",
     "WorkerLostError",
+    "BrokenWorkerError",
 ]
 
 
@@ -51,3 +54,14 @@ class WorkerLostError(LazyshareError):
 
     def __reduce__(self):
         return (type(self), (self.args[0], self.exitcode, self.pid))
+
+
+class BrokenWorkerError(WorkerLostError, BrokenProcessPool):
+    """A worker of a :class:`lazyshare.Executor` died while it held this future.
+
+    Both a :class:`WorkerLostError` and a
+    :class:`concurrent.futures.process.BrokenProcessPool`, so that handlers written
+    for ``ProcessPoolExecutor`` catch it. Unlike ``ProcessPoolExecutor``, only the
+    futures that worker held fail; the executor starts a replacement and goes on.
+    ``__cause__`` is the pool's original :class:`WorkerLostError`.
+    """

@@ -1,0 +1,63 @@
+"""The example scripts (small sizes) and the notebook, executed as a user would."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def _run(script: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    # every example prints time and bytes moved beside the stdlib pool
+    assert re.search(r"^lazyshare\.Pool\s+[\d.]+s\s+[\d.]+ \w*B\s+\(lazy", out, re.M), out
+    assert re.search(r"^multiprocessing\.Pool\s+[\d.]+s\s+[\d.]+ \w*B\s+\(pickled\)", out, re.M), out
+    assert re.search(r"x faster, [\d.]+x fewer bytes moved", out), out
+    return out
+
+
+def test_feature_extraction():
+    _run("feature_extraction.py", "--rows", "40000", "--cols", "32", "--chunks", "8")
+
+
+def test_bootstrap():
+    out = _run("bootstrap.py", "--size-mib", "16", "--tasks", "4", "--replicates", "3", "--blocks", "4")
+    assert "95% interval of the mean" in out
+
+
+def test_groupwise_pandas():
+    pytest.importorskip("pandas")
+    out = _run("groupwise_pandas.py", "--rows", "200000", "--stores", "50", "--tasks", "4")
+    assert "median elasticity" in out
+
+
+def test_notebook_executes():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    pytest.importorskip("matplotlib")
+    path = EXAMPLES / "lazyshare_tour.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    # stored without outputs
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+    client = nbclient.NotebookClient(
+        nb, timeout=100, kernel_name="python3", resources={"metadata": {"path": str(EXAMPLES)}}
+    )
+    client.execute()  # raises CellExecutionError if any cell fails
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "BrokenWorkerError" in text and "still working" in text
+    assert "lazyshare.Pool" in text and "multiprocessing.Pool" in text
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert images, "the chart was not drawn"

@@ -1,0 +1,205 @@
+"""lazyshare.Executor, tested the way CPython's test_concurrent_futures tests
+ProcessPoolExecutor: submit, map (timeout, chunksize), exceptions, shutdown with
+and without waiting, cancel_futures; plus lazy arguments and a killed worker that
+fails only its own futures."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import time
+from concurrent.futures.process import BrokenProcessPool
+
+import _ext_funcs as f
+import numpy as np
+import pytest
+from conftest import DEADLINE
+
+import lazyshare
+from lazyshare.errors import BrokenWorkerError, WorkerLostError
+
+
+@pytest.fixture
+def ex():
+    executor = lazyshare.Executor(max_workers=2)
+    try:
+        yield executor
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _wait_file(path) -> int:
+    deadline = time.monotonic() + DEADLINE
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+    return int(path.read_text())
+
+
+def test_is_a_concurrent_futures_executor(ex):
+    assert isinstance(ex, cf.Executor)
+    assert issubclass(BrokenWorkerError, BrokenProcessPool)
+    assert issubclass(BrokenWorkerError, WorkerLostError)
+
+
+def test_submit(ex):
+    future = ex.submit(pow, 2, 8)
+    assert future.result(timeout=DEADLINE) == 256
+
+
+def test_submit_keyword(ex):
+    assert ex.submit(f.mul, 2, y=8).result(timeout=DEADLINE) == 16
+    assert ex.submit(f.mul, x=3, y=4).result(timeout=DEADLINE) == 12
+    with pytest.raises(TypeError):
+        ex.submit()
+
+
+def test_lambda_and_closure(ex):
+    k = 7
+    assert ex.submit(lambda x: x + k, 1).result(timeout=DEADLINE) == 8
+
+
+def test_map(ex):
+    assert list(ex.map(pow, range(10), range(10))) == list(map(pow, range(10), range(10)))
+    assert list(ex.map(pow, range(10), range(10), chunksize=3)) == list(map(pow, range(10), range(10)))
+    assert list(ex.map(pow, [], [])) == []
+    with pytest.raises(ValueError):
+        ex.map(pow, range(3), range(3), chunksize=0)
+
+
+def test_map_exception(ex):
+    it = ex.map(f.div, [1, 1, 1], [2, 0, 4])
+    assert next(it) == 0.5
+    with pytest.raises(ZeroDivisionError) as info:
+        next(it)
+    # the worker's traceback travels as the cause, as with ProcessPoolExecutor
+    assert "ZeroDivisionError" in str(info.value.__cause__)
+
+
+def test_map_timeout_counts_from_the_call(ex):
+    it = ex.map(f.sleep_return, [0.0, 2.0], [1, 2], timeout=1.0)
+    time.sleep(1.2)  # the deadline passes before we start iterating
+    assert next(it) == 1
+    t = time.monotonic()
+    with pytest.raises(cf.TimeoutError):
+        next(it)
+    assert time.monotonic() - t < 0.5
+
+
+def test_map_is_lazy_in_results(ex):
+    t = time.monotonic()
+    it = ex.map(f.sleep_return, [0.5, 0.5], [1, 2])
+    assert time.monotonic() - t < 0.4  # map returns before the results exist
+    assert list(it) == [1, 2]
+
+
+def test_exception_result(ex):
+    future = ex.submit(f.div, 1, 0)
+    assert isinstance(future.exception(timeout=DEADLINE), ZeroDivisionError)
+    with pytest.raises(ZeroDivisionError):
+        future.result()
+
+
+def test_done_callback_and_as_completed(ex):
+    seen = []
+    fs = [ex.submit(f.mul, i, 2) for i in range(20)]
+    fs[0].add_done_callback(lambda fut: seen.append(fut.result()))
+    assert sorted(x.result() for x in cf.as_completed(fs, timeout=DEADLINE)) == [2 * i for i in range(20)]
+    assert seen == [0]
+
+
+def test_shutdown_refuses_new_work():
+    ex = lazyshare.Executor(max_workers=1)
+    ex.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(pow, 2, 2)
+    ex.shutdown()  # twice is fine
+
+
+def test_context_manager_waits():
+    with lazyshare.Executor(max_workers=2) as ex:
+        fs = [ex.submit(f.sleep_return, 0.2, i) for i in range(4)]
+    assert all(x.done() for x in fs)
+    assert [x.result() for x in fs] == [0, 1, 2, 3]
+
+
+def test_shutdown_no_wait():
+    ex = lazyshare.Executor(max_workers=2)
+    fs = [ex.submit(f.sleep_return, 0.3, i) for i in range(4)]
+    t = time.monotonic()
+    ex.shutdown(wait=False)
+    assert time.monotonic() - t < 0.3
+    # the work still completes in the background
+    assert [x.result(timeout=DEADLINE) for x in fs] == [0, 1, 2, 3]
+    ex._thread.join(DEADLINE)  # workers gone before the leftover-children check
+    assert not ex._thread.is_alive()
+
+
+def test_cancel_futures_on_shutdown():
+    ex = lazyshare.Executor(max_workers=2)
+    fs = [ex.submit(f.sleep_return, 0.02, i) for i in range(200)]
+    ex.shutdown(wait=True, cancel_futures=True)
+    cancelled = [x for x in fs if x.cancelled()]
+    assert len(cancelled) >= 100  # at most 16 per worker were handed to the pool
+    for i, x in enumerate(fs):
+        assert x.done()
+        if not x.cancelled():
+            assert x.result() == i
+
+
+def test_cancel_pending_future(ex):
+    blockers = [ex.submit(f.sleep_return, 0.5) for _ in range(64)]  # fill the pipe
+    last = ex.submit(pow, 2, 3)
+    assert last.cancel()
+    assert last.cancelled()
+    for b in blockers:
+        b.cancel()
+    ex.shutdown(wait=True)
+    assert all(b.done() for b in blockers)
+
+
+def test_big_argument_moves_lazily(ex):
+    big = np.arange(8 << 20, dtype=np.float64)  # 64 MiB
+    served = lazyshare.stats()["bytes_served"]
+    fs = [ex.submit(f.slice_sum, big, i << 20, (i << 20) + 1000) for i in range(8)]
+    assert [x.result(timeout=DEADLINE) for x in fs] == [
+        float(big[i << 20 : (i << 20) + 1000].sum()) for i in range(8)
+    ]
+    moved = lazyshare.stats()["bytes_served"] - served
+    totals = ex.stats()["totals"]
+    assert 0 < totals["bytes_lazy"] < big.nbytes // 4
+    assert 0 < moved < big.nbytes // 4
+    assert totals["bytes_pickled"] < 1 << 20  # the array was not pickled
+    assert ex.submit(f.array_info, big).result(timeout=DEADLINE) == ("ndarray", True)
+
+
+def test_killed_worker_fails_only_its_futures(ex, tmp_path):
+    victim_file, survivor_file = tmp_path / "victim", tmp_path / "survivor"
+    victim = ex.submit(f.pid_then_sleep, victim_file, 30)
+    survivor = ex.submit(f.pid_then_sleep, survivor_file, 2)
+    victim_pid = _wait_file(victim_file)
+    survivor_pid = _wait_file(survivor_file)
+    assert victim_pid != survivor_pid
+    os.kill(victim_pid, signal.SIGKILL)
+
+    with pytest.raises(BrokenProcessPool) as info:  # what ProcessPoolExecutor code catches
+        victim.result(timeout=DEADLINE)
+    err = info.value
+    assert isinstance(err, BrokenWorkerError) and isinstance(err, WorkerLostError)
+    assert err.exitcode == -signal.SIGKILL and err.pid == victim_pid
+    assert "SIGKILL" in str(err)
+    assert isinstance(err.__cause__, WorkerLostError)
+
+    assert survivor.result(timeout=DEADLINE) == survivor_pid  # the other worker's future
+    # the executor goes on, with a replacement worker
+    assert list(ex.map(f.mul, range(10), range(10))) == [i * i for i in range(10)]
+    pids = {x.result(timeout=DEADLINE) for x in [ex.submit(f.getpid) for _ in range(20)]}
+    assert victim_pid not in pids
+
+
+def test_not_picklable(ex):
+    import pickle
+
+    with pytest.raises(NotImplementedError):
+        pickle.dumps(ex)
