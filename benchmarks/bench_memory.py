@@ -29,6 +29,7 @@ import sys
 from multiprocessing import shared_memory
 
 import numpy as np
+from bench_pool import shm_sum_slice, sum_slice  # the same tasks as the timing benchmark
 
 N_TASKS = 16
 
@@ -39,20 +40,6 @@ def hwm(pid: int | str = "self") -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def sum_slice(a, start, stop):
-    return float(a[start:stop].sum())
-
-
-def shm_sum_slice(name, n, start, stop):
-    shm = shared_memory.SharedMemory(name=name)
-    try:
-        a = np.ndarray((n,), np.float64, buffer=shm.buf)
-        return float(a[start:stop].sum())
-    finally:
-        del a
-        shm.close()
 
 
 def worker_hwm(_=None):

@@ -20,6 +20,16 @@ import pytest
 DEADLINE = 60.0
 
 
+def wait_for(cond, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """Poll ``cond`` until it holds or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(interval)
+    return cond()
+
+
 def _children(pid: int) -> set[int]:
     out = set()
     try:

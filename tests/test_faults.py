@@ -22,7 +22,7 @@ import _fault_funcs as ff
 import numpy as np
 import pytest
 import zmq
-from conftest import DEADLINE
+from conftest import DEADLINE, wait_for
 
 import lazyshare
 from lazyshare import handler, transport
@@ -34,15 +34,6 @@ pytestmark = pytest.mark.timeout(DEADLINE)
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MiB = 1 << 20
-
-
-def wait_for(cond, timeout=10.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(interval)
-    return cond()
 
 
 def pid_alive(pid):

@@ -15,7 +15,7 @@ import time
 import _fault_funcs as ff
 import numpy as np
 import pytest
-from conftest import DEADLINE
+from conftest import DEADLINE, wait_for
 
 from lazyshare import handler, transport
 from lazyshare.pool import Pool
@@ -25,15 +25,6 @@ pytestmark = pytest.mark.timeout(DEADLINE * 2)
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MiB = 1 << 20
-
-
-def wait_for(cond, timeout=10.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(interval)
-    return cond()
 
 
 def snapshot():

@@ -20,7 +20,7 @@ import weakref
 
 import _pool_funcs as f
 import pytest
-from conftest import DEADLINE
+from conftest import DEADLINE, wait_for
 
 from lazyshare import transport
 from lazyshare.errors import WorkerLostError
@@ -40,15 +40,6 @@ def pool():
     finally:
         p.terminate()
         p.join()
-
-
-def wait_for(cond, timeout=10.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(interval)
-    return cond()
 
 
 def both_workers_up(pool):

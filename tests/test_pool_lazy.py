@@ -5,7 +5,7 @@ from __future__ import annotations
 import _pool_funcs as f
 import numpy as np
 import pytest
-from conftest import DEADLINE
+from conftest import DEADLINE, wait_for
 
 from lazyshare import handler
 from lazyshare.pool import Pool
@@ -13,17 +13,6 @@ from lazyshare.pool import Pool
 pytestmark = pytest.mark.timeout(DEADLINE)
 
 MiB = 1 << 20
-
-
-def wait_for(cond, timeout=10.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 def test_big_array_is_not_pickled_and_is_released():
