@@ -90,6 +90,9 @@ struct region {
     uint32_t window;       /* pages */
     uint64_t eager_next;   /* next page to request in eager mode */
     uint64_t ra_lo, ra_hi; /* pages the view reaches: read-ahead stays inside */
+    int wp;                /* registered write-protect too: clean pages can be dropped */
+    uint8_t *dirty;        /* with wp: pages this process wrote (never dropped) */
+    uint64_t resident;     /* bytes installed from payload and not dropped */
     int inflight;
     struct region *next;
 };
@@ -137,6 +140,16 @@ static uint64_t spin_ns = 50000; /* LAZYSHARE_SPIN_US; 0 disables */
 static uint64_t last_activity;
 /* For the watchdog: the handler's loop count and how many requests it has on
  * the wire, published each iteration. */
+static _Atomic uint64_t budget; /* bytes of fetched pages to keep; 0: no limit */
+static uint64_t resident_total;  /* handler thread: sum of regions' resident */
+
+/* Installed blocks, oldest first: what the budget drops when it is exceeded. */
+struct block {
+    uint64_t region, page, npages;
+};
+static struct block *fifo;
+static size_t fifo_head, fifo_len, fifo_cap;
+
 static _Atomic uint64_t heartbeat;
 static _Atomic int inflight_published;
 static pthread_t watch_thread;
@@ -473,7 +486,10 @@ static int install(struct region *r, uint64_t off, const uint8_t *src, uint64_t 
     int again = 0;
     while (done < len) {
         struct uffdio_copy c = {
-            .dst = r->base + off + done, .src = (uintptr_t)(src + done), .len = len - done, .mode = 0,
+            .dst = r->base + off + done,
+            .src = (uintptr_t)(src + done),
+            .len = len - done,
+            .mode = r->wp ? UFFDIO_COPY_MODE_WP : 0,
         };
         if (ioctl(uffd, UFFDIO_COPY, &c) == 0) {
             done = len;
@@ -560,6 +576,8 @@ static void region_destroy(struct region *r, int tell_owner)
             i++;
     if (r->peer)
         peer_put(r->peer);
+    resident_total -= r->resident; /* its blocks in the FIFO are skipped when reached */
+    free(r->dirty);
     free(r->requested);
     free(r);
     CTR_SUB(regions_attached, 1);
@@ -575,6 +593,78 @@ static void attach_finish(struct region *r, int status)
         region_destroy(r, status == -ETIMEDOUT || r->state != R_HOLDING);
     }
     waiter_done(w, status);
+}
+
+static void fifo_push(uint64_t region, uint64_t page, uint64_t npages)
+{
+    if (fifo_len == fifo_cap) {
+        size_t cap = fifo_cap ? fifo_cap * 2 : 256;
+        struct block *b = malloc(cap * sizeof *b);
+        if (!b)
+            return; /* not tracked: never dropped, which is safe */
+        for (size_t i = 0; i < fifo_len; i++)
+            b[i] = fifo[(fifo_head + i) % fifo_cap];
+        free(fifo);
+        fifo = b;
+        fifo_head = 0;
+        fifo_cap = cap;
+    }
+    fifo[(fifo_head + fifo_len++) % fifo_cap] = (struct block){region, page, npages};
+}
+
+/*
+ * The memory budget: while fetched pages exceed it, drop the oldest installed
+ * blocks' clean pages (MADV_DONTNEED makes them missing again: touched later,
+ * they are fetched again). Pages this process wrote are never dropped: they
+ * are registered write-protected, and the first write to each is a WP fault
+ * that marks it dirty before it is let through. A write racing with the drop
+ * is safe: it waits in its WP fault, the page goes, the retried write faults it
+ * in again and marks it then.
+ */
+static void enforce_budget(void)
+{
+    const uint64_t ps = ls_page_size();
+    uint64_t limit = atomic_load_explicit(&budget, memory_order_relaxed);
+    while (limit && resident_total > limit && fifo_len) {
+        struct block b = fifo[fifo_head];
+        fifo_head = (fifo_head + 1) % fifo_cap;
+        fifo_len--;
+        struct region *r = region_by_id(b.region);
+        if (!r || r->state != R_ACTIVE)
+            continue;
+        uint64_t dropped = 0;
+        for (uint64_t pg = b.page; pg < b.page + b.npages;) {
+            while (pg < b.page + b.npages && bit_get(r->dirty, pg))
+                pg++;
+            uint64_t start = pg;
+            while (pg < b.page + b.npages && !bit_get(r->dirty, pg))
+                pg++;
+            if (pg > start && !madvise((void *)(r->base + start * ps), (pg - start) * ps, MADV_DONTNEED)) {
+                for (uint64_t i = start; i < pg; i++)
+                    r->requested[i >> 3] &= (uint8_t)~(1u << (i & 7));
+                dropped += (pg - start) * ps;
+            }
+        }
+        uint64_t gone = b.npages * ps > r->resident ? r->resident : b.npages * ps;
+        r->resident -= gone; /* written pages leave the account too: they are the task's own */
+        resident_total -= gone;
+        CTR_ADD(bytes_dropped, dropped);
+    }
+}
+
+static void on_write_protect_fault(uintptr_t addr)
+{
+    const uint64_t ps = ls_page_size();
+    struct region *r = region_by_addr(addr);
+    if (!r || !r->wp) {
+        wake_page(addr);
+        return;
+    }
+    uint64_t page = (addr - r->base) / ps;
+    bit_set(r->dirty, page);
+    struct uffdio_writeprotect wp = {.range = {.start = r->base + page * ps, .len = ps}, .mode = 0};
+    if (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) < 0 && errno != ENOENT)
+        ls_fatal("UFFDIO_WRITEPROTECT failed: errno %d", errno); /* it also wakes the writer */
 }
 
 static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *src, uint64_t srclen, int has_data)
@@ -661,6 +751,12 @@ static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *sr
     int rc = install(r, page * ps, src, npages * ps);
     if (rc < 0)
         ls_fatal("UFFDIO_COPY failed: errno %d", -rc);
+    if (r->wp) {
+        r->resident += npages * ps;
+        resident_total += npages * ps;
+        fifo_push(r->id, page, npages);
+        enforce_budget();
+    }
     if (fault) {
         uint64_t dt = ls_now_ns() - fault;
         for (int i = 0; i < nfaults; i++)
@@ -873,9 +969,14 @@ static void *client_main(void *arg)
                         ls_fatal("read(userfaultfd) failed: errno %d", errno);
                     break;
                 }
-                for (size_t i = 0; i < (size_t)got / sizeof msgs[0]; i++)
-                    if (msgs[i].event == UFFD_EVENT_PAGEFAULT)
+                for (size_t i = 0; i < (size_t)got / sizeof msgs[0]; i++) {
+                    if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+                        continue;
+                    if (msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)
+                        on_write_protect_fault((uintptr_t)msgs[i].arg.pagefault.address);
+                    else
                         on_fault((uintptr_t)msgs[i].arg.pagefault.address, now);
+                }
                 if ((size_t)got < sizeof msgs)
                     break;
             }
@@ -998,6 +1099,7 @@ int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uin
         return -EOVERFLOW;
     void *base = mmap(NULL, maplen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                       -1, 0);
+    int want_wp = client_mode != LS_MODE_EAGER && atomic_load(&budget) > 0;
     if (base == MAP_FAILED)
         return -errno;
     /* A forked child never sees these pages: its registration would be gone and
@@ -1006,9 +1108,16 @@ int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uin
     if (client_mode != LS_MODE_EAGER) {
         struct uffdio_register reg = {
             .range = {.start = (uintptr_t)base, .len = maplen},
-            .mode = UFFDIO_REGISTER_MODE_MISSING,
+            .mode = UFFDIO_REGISTER_MODE_MISSING | (want_wp ? UFFDIO_REGISTER_MODE_WP : 0),
         };
-        if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0) {
+        int rc = ioctl(uffd, UFFDIO_REGISTER, &reg);
+        if (rc < 0 && want_wp) { /* no write-protect here (kernel < 5.7): no dropping either */
+            want_wp = 0;
+            reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+            reg.ioctls = 0;
+            rc = ioctl(uffd, UFFDIO_REGISTER, &reg);
+        }
+        if (rc < 0) {
             int e = errno;
             munmap(base, maplen);
             return -e;
@@ -1023,11 +1132,13 @@ int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uin
     struct region *r = calloc(1, sizeof *r);
     uint64_t npages = maplen / ps;
     uint8_t *bits = calloc((size_t)(npages + 7) / 8, 1);
+    uint8_t *dirty = want_wp ? calloc((size_t)(npages + 7) / 8, 1) : NULL;
     struct cmd *c = calloc(1, sizeof *c);
     struct waiter w = {.done = 0};
-    if (!r || !bits || !c) {
+    if (!r || !bits || !c || (want_wp && !dirty)) {
         free(r);
         free(bits);
+        free(dirty);
         free(c);
         if (client_mode != LS_MODE_EAGER) {
             struct uffdio_range rg = {.start = (uintptr_t)base, .len = maplen};
@@ -1051,6 +1162,8 @@ int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uin
     r->ra_hi = (view_hi + ps - 1) / ps;
     memcpy(r->seg, id, LS_ID_BYTES);
     r->requested = bits;
+    r->dirty = dirty;
+    r->wp = want_wp;
     r->state = R_HOLDING;
     r->window = (uint32_t)min_pages;
     r->waiter = &w;
@@ -1083,6 +1196,12 @@ int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uin
         return w.status; /* the handler destroyed the region */
     *addr_out = (uint64_t)(uintptr_t)base;
     *region_out = r->id;
+    return 0;
+}
+
+int ls_client_set_budget(uint64_t bytes)
+{
+    atomic_store(&budget, bytes);
     return 0;
 }
 
@@ -1134,5 +1253,8 @@ void ls_client_reset_after_fork(void)
         peers[i].fd = -1;
     infl = NULL;
     ninfl = capinfl = 0;
+    fifo = NULL;
+    fifo_head = fifo_len = fifo_cap = 0;
+    resident_total = 0;
     atomic_store(&ls_ctr.regions_attached, 0);
 }

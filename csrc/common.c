@@ -122,6 +122,7 @@ void ls_get_stats(struct ls_stats *s)
     s->bytes_zero = LD(bytes_zero);
     s->regions_attached = LD(regions_attached);
     s->eexist = LD(eexist);
+    s->bytes_dropped = LD(bytes_dropped);
     for (int i = 0; i < LS_HIST_BUCKETS; i++)
         s->hist[i] = LD(hist[i]);
     s->requests_served = LD(requests_served);

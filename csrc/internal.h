@@ -53,7 +53,7 @@ _Static_assert(sizeof(struct ls_rep) == 48, "reply layout");
 
 /* ---- counters (relaxed atomics: read by ls_get_stats from any thread) ---- */
 struct ls_counters {
-    _Atomic uint64_t faults, requests, bytes_fetched, bytes_zero, regions_attached, eexist;
+    _Atomic uint64_t faults, requests, bytes_fetched, bytes_zero, regions_attached, eexist, bytes_dropped;
     _Atomic uint64_t hist[LS_HIST_BUCKETS];
     _Atomic uint64_t requests_served, bytes_served, errors_served, segments_exported;
 };

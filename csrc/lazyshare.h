@@ -35,6 +35,7 @@ struct ls_stats {
     uint64_t bytes_zero;       /* bytes installed as zero pages without payload */
     uint64_t regions_attached; /* live attached regions */
     uint64_t eexist;           /* pages found already present */
+    uint64_t bytes_dropped;    /* clean fetched bytes dropped to keep within the budget */
     uint64_t hist[LS_HIST_BUCKETS]; /* fault service time, bucket i: [2^i, 2^(i+1)) us */
     /* owner */
     uint64_t requests_served;
@@ -73,6 +74,11 @@ int ls_client_start(int mode, uint32_t min_block, uint32_t max_block, uint32_t f
 int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uint64_t len,
                      uint64_t view_lo, uint64_t view_hi, uint32_t timeout_ms, uint64_t *addr_out,
                      uint64_t *region_out);
+/* Keep at most this many bytes of fetched pages in this process (0: no limit):
+ * older clean pages are dropped and fetched again if touched. Applies to
+ * regions attached afterwards (they are registered write-protected, so that
+ * pages written here are known and never dropped). */
+int ls_client_set_budget(uint64_t bytes);
 /* Asynchronous: the handler unregisters, unmaps and tells the owner. */
 int ls_client_detach(uint64_t region);
 /* Touch every page of [addr, addr+len) from this thread (user mode). */

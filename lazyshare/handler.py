@@ -467,6 +467,18 @@ def attach(desc: ArrayDescriptor | SegmentDescriptor) -> np.ndarray:
     return arr
 
 
+def set_memory_budget(nbytes: int | None) -> None:
+    """Keep at most ``nbytes`` of fetched pages in this process (None: no limit).
+
+    Older pages this process has not written are dropped past the budget and
+    fetched again if touched; pages it wrote are never dropped. Applies to arrays
+    attached afterwards. Costs one extra fault per page written (the pages are
+    write-protected so that writes are known)."""
+    if nbytes is not None and nbytes < 0:
+        raise ValueError("memory budget must be None or a non-negative number of bytes")
+    lib.ls_client_set_budget(nbytes or 0)
+
+
 def materialize(arr: np.ndarray) -> np.ndarray:
     """Fetch every page under ``arr`` now (from this thread, in user mode).
 
@@ -499,6 +511,7 @@ def stats() -> dict:
         "bytes_zero": s.bytes_zero,
         "regions_attached": s.regions_attached,
         "pages_already_present": s.eexist,
+        "bytes_dropped": s.bytes_dropped,
         "fault_latency_us": hist,
         "requests_served": s.requests_served,
         "bytes_served": s.bytes_served,

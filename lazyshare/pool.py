@@ -338,7 +338,9 @@ class _Core:
     """Everything the pool's threads share. Holds no reference to the ``Pool``, so
     that dropping the last reference to a pool terminates it, as in the stdlib."""
 
-    def __init__(self, ctx, process_factory, processes, initializer, initargs, maxtasks, threshold):
+    def __init__(
+        self, ctx, process_factory, processes, initializer, initargs, maxtasks, threshold, budget=None
+    ):
         self.ctx = ctx
         self.process_factory = process_factory
         self.processes = processes
@@ -347,6 +349,7 @@ class _Core:
         self.maxtasks = maxtasks
         self.threshold = threshold
         self.threshold_value = float("inf") if threshold is None else int(threshold)
+        self.budget = budget
         self.owner_pid = os.getpid()
 
         self.lock = threading.Lock()  # state changes vs submissions
@@ -438,7 +441,15 @@ class _Core:
         p = self.process_factory(
             self.ctx,
             target=_worker_main,
-            args=(self.endpoint, wid, self.owner_pid, self.init_blob, self.initargs, self.maxtasks),
+            args=(
+                self.endpoint,
+                wid,
+                self.owner_pid,
+                self.init_blob,
+                self.initargs,
+                self.maxtasks,
+                self.budget,
+            ),
             name=f"lazyshare-worker-{num}",
         )
         p.daemon = True
@@ -988,6 +999,11 @@ class Pool:
 
     ``threshold`` (keyword-only): out-of-band buffers of at least this many bytes are
     exported and fetched page by page on first touch; ``None`` pickles everything.
+
+    ``memory_budget`` (keyword-only, bytes): each worker keeps at most this much of
+    the pages it fetched; older pages it did not write are dropped and fetched
+    again if touched (pages it wrote are kept). ``None``: no limit -- a task's
+    pages are released when the task ends anyway.
     """
 
     _wrap_exception = True
@@ -1005,6 +1021,7 @@ class Pool:
         context: Any = None,
         *,
         threshold: int | None = serialization.DEFAULT_THRESHOLD,
+        memory_budget: int | None = None,
     ) -> None:
         # initialized early so that __del__ works if __init__ raises
         self._pool: list = []
@@ -1024,6 +1041,8 @@ class Pool:
                 raise ValueError("maxtasksperchild must be a positive int or None")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
+        if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < 0):
+            raise ValueError("memory_budget must be None or a non-negative number of bytes")
         self._processes = processes
         self._threshold = threshold
         if threshold is not None:
@@ -1037,6 +1056,7 @@ class Pool:
             tuple(initargs),
             maxtasksperchild,
             threshold,
+            memory_budget,
         )
         self._core = core
         self._pool = core.pool_list
@@ -1461,8 +1481,14 @@ def _await_ack(sock) -> None:
                 return
 
 
-def _worker_main(endpoint: str, wid: bytes, pool_pid: int, initializer, initargs, maxtasks) -> None:
+def _worker_main(
+    endpoint: str, wid: bytes, pool_pid: int, initializer, initargs, maxtasks, budget=None
+) -> None:
     _watch_parent(pool_pid)
+    if budget:
+        from . import handler
+
+        handler.set_memory_budget(budget)
     warnings.filterwarnings("ignore", message="lazyshare: ", category=RuntimeWarning)  # _warn_if_eager
     sock = transport.context().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

@@ -158,3 +158,20 @@ def lazy_stats(_=None):
     from lazyshare import handler
 
     return handler.stats()
+
+
+def budget_pass(a):
+    """Read a lazily attached array twice, writing two elements; report this
+    worker's RSS growth during the task and what its handler dropped."""
+    from lazyshare import handler
+
+    def rss():
+        with open("/proc/self/status") as fh:
+            return next(int(x.split()[1]) * 1024 for x in fh if x.startswith("VmRSS"))
+
+    before = rss()
+    a[3] = -1.0
+    s1 = float(a.sum())
+    grew = rss() - before
+    s2 = float(a.sum())
+    return s1, s2, float(a[3]), grew, handler.stats()["bytes_dropped"]

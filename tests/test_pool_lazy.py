@@ -135,3 +135,19 @@ def test_read_ahead_stays_inside_a_sliced_argument():
     assert got == [float(s.sum()) for s in slices]
     need = sum(s.nbytes for s in slices)
     assert need <= moved <= need + 8 * 2 * 4096  # at most a partial page at each end
+
+
+def test_memory_budget_drops_clean_pages_and_keeps_written_ones():
+    a = np.ones(32 * MiB)  # 256 MiB
+    budget = 32 * MiB
+    with Pool(1, memory_budget=budget) as p:
+        s1, s2, v, grew, dropped = p.apply(f.budget_pass, (a,))
+    expect = float(a.size) - 2.0  # a[3] = -1 instead of 1
+    assert s1 == expect and s2 == expect and v == -1.0
+    assert grew < budget + 16 * MiB, grew  # the budget, a window in flight, the interpreter's own
+    assert dropped >= a.nbytes - budget
+
+
+def test_memory_budget_is_validated():
+    with pytest.raises(ValueError):
+        Pool(1, memory_budget=-1)
