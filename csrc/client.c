@@ -478,8 +478,11 @@ static void on_fault(uintptr_t addr, uint64_t now)
         request_range(r, end, end2, 0);
 }
 
-/* UFFDIO_COPY [dst, dst+len) from src, surviving partial copies and races. */
-static int install(struct region *r, uint64_t off, const uint8_t *src, uint64_t len)
+/* UFFDIO_COPY [dst, dst+len) from src, surviving partial copies and races.
+ * wake 0: nobody is known to wait (a prefetched block): skip the wake-up walk.
+ * A thread that faulted on it meanwhile is woken when its message is read
+ * (on_fault finds the page installed and wakes it). */
+static int install(struct region *r, uint64_t off, const uint8_t *src, uint64_t len, int wake)
 {
     const uint64_t ps = ls_page_size();
     uint64_t done = 0;
@@ -489,7 +492,7 @@ static int install(struct region *r, uint64_t off, const uint8_t *src, uint64_t 
             .dst = r->base + off + done,
             .src = (uintptr_t)(src + done),
             .len = len - done,
-            .mode = r->wp ? UFFDIO_COPY_MODE_WP : 0,
+            .mode = (r->wp ? UFFDIO_COPY_MODE_WP : 0) | (wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE),
         };
         if (ioctl(uffd, UFFDIO_COPY, &c) == 0) {
             done = len;
@@ -748,7 +751,7 @@ static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *sr
         return;
     }
     CTR_ADD(bytes_fetched, npages * ps); /* before the wake: a woken reader sees it */
-    int rc = install(r, page * ps, src, npages * ps);
+    int rc = install(r, page * ps, src, npages * ps, nfaults > 0);
     if (rc < 0)
         ls_fatal("UFFDIO_COPY failed: errno %d", -rc);
     if (r->wp) {
