@@ -53,6 +53,29 @@ def _random(desc, n, q):
     q.put((float(np.percentile(lat, 50)), float(np.percentile(lat, 99))))
 
 
+def _random_during_stream(desc, n, q):
+    """Random single-page faults in one half while another thread streams the other."""
+    import threading
+
+    import lazyshare
+
+    a = lazyshare.attach(desc)
+    half = a.size // 2
+    t = threading.Thread(target=lazyshare.materialize, args=(a[:half],))
+    t.start()
+    idx = np.random.default_rng(2).integers(half, a.size, n)
+    lat = []
+    for i in idx:
+        if not t.is_alive():
+            break
+        t0 = time.perf_counter_ns()
+        a[i]
+        lat.append(time.perf_counter_ns() - t0)
+    t.join()
+    lat = np.array(lat or [0]) / 1000
+    q.put((float(np.percentile(lat, 50)), float(np.percentile(lat, 99))))
+
+
 def _ceiling(nbytes, block, q):
     from lazyshare import handler
 
@@ -86,7 +109,7 @@ def main() -> None:
     desc = lazyshare.export(a)
     block = handler._MAX_BLOCK
 
-    seq, ceil, p50, p99 = [], [], [], []
+    seq, ceil, p50, p99, s50, s99 = [], [], [], [], [], []
     for _ in range(args.runs):
         ceil.append(_in_child(ctx, _ceiling, a.nbytes, block))
         gbps, _ = _in_child(ctx, _sequential, desc)
@@ -94,6 +117,9 @@ def main() -> None:
         lo, hi = _in_child(ctx, _random, desc, args.faults)
         p50.append(lo)
         p99.append(hi)
+        lo, hi = _in_child(ctx, _random_during_stream, desc, args.faults)
+        s50.append(lo)
+        s99.append(hi)
     lazyshare.release(desc)
 
     med = statistics.median
@@ -105,6 +131,7 @@ def main() -> None:
         f"= {med(ratios):.0%} of the ceiling (median of per-run ratios)"
     )
     print(f"  random single-page fault                  p50 {med(p50):6.1f} us   p99 {med(p99):7.1f} us")
+    print(f"  the same while another thread streams     p50 {med(s50):6.1f} us   p99 {med(s99):7.1f} us")
     print("  per run, sequential/ceiling: " + ", ".join(f"{r:.2f}" for r in ratios))
 
 
