@@ -96,6 +96,19 @@ def leftover_children(grace: float = 5.0) -> set[int]:
         time.sleep(0.05)
 
 
+@pytest.fixture
+def pool():
+    """A two-worker lazyshare.Pool, terminated after the test."""
+    from lazyshare.pool import Pool
+
+    p = Pool(2)
+    try:
+        yield p
+    finally:
+        p.terminate()
+        p.join()
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_children():
     yield

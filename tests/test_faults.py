@@ -27,7 +27,6 @@ from conftest import DEADLINE, wait_for
 import lazyshare
 from lazyshare import handler, transport
 from lazyshare.errors import WorkerLostError
-from lazyshare.pool import Pool
 
 pytestmark = pytest.mark.timeout(DEADLINE)
 
@@ -48,16 +47,6 @@ def env_with(**extra):
     env = dict(os.environ, **extra)
     env["PYTHONPATH"] = os.pathsep.join([HERE, ROOT, os.environ.get("PYTHONPATH", "")])
     return env
-
-
-@pytest.fixture
-def pool():
-    p = Pool(2)
-    try:
-        yield p
-    finally:
-        p.terminate()
-        p.join()
 
 
 @pytest.fixture(scope="module")

@@ -32,16 +32,6 @@ ROOT = os.path.dirname(HERE)
 pytestmark = pytest.mark.timeout(DEADLINE)
 
 
-@pytest.fixture
-def pool():
-    p = Pool(2)
-    try:
-        yield p
-    finally:
-        p.terminate()
-        p.join()
-
-
 def both_workers_up(pool):
     """Wait until both workers run tasks (a worker takes ~0.3 s to start)."""
     assert wait_for(lambda: len(set(pool.map(f.pid_after, [0.05, 0.05], chunksize=1))) == 2, interval=0)
