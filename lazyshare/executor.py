@@ -209,11 +209,20 @@ class Executor(_StdExecutor):
         *,
         max_tasks_per_child: int | None = None,
         threshold: int | None = serialization.DEFAULT_THRESHOLD,
+        memory_budget: int | None = None,
     ) -> None:
         self._state: _State | None = None
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
-        pool = Pool(max_workers, initializer, initargs, max_tasks_per_child, mp_context, threshold=threshold)
+        pool = Pool(
+            max_workers,
+            initializer,
+            initargs,
+            max_tasks_per_child,
+            mp_context,
+            threshold=threshold,
+            memory_budget=memory_budget,
+        )
         self._max_workers = len(pool._pool)
         state = _State(pool, _INFLIGHT_PER_WORKER * self._max_workers)
         self._state = state

@@ -151,3 +151,13 @@ def test_memory_budget_drops_clean_pages_and_keeps_written_ones():
 def test_memory_budget_is_validated():
     with pytest.raises(ValueError):
         Pool(1, memory_budget=-1)
+
+
+def test_executor_takes_a_memory_budget_too():
+    from lazyshare import Executor
+
+    a = np.ones(16 * MiB)  # 128 MiB
+    with Executor(1, memory_budget=16 * MiB) as ex:
+        s1, s2, v, grew, dropped = ex.submit(f.budget_pass, a).result(timeout=DEADLINE)
+    assert s1 == s2 == float(a.size) - 2.0 and v == -1.0
+    assert dropped >= a.nbytes - 16 * MiB
