@@ -30,6 +30,11 @@ def wait_for(cond, timeout: float = 10.0, interval: float = 0.02) -> bool:
     return cond()
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    return _state(pid) not in ("Z", "X")
+
+
 def _children(pid: int) -> set[int]:
     out = set()
     try:

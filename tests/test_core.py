@@ -20,7 +20,7 @@ import _core_child as child
 import numpy as np
 import pytest
 import zmq
-from conftest import DEADLINE
+from conftest import DEADLINE, wait_for
 
 import lazyshare
 from lazyshare import handler, transport
@@ -259,10 +259,7 @@ def test_release_unpins_after_the_last_mapping_is_gone():
         assert handler.pinned_segments() == base + 1  # still mapped: still pinned
         go.set()
         assert q.get(timeout=DEADLINE) == "dropped"
-        deadline = time.monotonic() + 10
-        while handler.pinned_segments() > base and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert handler.pinned_segments() == base
+        assert wait_for(lambda: handler.pinned_segments() == base)
     finally:
         p.join(DEADLINE)
 
@@ -278,10 +275,7 @@ def test_dead_holder_releases_its_hold():
     lazyshare.release(desc)
     p.kill()
     p.join()
-    deadline = time.monotonic() + 10
-    while handler.pinned_segments() > base and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert handler.pinned_segments() == base
+    assert wait_for(lambda: handler.pinned_segments() == base)
 
 
 def test_attach_after_release_is_a_segment_error():
@@ -373,6 +367,18 @@ def _run_script(code, env_extra, user=None, timeout=DEADLINE):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def run_as_nobody(code, env_extra=None):
+    """Run ``code`` as user nobody with its own runtime directory (root only)."""
+    nobody = pwd.getpwnam("nobody")
+    rt = tempfile.mkdtemp()
+    os.chown(rt, nobody.pw_uid, nobody.pw_gid)
+    try:
+        env = {"LAZYSHARE_RUNTIME_DIR": os.path.join(rt, "ls"), "HOME": rt, **(env_extra or {})}
+        return _run_script(code, env, user=nobody.pw_uid)
+    finally:
+        shutil.rmtree(rt, ignore_errors=True)
+
+
 RUNG_SCRIPT = """
 import multiprocessing as mp, numpy as np, warnings, lazyshare, _core_child as child
 if __name__ == "__main__":
@@ -398,25 +404,15 @@ def test_user_mode_only_rung_forced():
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges to another user")
 def test_unprivileged_user_gets_user_mode_only():
-    nobody = pwd.getpwnam("nobody")
-    rt = tempfile.mkdtemp()
-    os.chown(rt, nobody.pw_uid, nobody.pw_gid)
-    try:
-        r = _run_script(
-            RUNG_SCRIPT,
-            {"LAZYSHARE_RUNTIME_DIR": os.path.join(rt, "ls"), "HOME": rt},
-            user=nobody.pw_uid,
-        )
-        assert r.returncode == 0, r.stderr
-        mode, before, same, moved = r.stdout.split()
-        with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
-            sysctl = f.read().strip()
-        assert mode == ("uffd" if sysctl == "1" else "uffd-user-mode-only")
-        assert same == "True" and moved == "True"
-        if mode == "uffd-user-mode-only":
-            assert before == "14"  # EFAULT before materialize()
-    finally:
-        shutil.rmtree(rt, ignore_errors=True)
+    r = run_as_nobody(RUNG_SCRIPT)
+    assert r.returncode == 0, r.stderr
+    mode, before, same, moved = r.stdout.split()
+    with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+        sysctl = f.read().strip()
+    assert mode == ("uffd" if sysctl == "1" else "uffd-user-mode-only")
+    assert same == "True" and moved == "True"
+    if mode == "uffd-user-mode-only":
+        assert before == "14"  # EFAULT before materialize()
 
 
 def test_eager_rung_pulls_whole_segment_with_one_warning():

@@ -22,7 +22,7 @@ import _fault_funcs as ff
 import numpy as np
 import pytest
 import zmq
-from conftest import DEADLINE, wait_for
+from conftest import DEADLINE, pid_alive, wait_for
 
 import lazyshare
 from lazyshare import handler, transport
@@ -33,14 +33,6 @@ pytestmark = pytest.mark.timeout(DEADLINE)
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MiB = 1 << 20
-
-
-def pid_alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def env_with(**extra):

@@ -20,7 +20,7 @@ import weakref
 
 import _pool_funcs as f
 import pytest
-from conftest import DEADLINE, wait_for
+from conftest import DEADLINE, pid_alive, wait_for
 
 from lazyshare import transport
 from lazyshare.errors import WorkerLostError
@@ -48,14 +48,6 @@ def lazyshare_threads():
 def socket_files():
     d = transport.runtime_dir()
     return [n for n in os.listdir(d) if n.startswith("pool-")]
-
-
-def pid_alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------- the API

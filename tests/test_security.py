@@ -6,15 +6,12 @@ userfaultfd (as Docker's default profile does)."""
 from __future__ import annotations
 
 import os
-import pwd
-import shutil
-import tempfile
 
 import _fault_funcs as ff
 import numpy as np
 import pytest
 from conftest import DEADLINE
-from test_core import _run_script
+from test_core import _run_script, run_as_nobody
 
 import lazyshare
 from lazyshare import handler, transport
@@ -184,29 +181,19 @@ def test_user_mode_only_rung_kernel_accesses_as_an_unprivileged_user():
     with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
         if f.read().strip() != "0":
             pytest.skip("vm.unprivileged_userfaultfd=1: an ordinary user gets the full uffd rung here")
-    nobody = pwd.getpwnam("nobody")
-    rt = tempfile.mkdtemp()
-    os.chown(rt, nobody.pw_uid, nobody.pw_gid)
-    try:
-        r = _run_script(
-            KERNEL_PATHS_SCRIPT,
-            {"LAZYSHARE_RUNTIME_DIR": os.path.join(rt, "ls"), "HOME": rt},
-            user=nobody.pw_uid,
-        )
-        assert r.returncode == 0, r.stderr
-        out = dict(line.split("=", 1) for line in r.stdout.split())
-        assert out["mode"] == "uffd-user-mode-only", out
-        for path in ("os.write", "tofile", "np.save", "send"):
-            # before: loud (EFAULT or numpy's short-write OSError), never wrong bytes;
-            assert out[path] == "ok" or out[path].startswith("OSError"), (path, out[path])
-            assert out[path] != "WRONG"
-            # after materialize(): works
-            assert out[path + "+materialize"] == "ok", (path, out)
-        assert out["os.write"].startswith("OSError:14") and out["send"].startswith("OSError:14")
-        # through the pool, the error says what to do
-        assert out["pool_tofile"] == "explained", out
-    finally:
-        shutil.rmtree(rt, ignore_errors=True)
+    r = run_as_nobody(KERNEL_PATHS_SCRIPT)
+    assert r.returncode == 0, r.stderr
+    out = dict(line.split("=", 1) for line in r.stdout.split())
+    assert out["mode"] == "uffd-user-mode-only", out
+    for path in ("os.write", "tofile", "np.save", "send"):
+        # before: loud (EFAULT or numpy's short-write OSError), never wrong bytes;
+        assert out[path] == "ok" or out[path].startswith("OSError"), (path, out[path])
+        assert out[path] != "WRONG"
+        # after materialize(): works
+        assert out[path + "+materialize"] == "ok", (path, out)
+    assert out["os.write"].startswith("OSError:14") and out["send"].startswith("OSError:14")
+    # through the pool, the error says what to do
+    assert out["pool_tofile"] == "explained", out
 
 
 def test_eager_rung_decision_is_reported_by_capabilities(monkeypatch):
