@@ -61,6 +61,7 @@ struct peer {
     struct ls_rep rep;
     uint8_t *stage;      /* page-aligned, LS_MAX_READ bytes: UFFDIO_COPY's source */
     uint64_t dlen, dgot; /* payload length and bytes received; dlen 0: none pending */
+    int direct;          /* the owner holds our userfaultfd: INSTALL instead of READ */
 };
 
 struct waiter {
@@ -70,7 +71,10 @@ struct waiter {
     int status;
 };
 
-enum { R_HOLDING, R_EAGER, R_ACTIVE };
+/* R_DYING: detached while the owner may still be installing into it: the
+ * address range stays reserved (PROT_NONE, unregistered) until every request
+ * for it is answered, so that no late install can land in a new mapping. */
+enum { R_HOLDING, R_EAGER, R_ACTIVE, R_DYING };
 
 struct region {
     uint64_t id;
@@ -104,6 +108,7 @@ struct inflight {
     uint64_t sent;   /* ns */
     uint64_t fault;  /* ns of the oldest fault waiting on it, 0 if none */
     int nfaults;
+    int dontwake;    /* an INSTALL sent with LS_INSTALL_DONTWAKE */
     struct peer *peer;
 };
 
@@ -133,10 +138,12 @@ static struct region *regions;
 static struct peer peers[MAX_PEERS];
 static struct inflight *infl;
 static int ninfl, capinfl;
-static uint64_t next_tag = 1;
+static _Atomic uint64_t next_tag = 1; /* written by the handler only; read by ls_client_sync */
+static _Atomic uint64_t oldest_tag = 1; /* published: every request below it is answered */
 static uint64_t min_pages = 4, max_pages = 1024;
 static uint64_t fault_timeout_ns = 60ull * 1000000000ull;
 static uint64_t spin_ns = 50000; /* LAZYSHARE_SPIN_US; 0 disables */
+static int direct_wanted = 1;    /* LAZYSHARE_DATA_PATH: "install" (default) or "wire" */
 static uint64_t last_activity;
 /* For the watchdog: the handler's loop count and how many requests it has on
  * the wire, published each iteration. */
@@ -244,6 +251,87 @@ static int read_handshake(struct peer *p)
     }
 }
 
+/* During the handshake: the next message frame (commands skipped), blocking. */
+static int read_frame_sync(struct peer *p, uint8_t *out, size_t cap, size_t *outlen)
+{
+    for (;;) {
+        uint8_t flags;
+        uint64_t len;
+        size_t h = zmtp_parse_header(p->rx, p->rxlen, &flags, &len);
+        if (h && len > ZMTP_MAX_SMALL)
+            return -EPROTO;
+        if (h && p->rxlen >= h + len) {
+            int take = !(flags & ZMTP_COMMAND);
+            if (take) {
+                if (len > cap || (flags & ZMTP_MORE))
+                    return -EPROTO;
+                memcpy(out, p->rx + h, len);
+                *outlen = len;
+            }
+            memmove(p->rx, p->rx + h + len, p->rxlen - h - len);
+            p->rxlen -= h + len;
+            if (take)
+                return 0;
+            continue;
+        }
+        ssize_t r = read(p->fd, p->rx + p->rxlen, sizeof p->rx - p->rxlen);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return errno == EAGAIN ? -ETIMEDOUT : -errno;
+        if (r == 0)
+            return -ECONNRESET;
+        p->rxlen += (size_t)r;
+    }
+}
+
+/*
+ * Hand our userfaultfd to the owner (OP_UFFD, the fd as SCM_RIGHTS): it then
+ * installs pages into our mappings itself, one copy per byte. Any refusal
+ * (an owner without the INSTALL path, a filter on fd passing) leaves the peer
+ * on the READ path; only a broken connection is an error.
+ */
+static int offer_uffd(struct peer *p)
+{
+    struct ls_req rq = {.magic = LS_MAGIC, .version = LS_VERSION, .op = LS_OP_UFFD, .pid = (uint32_t)getpid()};
+    uint8_t msg[9 + sizeof rq];
+    size_t n = zmtp_frame_header(msg, 0, sizeof rq);
+    memcpy(msg + n, &rq, sizeof rq);
+    n += sizeof rq;
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } ctl;
+    memset(&ctl, 0, sizeof ctl);
+    struct iovec iov = {msg, n};
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = &ctl, .msg_controllen = sizeof ctl};
+    struct cmsghdr *h = CMSG_FIRSTHDR(&m);
+    h->cmsg_level = SOL_SOCKET;
+    h->cmsg_type = SCM_RIGHTS;
+    h->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(h), &uffd, sizeof uffd);
+    ssize_t w;
+    do
+        w = sendmsg(p->fd, &m, MSG_NOSIGNAL);
+    while (w < 0 && errno == EINTR);
+    if (w < 0)
+        return -errno;
+    if ((size_t)w < n) { /* the rest of the frame, without the fd */
+        int rc = write_all(p->fd, msg + w, n - (size_t)w);
+        if (rc < 0)
+            return rc;
+    }
+    struct ls_rep rep;
+    size_t len = 0;
+    int rc = read_frame_sync(p, (uint8_t *)&rep, sizeof rep, &len);
+    if (rc < 0)
+        return rc;
+    if (len != sizeof rep || rep.magic != LS_MAGIC || rep.op != LS_OP_UFFD)
+        return -EPROTO;
+    p->direct = rep.status == 0;
+    return 0;
+}
+
 static int peer_connect(struct peer *p)
 {
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
@@ -265,6 +353,8 @@ static int peer_connect(struct peer *p)
     int rc = write_all(fd, hello, n);
     if (!rc)
         rc = read_handshake(p);
+    if (!rc && uffd >= 0 && direct_wanted)
+        rc = offer_uffd(p);
     if (rc < 0)
         return rc;
     if (fcntl(fd, F_SETFL, O_NONBLOCK) < 0)
@@ -328,20 +418,26 @@ static int peer_flush(struct peer *p)
     return 0;
 }
 
+/* Queue a request; an INSTALL carries dst (and flags), other ops ignore them. */
 static int send_req(struct peer *p, uint16_t op, const uint8_t *seg, uint64_t tag, uint64_t offset,
-                    uint64_t length)
+                    uint64_t length, uint64_t dst, uint32_t flags)
 {
-    struct ls_req rq = {
-        .magic = LS_MAGIC,
-        .version = LS_VERSION,
-        .op = op,
-        .pid = (uint32_t)getpid(),
-        .tag = tag,
-        .offset = offset,
-        .length = length,
+    struct ls_req_install in = {
+        .rq = {
+            .magic = LS_MAGIC,
+            .version = LS_VERSION,
+            .op = op,
+            .pid = (uint32_t)getpid(),
+            .flags = op == LS_OP_INSTALL ? flags : 0,
+            .tag = tag,
+            .offset = offset,
+            .length = length,
+        },
+        .dst = dst,
     };
-    memcpy(rq.seg, seg, LS_ID_BYTES);
-    if (p->txlen + 9 + sizeof rq > p->txcap) {
+    memcpy(in.rq.seg, seg, LS_ID_BYTES);
+    size_t size = op == LS_OP_INSTALL ? sizeof in : sizeof in.rq;
+    if (p->txlen + 9 + size > p->txcap) {
         size_t cap = p->txcap ? p->txcap * 2 : 4096;
         uint8_t *b = realloc(p->tx, cap);
         if (!b)
@@ -349,9 +445,9 @@ static int send_req(struct peer *p, uint16_t op, const uint8_t *seg, uint64_t ta
         p->tx = b;
         p->txcap = cap;
     }
-    p->txlen += zmtp_frame_header(p->tx + p->txlen, 0, sizeof rq);
-    memcpy(p->tx + p->txlen, &rq, sizeof rq);
-    p->txlen += sizeof rq;
+    p->txlen += zmtp_frame_header(p->tx + p->txlen, 0, size);
+    memcpy(p->tx + p->txlen, &in, size);
+    p->txlen += size;
     /* Written now if the socket has room, else when poll says POLLOUT. */
     return peer_flush(p);
 }
@@ -391,7 +487,10 @@ static void request_run(struct region *r, uint64_t page, uint64_t n, uint64_t fa
         capinfl = cap;
     }
     uint64_t tag = next_tag++;
-    int rc = send_req(r->peer, LS_OP_READ, r->seg, tag, page * ps, n * ps);
+    int direct = r->peer->direct && r->state == R_ACTIVE;
+    uint32_t flags = (r->wp ? LS_INSTALL_WP : 0) | (fault_ns ? 0 : LS_INSTALL_DONTWAKE);
+    int rc = send_req(r->peer, direct ? LS_OP_INSTALL : LS_OP_READ, r->seg, tag, page * ps, n * ps,
+                      r->base + page * ps, flags);
     if (rc < 0)
         ls_fatal("cannot send a page request to %s: errno %d", r->peer->endpoint, -rc);
     for (uint64_t i = page; i < page + n; i++)
@@ -399,6 +498,7 @@ static void request_run(struct region *r, uint64_t page, uint64_t n, uint64_t fa
     infl[ninfl++] = (struct inflight){
         .tag = tag, .region = r->id, .page = page, .npages = n, .sent = ls_now_ns(),
         .fault = fault_ns, .nfaults = fault_ns ? 1 : 0, .peer = r->peer,
+        .dontwake = direct && !fault_ns,
     };
     r->peer->refs++;
     r->inflight++;
@@ -556,21 +656,15 @@ static void eager_pump(struct region *r)
     }
 }
 
-static void region_destroy(struct region *r, int tell_owner)
+/* Unlink, unmap and free r (its address range may be reused from now on). */
+static void region_free(struct region *r)
 {
     struct region **pp = &regions;
     while (*pp && *pp != r)
         pp = &(*pp)->next;
     if (*pp)
         *pp = r->next;
-    if (client_mode != LS_MODE_EAGER) {
-        struct uffdio_range rg = {.start = r->base, .len = r->maplen};
-        if (ioctl(uffd, UFFDIO_UNREGISTER, &rg) < 0 && errno != EINVAL && errno != ENOENT)
-            ls_fatal("UFFDIO_UNREGISTER failed: errno %d", errno);
-    }
     munmap((void *)r->base, r->maplen);
-    if (tell_owner && r->peer)
-        send_req(r->peer, LS_OP_RELEASE, r->seg, 0, 0, 0);
     /* Replies still on the wire find no region and are dropped. */
     for (int i = 0; i < ninfl;)
         if (infl[i].region == r->id)
@@ -580,10 +674,35 @@ static void region_destroy(struct region *r, int tell_owner)
     if (r->peer)
         peer_put(r->peer);
     resident_total -= r->resident; /* its blocks in the FIFO are skipped when reached */
+    if (r->state != R_DYING)
+        CTR_SUB(regions_attached, 1);
     free(r->dirty);
     free(r->requested);
     free(r);
-    CTR_SUB(regions_attached, 1);
+}
+
+static void region_destroy(struct region *r, int tell_owner)
+{
+    if (client_mode != LS_MODE_EAGER) {
+        struct uffdio_range rg = {.start = r->base, .len = r->maplen};
+        if (ioctl(uffd, UFFDIO_UNREGISTER, &rg) < 0 && errno != EINVAL && errno != ENOENT)
+            ls_fatal("UFFDIO_UNREGISTER failed: errno %d", errno);
+    }
+    if (tell_owner && r->peer)
+        send_req(r->peer, LS_OP_RELEASE, r->seg, 0, 0, 0, 0, 0);
+    if (r->inflight && r->peer && r->peer->direct) {
+        /* The owner may still be installing into it: free the pages but keep
+         * the range reserved until every request is answered (in order, before
+         * the RELEASE). A late install then finds nothing registered there. */
+        mmap((void *)r->base, r->maplen, PROT_NONE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+             -1, 0);
+        resident_total -= r->resident;
+        r->resident = 0;
+        r->state = R_DYING;
+        CTR_SUB(regions_attached, 1);
+        return;
+    }
+    region_free(r);
 }
 
 static void attach_finish(struct region *r, int status)
@@ -696,18 +815,57 @@ static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *sr
         }
         return;
     }
-    if (rep->op != LS_OP_READ)
+    if (rep->op != LS_OP_READ && rep->op != LS_OP_INSTALL)
         return; /* RELEASE/PING acknowledgements */
     struct inflight *f = infl_find_tag(rep->tag);
     if (!f || f->peer != p)
         return; /* its region was detached */
     struct region *r = region_by_id(f->region);
     uint64_t page = f->page, npages = f->npages, fault = f->fault;
-    int nfaults = f->nfaults;
+    int nfaults = f->nfaults, dontwake = f->dontwake;
     infl_remove(f);
     if (!r)
         return;
     r->inflight--;
+    if (rep->op == LS_OP_INSTALL && !rep->status && rep->seglen <= npages * ps) {
+        /* Counted even for a region detached meanwhile: its reader may have
+         * been woken by this very install, done its work and let go. */
+        CTR_ADD(installs, 1);
+        CTR_ADD(bytes_fetched, rep->seglen);
+        CTR_ADD(bytes_zero, npages * ps - rep->seglen);
+    }
+    if (r->state == R_DYING) {
+        if (!r->inflight)
+            region_free(r);
+        return;
+    }
+    if (rep->op == LS_OP_INSTALL) {
+        if (rep->status)
+            ls_fatal("the owner (pid %d, %s) could not install pages %llu-%llu of a segment of %llu "
+                     "bytes: %s",
+                     r->peer->pid, r->peer->endpoint, (unsigned long long)page,
+                     (unsigned long long)(page + npages - 1), (unsigned long long)r->seglen,
+                     rep->status == -ENOENT ? "the segment was released while this process still maps it"
+                                            : strerror(-rep->status));
+        if (rep->offset != page * ps || rep->length != npages * ps || rep->seglen > npages * ps)
+            ls_fatal("malformed install reply from %s", r->peer->endpoint);
+        if (dontwake && nfaults) { /* faults arrived after the read-ahead was asked for */
+            struct uffdio_range rg = {.start = r->base + page * ps, .len = npages * ps};
+            ioctl(uffd, UFFDIO_WAKE, &rg);
+        }
+        if (r->wp && rep->seglen) {
+            r->resident += npages * ps;
+            resident_total += npages * ps;
+            fifo_push(r->id, page, npages);
+            enforce_budget();
+        }
+        if (fault) {
+            uint64_t dt = ls_now_ns() - fault;
+            for (int i = 0; i < nfaults; i++)
+                ls_hist_add(dt);
+        }
+        return;
+    }
     if (!rep->status && (rep->flags & LS_REP_ZERO) && !has_data && rep->length == npages * ps &&
         rep->offset == page * ps) {
         CTR_ADD(bytes_zero, npages * ps);
@@ -770,6 +928,14 @@ static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *sr
 /* The owner's connection broke: fatal if anything still needs it. */
 static void peer_lost(struct peer *p, int err)
 {
+    /* Detached regions waiting only for this owner's last answers need none. */
+    for (struct region *r = regions, *next; r; r = next) {
+        next = r->next;
+        if (r->state == R_DYING && r->peer == p)
+            region_free(r);
+    }
+    if (p->fd < 0)
+        return; /* that dropped the last reference: closed */
     if (p->refs)
         ls_fatal("lost the connection to the owner of a lazily mapped array (pid %d%s, %s): %s",
                  p->pid, ls_pid_alive(p->pid) ? "" : ", exited", p->endpoint, strerror(err));
@@ -885,13 +1051,13 @@ static void handle_commands(void)
                 attach_finish(r, rc == -ESRCH || !ls_pid_alive(c->pid) ? -ESRCH : rc);
             } else {
                 r->peer->refs++;
-                rc = send_req(r->peer, LS_OP_HOLD, r->seg, r->id, 0, 0);
+                rc = send_req(r->peer, LS_OP_HOLD, r->seg, r->id, 0, 0, 0, 0);
                 if (rc < 0)
                     attach_finish(r, rc);
             }
         } else {
             struct region *r = region_by_id(c->region_id);
-            if (r)
+            if (r && r->state != R_DYING)
                 region_destroy(r, 1);
         }
         free(c);
@@ -912,6 +1078,9 @@ static void check_deadlines(uint64_t now)
         uint64_t age = now - f->sent;
         if (age < 200000000ull)
             continue;
+        struct region *r = region_by_id(f->region);
+        if (r && r->state == R_DYING)
+            continue; /* nobody waits: its peer's loss or answer frees it */
         struct peer *p = f->peer;
         if (now - p->last_check > 200000000ull) {
             p->last_check = now;
@@ -999,6 +1168,11 @@ static void *client_main(void *arg)
             handle_commands();
         check_deadlines(ls_now_ns());
         atomic_store_explicit(&inflight_published, ninfl, memory_order_relaxed);
+        uint64_t oldest = atomic_load_explicit(&next_tag, memory_order_relaxed);
+        for (int i = 0; i < ninfl; i++)
+            if (infl[i].tag < oldest)
+                oldest = infl[i].tag;
+        atomic_store_explicit(&oldest_tag, oldest, memory_order_release);
         atomic_fetch_add_explicit(&heartbeat, 1, memory_order_relaxed);
     }
     return NULL;
@@ -1059,6 +1233,8 @@ int ls_client_start(int mode, uint32_t min_block, uint32_t max_block, uint32_t f
     const char *spin = getenv("LAZYSHARE_SPIN_US");
     if (spin)
         spin_ns = strtoull(spin, NULL, 10) * 1000ull;
+    const char *path = getenv("LAZYSHARE_DATA_PATH");
+    direct_wanted = !(path && !strcmp(path, "wire"));
     if (mode != LS_MODE_EAGER) {
         int fd = ls_uffd_open(mode);
         if (fd < 0)
@@ -1225,6 +1401,27 @@ int ls_client_detach(uint64_t region)
     cmd_tail = c;
     pthread_mutex_unlock(&cmd_lock);
     return ls_eventfd_signal(cmd_fd);
+}
+
+/*
+ * Wait (at most timeout_ms) until every request sent so far is answered. With
+ * the INSTALL path a faulting thread is woken by the owner's UFFDIO_COPY,
+ * before this process's handler has read the reply and counted its bytes;
+ * readers of the counters call this first so that they see their own faults.
+ */
+int ls_client_sync(uint32_t timeout_ms)
+{
+    if (!client_running)
+        return 0;
+    uint64_t target = atomic_load(&next_tag);
+    uint64_t until = ls_now_ns() + (uint64_t)timeout_ms * 1000000ull;
+    while (atomic_load_explicit(&oldest_tag, memory_order_acquire) < target) {
+        if (ls_now_ns() > until)
+            return -ETIMEDOUT;
+        struct timespec ts = {.tv_sec = 0, .tv_nsec = 20000};
+        nanosleep(&ts, NULL);
+    }
+    return 0;
 }
 
 int ls_client_materialize(uint64_t addr, uint64_t len)

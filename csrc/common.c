@@ -118,6 +118,7 @@ void ls_get_stats(struct ls_stats *s)
 #define LD(f) atomic_load_explicit(&ls_ctr.f, memory_order_relaxed)
     s->faults = LD(faults);
     s->requests = LD(requests);
+    s->installs = LD(installs);
     s->bytes_fetched = LD(bytes_fetched);
     s->bytes_zero = LD(bytes_zero);
     s->regions_attached = LD(regions_attached);

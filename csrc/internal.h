@@ -20,16 +20,32 @@
 #define LS_OP_HOLD 2
 #define LS_OP_RELEASE 3
 #define LS_OP_PING 4
+#define LS_OP_INSTALL 5 /* READ, but the owner installs the pages itself (see below) */
+#define LS_OP_UFFD 6    /* carries the consumer's userfaultfd (SCM_RIGHTS) */
 #define LS_REP_ZERO 1u
+/* INSTALL request flags */
+#define LS_INSTALL_WP 1u       /* UFFDIO_COPY_MODE_WP: the consumer tracks writes */
+#define LS_INSTALL_DONTWAKE 2u /* nobody waits yet (read-ahead): skip the wake-up */
 /* Largest READ the server answers: bounds what one request can make it copy. */
 #define LS_MAX_READ (8u << 20)
 
+/*
+ * Two data paths. READ: the payload follows the reply as a second frame and
+ * the consumer's handler installs it (socket buffer -> staging -> page: three
+ * copies per byte). INSTALL: the consumer handed its userfaultfd to the owner
+ * once (OP_UFFD, the fd riding on the request as SCM_RIGHTS, as CRIU's
+ * lazy-pages daemon and Firecracker's handlers receive theirs), and the owner
+ * UFFDIO_COPYs the range from its own memory straight into the consumer's
+ * mapping at `dst`: one copy per byte, and the faulting thread wakes without
+ * waiting for the consumer's handler. The request and reply still travel as
+ * ZeroMQ messages; an INSTALL request is the 56-byte request plus `dst`.
+ */
 struct ls_req {
     uint32_t magic;
     uint16_t version;
     uint16_t op;
     uint32_t pid;
-    uint32_t reserved;
+    uint32_t flags; /* INSTALL: LS_INSTALL_*; 0 otherwise */
     uint64_t tag;
     uint64_t offset;
     uint64_t length;
@@ -45,15 +61,21 @@ struct ls_rep {
     uint64_t tag;
     uint64_t offset;
     uint64_t length;
-    uint64_t seglen;
+    uint64_t seglen; /* INSTALL: the bytes copied (the rest were mapped as zero pages) */
+} __attribute__((packed));
+
+struct ls_req_install {
+    struct ls_req rq;
+    uint64_t dst; /* page-aligned address in the consumer */
 } __attribute__((packed));
 
 _Static_assert(sizeof(struct ls_req) == 56, "request layout");
+_Static_assert(sizeof(struct ls_req_install) == 64, "install request layout");
 _Static_assert(sizeof(struct ls_rep) == 48, "reply layout");
 
 /* ---- counters (relaxed atomics: read by ls_get_stats from any thread) ---- */
 struct ls_counters {
-    _Atomic uint64_t faults, requests, bytes_fetched, bytes_zero, regions_attached, eexist, bytes_dropped;
+    _Atomic uint64_t faults, requests, installs, bytes_fetched, bytes_zero, regions_attached, eexist, bytes_dropped;
     _Atomic uint64_t hist[LS_HIST_BUCKETS];
     _Atomic uint64_t requests_served, bytes_served, errors_served, segments_exported;
 };

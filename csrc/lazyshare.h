@@ -30,8 +30,9 @@ struct ls_probe {
 struct ls_stats {
     /* consumer */
     uint64_t faults;           /* page-fault messages handled */
-    uint64_t requests;         /* READ requests sent */
-    uint64_t bytes_fetched;    /* payload bytes received and installed */
+    uint64_t requests;         /* page requests sent (READ or INSTALL) */
+    uint64_t installs;         /* of them, answered by the owner installing the pages itself */
+    uint64_t bytes_fetched;    /* bytes of the owner's memory installed here */
     uint64_t bytes_zero;       /* bytes installed as zero pages without payload */
     uint64_t regions_attached; /* live attached regions */
     uint64_t eexist;           /* pages found already present */
@@ -81,6 +82,9 @@ int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uin
 int ls_client_set_budget(uint64_t bytes);
 /* Asynchronous: the handler unregisters, unmaps and tells the owner. */
 int ls_client_detach(uint64_t region);
+/* Wait (at most timeout_ms) until every page request sent so far is answered
+ * and counted: -ETIMEDOUT otherwise. */
+int ls_client_sync(uint32_t timeout_ms);
 /* Touch every page of [addr, addr+len) from this thread (user mode). */
 int ls_client_materialize(uint64_t addr, uint64_t len);
 

@@ -26,12 +26,14 @@
 #include "zmtp.h"
 
 #include <fcntl.h>
+#include <linux/userfaultfd.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -58,6 +60,9 @@ struct span {
 struct conn {
     uint64_t id;
     int fd;
+    int uffd;       /* the consumer's userfaultfd (OP_UFFD), -1 if none */
+    int pending_fd; /* an fd received but not yet claimed by an OP_UFFD request */
+    struct conn *prev, *next; /* all connections, for a forked child to close */
     int greeted;  /* peer greeting and READY received */
     int bad_multipart;
     uint8_t rx[4096];
@@ -83,6 +88,7 @@ static char listen_path[108];
 static uint64_t next_conn_id = 1;
 static const uint8_t zeros[4096];
 static int pagemap_fd = -1;
+static struct conn *conns; /* the server thread's (a forked child walks it once) */
 static uint64_t spin_ns = 50000; /* LAZYSHARE_SPIN_US; 0 disables */
 
 static struct seg *seg_find(const uint8_t *id)
@@ -228,6 +234,16 @@ static void conn_close(struct conn *c)
         ls_eventfd_signal(freed_fd);
     epoll_ctl(ep_fd, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
+    if (c->uffd >= 0)
+        close(c->uffd);
+    if (c->pending_fd >= 0)
+        close(c->pending_fd);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
     free(c->spans);
     free(c);
 }
@@ -362,6 +378,27 @@ static int64_t build_payload(struct conn *c, const struct seg *s, const uint8_t 
     return real;
 }
 
+static void reply_header(struct conn *c, const struct ls_req *rq, int status, uint32_t flags, uint64_t length,
+                         uint64_t seglen, int more)
+{
+    struct ls_rep rep = {
+        .magic = LS_MAGIC,
+        .version = LS_VERSION,
+        .op = rq ? rq->op : 0,
+        .status = status,
+        .flags = flags,
+        .tag = rq ? rq->tag : 0,
+        .offset = rq ? rq->offset : 0,
+        .length = length,
+        .seglen = seglen,
+    };
+    uint8_t h[9];
+    if (status)
+        CTR_ADD(errors_served, 1);
+    tx_put(c, h, zmtp_frame_header(h, more ? ZMTP_MORE : 0, sizeof rep));
+    tx_put(c, &rep, sizeof rep);
+}
+
 /* Queue a reply: [header], or for a READ of s [header][payload]. seg_lock held if s. */
 static void reply(struct conn *c, const struct ls_req *rq, int status, uint64_t seglen, struct seg *s,
                   uint64_t have, uint64_t length)
@@ -384,23 +421,9 @@ static void reply(struct conn *c, const struct ls_req *rq, int status, uint64_t 
             s = NULL;
         }
     }
-    struct ls_rep rep = {
-        .magic = LS_MAGIC,
-        .version = LS_VERSION,
-        .op = rq ? rq->op : 0,
-        .status = status,
-        .flags = flags,
-        .tag = rq ? rq->tag : 0,
-        .offset = rq ? rq->offset : 0,
-        .length = s || flags ? length : 0,
-        .seglen = seglen,
-    };
-    uint8_t h[9];
-    if (status)
-        CTR_ADD(errors_served, 1);
-    tx_put(c, h, zmtp_frame_header(h, s ? ZMTP_MORE : 0, sizeof rep));
-    tx_put(c, &rep, sizeof rep);
+    reply_header(c, rq, status, flags, s || flags ? length : 0, seglen, s != NULL);
     if (s) {
+        uint8_t h[9];
         tx_put(c, h, zmtp_frame_header(h, 0, length));
         s->busy++;
         c->dseg = s;
@@ -431,6 +454,179 @@ static void serve_read(struct conn *c, const struct ls_req *rq)
         }
     }
     pthread_mutex_unlock(&seg_lock);
+}
+
+/* OP_UFFD: adopt the userfaultfd that came with the request. Anything else
+ * (no fd, another kind of fd) is refused and closed. */
+static void serve_uffd(struct conn *c, const struct ls_req *rq)
+{
+    int fd = c->pending_fd, status = 0;
+    c->pending_fd = -1;
+    char proc[64], link[64];
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+    ssize_t n = fd < 0 ? -1 : readlink(proc, link, sizeof link - 1);
+    if (n < 0 || (link[n] = 0, strcmp(link, "anon_inode:[userfaultfd]"))) {
+        if (fd >= 0)
+            close(fd);
+        status = -EBADF;
+    } else {
+        if (c->uffd >= 0)
+            close(c->uffd);
+        c->uffd = fd;
+    }
+    reply(c, rq, status, 0, NULL, 0, 0);
+}
+
+/* One UFFDIO_COPY (src) or UFFDIO_ZEROPAGE (src NULL) into the consumer,
+ * surviving partial copies, pages already there (EEXIST: woken unless
+ * DONTWAKE, then skipped) and layout changes (EAGAIN). 0, or -errno. */
+static int remote_fill(int fd, uint64_t dst, const uint8_t *src, uint64_t len, uint32_t flags)
+{
+    const uint64_t ps = ls_page_size();
+    uint64_t done = 0;
+    int again = 0;
+    while (done < len) {
+        int64_t got;
+        int rc;
+        if (src) {
+            struct uffdio_copy cp = {
+                .dst = dst + done,
+                .src = (uintptr_t)(src + done),
+                .len = len - done,
+                .mode = ((flags & LS_INSTALL_WP) ? UFFDIO_COPY_MODE_WP : 0) |
+                        ((flags & LS_INSTALL_DONTWAKE) ? UFFDIO_COPY_MODE_DONTWAKE : 0),
+            };
+            rc = ioctl(fd, UFFDIO_COPY, &cp);
+            got = cp.copy;
+        } else {
+            struct uffdio_zeropage z = {
+                .range = {.start = dst + done, .len = len - done},
+                .mode = (flags & LS_INSTALL_DONTWAKE) ? UFFDIO_ZEROPAGE_MODE_DONTWAKE : 0,
+            };
+            rc = ioctl(fd, UFFDIO_ZEROPAGE, &z);
+            got = z.zeropage;
+        }
+        if (rc == 0)
+            return 0;
+        int e = errno;
+        if (got > 0) {
+            done += (uint64_t)got;
+            continue;
+        }
+        if (e == EEXIST) {
+            if (!(flags & LS_INSTALL_DONTWAKE)) {
+                struct uffdio_range rg = {.start = dst + done, .len = ps};
+                ioctl(fd, UFFDIO_WAKE, &rg);
+            }
+            done += ps;
+            continue;
+        }
+        if (e == EAGAIN && ++again < 1000)
+            continue;
+        return -e;
+    }
+    return 0;
+}
+
+/*
+ * INSTALL: the READ's payload, UFFDIO_COPYed by this thread from the owner's
+ * memory into the consumer's mapping (at dst, through the consumer's
+ * userfaultfd) instead of being sent. Never-written pages become zero pages;
+ * a page mixing real bytes and zeros (the segment's last page, or a page of an
+ * unaligned buffer straddling a written and an unwritten page) is assembled in
+ * a bounce page first. The consumer's mm is only ever reached through its own
+ * userfaultfd, and only ranges it registered there can be filled.
+ */
+static void serve_install(struct conn *c, const struct ls_req_install *in)
+{
+    const uint64_t ps = ls_page_size();
+    const struct ls_req *rq = &in->rq;
+    if (c->uffd < 0) {
+        reply(c, rq, -EBADF, 0, NULL, 0, 0);
+        return;
+    }
+    if (!rq->length || rq->length > LS_MAX_READ || rq->length % ps || rq->offset % ps || in->dst % ps ||
+        in->dst + rq->length < in->dst) {
+        reply(c, rq, -EINVAL, 0, NULL, 0, 0);
+        return;
+    }
+    pthread_mutex_lock(&seg_lock);
+    struct seg *s = seg_find(rq->seg);
+    uint64_t seglen = s ? s->len : 0, padded = (seglen + ps - 1) / ps * ps;
+    int status = 0;
+    int64_t real = 0;
+    if (!s)
+        status = -ENOENT;
+    else if (rq->offset >= padded || rq->length > padded - rq->offset)
+        status = -ERANGE;
+    if (!status) {
+        uint64_t have = rq->offset < s->len ? s->len - rq->offset : 0;
+        if (have > rq->length)
+            have = rq->length;
+        c->nspans = 0;
+        real = have ? build_payload(c, s, s->addr + rq->offset, have) : 0;
+        if (real < 0 || span_add(c, NULL, rq->length - have) < 0)
+            status = -ENOMEM;
+        else
+            s->busy++; /* its memory is read below, without the lock */
+    }
+    pthread_mutex_unlock(&seg_lock);
+    if (status) {
+        c->nspans = 0;
+        reply(c, rq, status, seglen, NULL, 0, 0);
+        return;
+    }
+
+    static uint8_t bounce[1 << 16] __attribute__((aligned(4096)));
+    uint64_t o = 0; /* bytes of the request filled; always a whole number of pages */
+    int i = 0;
+    while (!status && o < rq->length) {
+        struct span *sp = &c->spans[i];
+        if (sp->len >= ps) { /* whole pages of one kind, straight from the span */
+            uint64_t run = sp->len / ps * ps;
+            status = remote_fill(c->uffd, in->dst + o, sp->src, run, rq->flags);
+            if (sp->src)
+                sp->src += run;
+            sp->len -= run;
+            o += run;
+        } else { /* less than a page left in this span: assemble one page */
+            uint64_t got = 0;
+            while (got < ps && i < c->nspans) {
+                sp = &c->spans[i];
+                uint64_t k = sp->len < ps - got ? sp->len : ps - got;
+                if (sp->src) {
+                    memcpy(bounce + got, sp->src, k);
+                    sp->src += k;
+                } else {
+                    memset(bounce + got, 0, k);
+                }
+                sp->len -= k;
+                got += k;
+                if (!sp->len)
+                    i++;
+            }
+            status = got == ps ? remote_fill(c->uffd, in->dst + o, bounce, ps, rq->flags) : -EPROTO;
+            o += ps;
+        }
+        while (i < c->nspans && !c->spans[i].len)
+            i++;
+    }
+    c->nspans = 0;
+    pthread_mutex_lock(&seg_lock);
+    s->busy--;
+    int freed_now = seg_maybe_free(s, 1);
+    pthread_mutex_unlock(&seg_lock);
+    if (freed_now)
+        ls_eventfd_signal(freed_fd);
+    if (!status) {
+        CTR_ADD(requests_served, 1);
+        CTR_ADD(bytes_served, (uint64_t)real);
+    }
+    /* The reply says how many bytes were copied; the rest were zero pages. */
+    if (status)
+        reply_header(c, rq, status, 0, 0, seglen, 0);
+    else
+        reply_header(c, rq, 0, real ? 0 : LS_REP_ZERO, rq->length, (uint64_t)real, 0);
 }
 
 static void serve_hold(struct conn *c, const struct ls_req *rq, int release)
@@ -475,16 +671,24 @@ static void serve_hold(struct conn *c, const struct ls_req *rq, int release)
 static void serve_message(struct conn *c, const uint8_t *body, uint64_t len)
 {
     struct ls_req rq;
-    if (len != sizeof rq) {
+    struct ls_req_install in;
+    if (len != sizeof rq && len != sizeof in) {
         reply(c, NULL, -EPROTO, 0, NULL, 0, 0);
         return;
     }
     memcpy(&rq, body, sizeof rq);
-    if (rq.magic != LS_MAGIC || rq.version != LS_VERSION) {
+    if (rq.magic != LS_MAGIC || rq.version != LS_VERSION || (len == sizeof in) != (rq.op == LS_OP_INSTALL)) {
         reply(c, &rq, -EPROTO, 0, NULL, 0, 0);
         return;
     }
     switch (rq.op) {
+    case LS_OP_INSTALL:
+        memcpy(&in, body, sizeof in);
+        serve_install(c, &in);
+        break;
+    case LS_OP_UFFD:
+        serve_uffd(c, &rq);
+        break;
     case LS_OP_READ:
         serve_read(c, &rq);
         break;
@@ -549,6 +753,36 @@ static int conn_parse(struct conn *c)
     return rc;
 }
 
+/* read() into rx, keeping at most one fd passed with the bytes (SCM_RIGHTS):
+ * an OP_UFFD request claims it. The kernel closes fds that do not fit the
+ * control buffer; a second fd before the first is claimed is closed here. */
+static ssize_t conn_read(struct conn *c)
+{
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } ctl;
+    struct iovec iov = {c->rx + c->rxlen, sizeof c->rx - c->rxlen};
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = &ctl, .msg_controllen = sizeof ctl};
+    ssize_t r = recvmsg(c->fd, &m, MSG_CMSG_CLOEXEC);
+    if (r < 0)
+        return r;
+    for (struct cmsghdr *h = CMSG_FIRSTHDR(&m); h; h = CMSG_NXTHDR(&m, h)) {
+        if (h->cmsg_level != SOL_SOCKET || h->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t nfd = (h->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t k = 0; k < nfd; k++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(h) + k * sizeof fd, sizeof fd);
+            if (c->pending_fd < 0)
+                c->pending_fd = fd;
+            else
+                close(fd);
+        }
+    }
+    return r;
+}
+
 /* Level-triggered epoll: wait for either input or room for output, never both,
  * so a peer whose reply is stuck does not make the loop spin on its requests. */
 static void conn_wants_out(struct conn *c, int out)
@@ -581,7 +815,7 @@ static void on_conn(struct conn *c, uint32_t events)
             conn_close(c); /* a full buffer that parses to nothing */
             return;
         }
-        ssize_t r = read(c->fd, c->rx + c->rxlen, sizeof c->rx - c->rxlen);
+        ssize_t r = conn_read(c);
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0 && errno == EAGAIN)
@@ -622,14 +856,18 @@ static void on_accept(void)
         }
         c->id = next_conn_id++;
         c->fd = fd;
+        c->uffd = c->pending_fd = -1;
+        c->next = conns;
+        if (conns)
+            conns->prev = c;
+        conns = c;
         uint8_t g[ZMTP_GREETING];
         zmtp_greeting(g, 1);
         tx_put(c, g, sizeof g);
         c->txlen += zmtp_ready(c->tx + c->txlen, sizeof c->tx - c->txlen, peer_type);
         struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP, .data.ptr = c};
         if (epoll_ctl(ep_fd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-            close(fd);
-            free(c);
+            conn_close(c);
             continue;
         }
         if (conn_flush(c) < 0)
@@ -746,6 +984,17 @@ void ls_server_reset_after_fork(void)
     freed = NULL;
     nfreed = capfreed = 0;
     server_running = 0;
+    /* The parent's connections are not the child's: without this a consumer
+     * would not see its owner go away, and consumers' userfaultfds would stay
+     * referenced by a process that never serves them. */
+    for (struct conn *c = conns; c; c = c->next) {
+        close(c->fd);
+        if (c->uffd >= 0)
+            close(c->uffd);
+        if (c->pending_fd >= 0)
+            close(c->pending_fd);
+    }
+    conns = NULL;
     int *fds[] = {&stop_fd, &freed_fd, &listen_fd, &ep_fd, &pagemap_fd};
     for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++) {
         if (*fds[i] >= 0)

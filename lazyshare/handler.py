@@ -499,14 +499,21 @@ def stats() -> dict:
     """This process's counters, as consumer and as owner.
 
     ``fault_latency_us`` is a histogram ``{upper bound in us: count}`` of the time
-    from the handler reading a fault to its page being installed.
+    from the handler reading a fault to its page being installed. ``installs``
+    counts the requests the owner answered by installing the pages itself (see
+    "How it works" in the README); the others came as payload.
+
+    Waits (at most a second) for page requests still being answered, so that a
+    thread sees the bytes of the faults it just took.
     """
+    lib.ls_client_sync(1000)
     s = ffi.new("struct ls_stats *")
     lib.ls_get_stats(s)
     hist = {2 ** (i + 1): s.hist[i] for i in range(lib.LS_HIST_BUCKETS) if s.hist[i]}
     return {
         "faults": s.faults,
         "requests": s.requests,
+        "installs": s.installs,
         "bytes_fetched": s.bytes_fetched,
         "bytes_zero": s.bytes_zero,
         "regions_attached": s.regions_attached,

@@ -9,11 +9,14 @@ Endpoints
     interface. The directory is removed at exit, and directories left by dead
     processes are swept the next time a process creates its own.
 
-Page protocol (version 1, little-endian, mirrored by ``csrc/lazyshare.h``)
+Page protocol (version 1, little-endian, mirrored by ``csrc/internal.h``)
     request, one frame of 56 bytes (client DEALER -> server ROUTER)::
 
-        u32 magic 'LZS1' | u16 version | u16 op | u32 pid | u32 reserved
+        u32 magic 'LZS1' | u16 version | u16 op | u32 pid | u32 flags
         u64 tag | u64 offset | u64 length | u8[16] segment id
+
+    an INSTALL request is 64 bytes: the same, then ``u64 dst`` (an address in
+    the requesting process).
 
     reply, a 48-byte header frame, then for a successful READ one data frame of
     ``length`` bytes (page-padded with zeros past the segment's end)::
@@ -25,9 +28,21 @@ Page protocol (version 1, little-endian, mirrored by ``csrc/lazyshare.h``)
     (pages the owner never touched; only for private anonymous memory).
 
     ops: READ (bytes of a segment), HOLD (a mapping of it now exists in ``pid``),
-    RELEASE (that mapping is gone), PING. A request the server cannot parse gets a
-    reply with ``-EPROTO``; an unknown or released segment ``-ENOENT``; a range
-    outside the segment ``-ERANGE``; a too-long read ``-EINVAL``.
+    RELEASE (that mapping is gone), PING, UFFD and INSTALL. A request the server
+    cannot parse gets a reply with ``-EPROTO``; an unknown or released segment
+    ``-ENOENT``; a range outside the segment ``-ERANGE``; a too-long read
+    ``-EINVAL``.
+
+    UFFD carries the requester's userfaultfd as SCM_RIGHTS ancillary data on the
+    Unix socket (``-EBADF`` if none came, or another kind of fd). From then on
+    INSTALL asks the owner to ``UFFDIO_COPY`` the range (``offset``, ``length``,
+    both page-aligned) from its own memory into the requester's mapping at
+    ``dst`` through that userfaultfd, instead of sending it: one copy per byte
+    instead of three. Request flags: WP (1) installs write-protected, DONTWAKE
+    (2) does not wake faulting threads. The reply has no data frame; its last
+    field is the number of bytes copied (the rest were mapped as zero pages),
+    and flag ZERO is set if that is 0. A consumer that cannot pass its fd, or
+    runs with ``LAZYSHARE_DATA_PATH=wire``, uses READ.
 """
 
 from __future__ import annotations
@@ -55,17 +70,22 @@ __all__ = [
     "OP_HOLD",
     "OP_RELEASE",
     "OP_PING",
+    "OP_INSTALL",
+    "OP_UFFD",
+    "INSTALL_REQUEST",
     "pack_request",
     "unpack_reply",
 ]
 
 MAGIC = 0x31535A4C  # b"LZS1" little-endian
 VERSION = 1
-OP_READ, OP_HOLD, OP_RELEASE, OP_PING = 1, 2, 3, 4
+OP_READ, OP_HOLD, OP_RELEASE, OP_PING, OP_INSTALL, OP_UFFD = 1, 2, 3, 4, 5, 6
 FLAG_ZERO = 1
+INSTALL_WP, INSTALL_DONTWAKE = 1, 2
 REQUEST = struct.Struct("<IHHIIQQQ16s")
+INSTALL_REQUEST = struct.Struct("<IHHIIQQQ16sQ")
 REPLY = struct.Struct("<IHHiIQQQQ")
-assert REQUEST.size == 56 and REPLY.size == 48
+assert REQUEST.size == 56 and INSTALL_REQUEST.size == 64 and REPLY.size == 48
 
 
 def pack_request(

@@ -206,3 +206,26 @@ def reexport(desc, q):
     _, total, vals, _, _ = q2.get(timeout=60)
     p.join()
     q.put((zero_claimed, total, vals))
+
+
+def churn(desc_a, desc_b, rounds, q):
+    """Attach, touch the start sequentially (read-ahead keeps requests in
+    flight), drop at once, attach the other segment: whatever was still being
+    installed for the dropped mapping must never land in the next one."""
+    import gc
+
+    import lazyshare
+
+    wrong = 0
+    for i in range(rounds):
+        sign = 1.0 if i % 2 == 0 else -1.0
+        a = lazyshare.attach(desc_a if i % 2 == 0 else desc_b)
+        per = 4096 // a.itemsize
+        for k in range(0, 48 * per, per):
+            wrong += a[k] != sign * k
+        if i % 8 == 7:
+            wrong += float(a.sum()) != sign * float(a.size) * (a.size - 1) / 2
+        del a
+        gc.collect()
+    time.sleep(0.2)
+    q.put((wrong, lazyshare.stats()["regions_attached"]))

@@ -43,6 +43,14 @@ def run(target, *args, timeout=DEADLINE):
             p.join()
 
 
+@pytest.fixture(autouse=True, params=["install", "wire"])
+def data_path(request, monkeypatch):
+    """Every test runs on both data paths: the owner installing pages through the
+    consumer's userfaultfd (the default), and pages sent as payload."""
+    monkeypatch.setenv("LAZYSHARE_DATA_PATH", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def big():
     """A 256 MiB random array, exported once for the module."""
@@ -52,14 +60,16 @@ def big():
     lazyshare.release(desc)
 
 
-def test_content_full_scan_and_random_reads(big):
+def test_content_full_scan_and_random_reads(big, data_path):
     a, desc = big
     idx = np.random.default_rng(1).integers(0, a.size, 1000)
     status, total, vals, st, mode = run(child.content, desc, idx)
     assert mode == lazyshare.capabilities().mode
     assert total == float(a.sum())
     assert vals == a[idx].tolist()
-    assert st["bytes_fetched"] >= a.nbytes  # every page came over the wire
+    assert st["bytes_fetched"] >= a.nbytes  # every page came from the owner
+    assert st["requests"] > 0
+    assert st["installs"] == (st["requests"] if data_path == "install" and mode != "eager" else 0)
 
 
 @pytest.mark.parametrize("offset", [1, 8, 123, 4095, 4097])
@@ -86,6 +96,19 @@ def test_views_export_their_base_and_rebuild():
             assert total == float(view.sum())
         finally:
             lazyshare.release(desc)
+
+
+def test_mapping_dropped_while_pages_are_in_flight_never_gets_late_pages():
+    a = np.arange(8 << 20, dtype=np.float64)  # 64 MiB each
+    b = -a
+    da, db = lazyshare.export(a), lazyshare.export(b)
+    try:
+        wrong, attached = run(child.churn, da, db, 40)
+    finally:
+        lazyshare.release(da)
+        lazyshare.release(db)
+    assert wrong == 0
+    assert attached == 0
 
 
 def test_only_touched_pages_move(big):

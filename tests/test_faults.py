@@ -8,6 +8,7 @@ handler run in helper processes pointed at a real or a fake page server."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import multiprocessing.pool
 import os
 import pickle
@@ -204,12 +205,14 @@ class FakeOwner:
             if not self.sock.poll(100):
                 continue
             ident, *frames = self.sock.recv_multipart()
-            magic, version, op, pid, _, tag, offset, length, seg = transport.REQUEST.unpack(frames[0])
-            if op == transport.OP_READ:
+            magic, version, op, pid, _, tag, offset, length, seg = transport.REQUEST.unpack(frames[0][:56])
+            if op == transport.OP_UFFD:
+                status = -errno.EBADF  # a ZeroMQ peer never sees the fd: the READ path
+            elif op in (transport.OP_READ, transport.OP_INSTALL):
                 self.reads += 1
                 if self.mode == "silent":
                     continue
-                status = -2  # -ENOENT
+                status = -errno.ENOENT
             else:
                 status = 0
             rep = transport.REPLY.pack(

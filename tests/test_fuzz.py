@@ -19,6 +19,9 @@ import time
 import numpy as np
 import pytest
 import zmq
+from _zmtp import READY
+from _zmtp import frame as zmtp_frame
+from _zmtp import greeting as zmtp_greeting
 from conftest import DEADLINE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -72,13 +75,18 @@ def dealer(endpoint, timeout_ms=5000):
 
 def model(seg, frames):
     """The status the server must answer a DEALER message with."""
-    if len(frames) != 1 or len(frames[0]) != transport.REQUEST.size:
+    sizes = (transport.REQUEST.size, transport.INSTALL_REQUEST.size)
+    if len(frames) != 1 or len(frames[0]) not in sizes:
         return -errno.EPROTO
-    magic, version, op, _pid, _res, _tag, offset, length, sid = transport.REQUEST.unpack(frames[0])
+    magic, version, op, _pid, _res, _tag, offset, length, sid = transport.REQUEST.unpack(frames[0][:56])
     if magic != transport.MAGIC or version != transport.VERSION:
+        return -errno.EPROTO
+    if (len(frames[0]) == transport.INSTALL_REQUEST.size) != (op == transport.OP_INSTALL):
         return -errno.EPROTO
     if op == transport.OP_PING:
         return 0
+    if op in (transport.OP_UFFD, transport.OP_INSTALL):
+        return -errno.EBADF  # no userfaultfd can ride on a ZeroMQ message
     if op not in (transport.OP_READ, transport.OP_HOLD, transport.OP_RELEASE):
         return -errno.EPROTO
     if sid != seg.id:
@@ -166,14 +174,21 @@ u64 = st.one_of(
 
 @st.composite
 def request(draw, seg_id):
-    op = draw(st.one_of(st.sampled_from([1, 1, 1, 2, 3, 4]), st.integers(0, 2**16 - 1)))
+    op = draw(st.one_of(st.sampled_from([1, 1, 1, 2, 3, 4, 5, 6]), st.integers(0, 2**16 - 1)))
     magic = draw(st.sampled_from([transport.MAGIC] * 8 + [0, transport.MAGIC ^ 1]))
     version = draw(st.sampled_from([transport.VERSION] * 8 + [0, 2, 0xFFFF]))
     sid = draw(st.one_of(st.just(seg_id), st.just(seg_id), st.binary(min_size=16, max_size=16)))
     raw = transport.REQUEST.pack(
         magic, version, op, draw(st.integers(0, 2**32 - 1)), 0, draw(u64), draw(u64), draw(u64), sid
     )
-    cut = draw(st.one_of(st.just(None), st.integers(0, len(raw) - 1), st.binary(min_size=1, max_size=64)))
+    cut = draw(
+        st.one_of(
+            st.just(None),
+            st.integers(0, len(raw) - 1),
+            st.binary(min_size=1, max_size=64),
+            st.binary(min_size=8, max_size=8),  # the size of an INSTALL request
+        )
+    )
     if cut is None:
         return raw
     if isinstance(cut, int):
@@ -214,22 +229,6 @@ def test_dealer_messages(seg, good):
 # ------------------------------------------------------------------ raw ZMTP
 
 
-def zmtp_client_greeting():
-    g = bytearray(64)
-    g[0], g[9], g[10], g[11] = 0xFF, 0x7F, 3, 0
-    g[12:16] = b"NULL"
-    return bytes(g)
-
-
-def zmtp_frame(body, flags=0):
-    if len(body) < 256:
-        return bytes([flags, len(body)]) + body
-    return bytes([flags | 0x02]) + struct.pack(">Q", len(body)) + body
-
-
-READY = zmtp_frame(b"\x05READY\x0bSocket-Type\x00\x00\x00\x06DEALER", 0x04)
-
-
 def parse_stream(seg, data):
     """Split the server's bytes into frames; check every READ payload."""
     assert data[:1] == b"\xff" and len(data) >= 64 or not data, data[:16]
@@ -266,7 +265,7 @@ def raw_exchange(seg, payload, greet=True):
     c.settimeout(10)
     try:
         c.connect(seg.path)
-        c.sendall((zmtp_client_greeting() + READY if greet else b"") + payload)
+        c.sendall((zmtp_greeting() + READY if greet else b"") + payload)
         c.shutdown(socket.SHUT_WR)
         got = bytearray()
         while True:
@@ -331,7 +330,7 @@ def test_slow_readers_and_idle_connections_do_not_stall_others(seg, good):
             c.connect(seg.path)
             c.setblocking(False)
             try:
-                c.send(zmtp_client_greeting() + READY + req * 200)
+                c.send(zmtp_greeting() + READY + req * 200)
             except BlockingIOError:
                 pass
             hogs.append(c)
