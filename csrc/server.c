@@ -57,9 +57,20 @@ struct span {
     uint64_t len;
 };
 
+/* One event loop ("lazyshare-pages" thread). Each connection belongs to one
+ * loop for its whole life, so its requests are served in order; loop 0 also
+ * accepts, handing connections out in turn, so that installs for different
+ * consumers run on different CPUs. */
+struct loop {
+    pthread_t thread;
+    int ep;
+    uint8_t *bounce; /* one page, for installs of pages mixing bytes and zeros */
+};
+
 struct conn {
     uint64_t id;
     int fd;
+    struct loop *loop;
     int uffd;       /* the consumer's userfaultfd (OP_UFFD), -1 if none */
     int pending_fd; /* an fd received but not yet claimed by an OP_UFFD request */
     struct conn *prev, *next; /* all connections, for a forked child to close */
@@ -81,14 +92,17 @@ static uint8_t *freed; /* ids freed but not yet popped by Python */
 static int nfreed, capfreed;
 static int freed_fd = -1;
 
-static pthread_t server_thread;
+#define MAX_LOOPS 8
+static struct loop loops[MAX_LOOPS];
+static int nloops;
 static int server_running;
-static int stop_fd = -1, listen_fd = -1, ep_fd = -1;
+static int stop_fd = -1, listen_fd = -1;
 static char listen_path[108];
 static uint64_t next_conn_id = 1;
 static const uint8_t zeros[4096];
 static int pagemap_fd = -1;
-static struct conn *conns; /* the server thread's (a forked child walks it once) */
+static pthread_mutex_t conns_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct conn *conns; /* every connection (a forked child closes them) */
 static uint64_t spin_ns = 50000; /* LAZYSHARE_SPIN_US; 0 disables */
 
 static struct seg *seg_find(const uint8_t *id)
@@ -232,7 +246,8 @@ static void conn_close(struct conn *c)
     pthread_mutex_unlock(&seg_lock);
     if (freed_any)
         ls_eventfd_signal(freed_fd);
-    epoll_ctl(ep_fd, EPOLL_CTL_DEL, c->fd, NULL);
+    epoll_ctl(c->loop->ep, EPOLL_CTL_DEL, c->fd, NULL);
+    pthread_mutex_lock(&conns_lock);
     close(c->fd);
     if (c->uffd >= 0)
         close(c->uffd);
@@ -244,6 +259,7 @@ static void conn_close(struct conn *c)
         conns = c->next;
     if (c->next)
         c->next->prev = c->prev;
+    pthread_mutex_unlock(&conns_lock);
     free(c->spans);
     free(c);
 }
@@ -577,7 +593,7 @@ static void serve_install(struct conn *c, const struct ls_req_install *in)
         return;
     }
 
-    static uint8_t bounce[1 << 16] __attribute__((aligned(4096)));
+    uint8_t *bounce = c->loop->bounce;
     uint64_t o = 0; /* bytes of the request filled; always a whole number of pages */
     int i = 0;
     while (!status && o < rq->length) {
@@ -788,7 +804,7 @@ static ssize_t conn_read(struct conn *c)
 static void conn_wants_out(struct conn *c, int out)
 {
     struct epoll_event ev = {.events = out ? EPOLLOUT : (EPOLLIN | EPOLLRDHUP), .data.ptr = c};
-    epoll_ctl(ep_fd, EPOLL_CTL_MOD, c->fd, &ev);
+    epoll_ctl(c->loop->ep, EPOLL_CTL_MOD, c->fd, &ev);
 }
 
 static void on_conn(struct conn *c, uint32_t events)
@@ -857,29 +873,29 @@ static void on_accept(void)
         c->id = next_conn_id++;
         c->fd = fd;
         c->uffd = c->pending_fd = -1;
+        c->loop = &loops[c->id % (uint64_t)nloops];
+        pthread_mutex_lock(&conns_lock);
         c->next = conns;
         if (conns)
             conns->prev = c;
         conns = c;
+        pthread_mutex_unlock(&conns_lock);
         uint8_t g[ZMTP_GREETING];
         zmtp_greeting(g, 1);
         tx_put(c, g, sizeof g);
         c->txlen += zmtp_ready(c->tx + c->txlen, sizeof c->tx - c->txlen, peer_type);
-        struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP, .data.ptr = c};
-        if (epoll_ctl(ep_fd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        /* Everything this thread does with c happens before it joins its
+         * loop's epoll set: from then on only that loop touches it. */
+        int f = conn_flush(c);
+        struct epoll_event ev = {.events = f == 0 ? EPOLLOUT : (EPOLLIN | EPOLLRDHUP), .data.ptr = c};
+        if (f < 0 || epoll_ctl(c->loop->ep, EPOLL_CTL_ADD, fd, &ev) < 0)
             conn_close(c);
-            continue;
-        }
-        if (conn_flush(c) < 0)
-            conn_close(c);
-        else if (c->txlen)
-            conn_wants_out(c, 1);
     }
 }
 
 static void *server_main(void *arg)
 {
-    (void)arg;
+    struct loop *L = arg;
     ls_block_signals();
     pthread_setname_np(pthread_self(), "lazyshare-pages");
     struct epoll_event evs[64];
@@ -890,10 +906,10 @@ static void *server_main(void *arg)
          * sleep/wake-up on an idle VM costs tens of them. */
         int n = 0;
         if (spin_ns && ls_now_ns() - last_activity < spin_ns)
-            while ((n = epoll_wait(ep_fd, evs, 64, 0)) == 0 && ls_now_ns() - last_activity < spin_ns)
+            while ((n = epoll_wait(L->ep, evs, 64, 0)) == 0 && ls_now_ns() - last_activity < spin_ns)
                 ;
         if (n <= 0)
-            n = epoll_wait(ep_fd, evs, 64, -1);
+            n = epoll_wait(L->ep, evs, 64, -1);
         last_activity = ls_now_ns();
         if (n < 0) {
             if (errno == EINTR)
@@ -904,7 +920,7 @@ static void *server_main(void *arg)
             if (evs[i].data.ptr == &listen_fd)
                 on_accept();
             else if (evs[i].data.ptr == &stop_fd)
-                return NULL;
+                return NULL; /* never drained: every loop sees it */
             else
                 on_conn(evs[i].data.ptr, evs[i].events);
         }
@@ -938,25 +954,51 @@ int ls_server_start(const char *endpoint)
         freed_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (pagemap_fd < 0)
         pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC); /* -1: no zero replies */
+    /* One loop per CPU, at most MAX_LOOPS (LAZYSHARE_SERVER_THREADS). */
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    const char *nt = getenv("LAZYSHARE_SERVER_THREADS");
+    int want = nt ? atoi(nt) : (int)(ncpu > 0 ? ncpu : 1);
+    nloops = want < 1 ? 1 : want > MAX_LOOPS ? MAX_LOOPS : want;
     stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    ep_fd = epoll_create1(EPOLL_CLOEXEC);
-    struct epoll_event ev1 = {.events = EPOLLIN, .data.ptr = &listen_fd};
-    struct epoll_event ev2 = {.events = EPOLLIN, .data.ptr = &stop_fd};
     listen_fd = fd;
-    if (freed_fd < 0 || stop_fd < 0 || ep_fd < 0 || epoll_ctl(ep_fd, EPOLL_CTL_ADD, fd, &ev1) < 0 ||
-        epoll_ctl(ep_fd, EPOLL_CTL_ADD, stop_fd, &ev2) < 0) {
-        int e = errno;
+    int rc = freed_fd < 0 || stop_fd < 0 ? -errno : 0;
+    int started = 0;
+    for (int i = 0; i < nloops && !rc; i++) {
+        struct loop *L = &loops[i];
+        void *b = NULL;
+        L->ep = epoll_create1(EPOLL_CLOEXEC);
+        struct epoll_event ev1 = {.events = EPOLLIN, .data.ptr = &listen_fd};
+        struct epoll_event ev2 = {.events = EPOLLIN, .data.ptr = &stop_fd};
+        if (L->ep < 0 || epoll_ctl(L->ep, EPOLL_CTL_ADD, stop_fd, &ev2) < 0 ||
+            (i == 0 && epoll_ctl(L->ep, EPOLL_CTL_ADD, fd, &ev1) < 0))
+            rc = -errno;
+        else if (posix_memalign(&b, ls_page_size(), ls_page_size()))
+            rc = -ENOMEM;
+        L->bounce = b;
+        if (!rc) {
+            rc = -pthread_create(&L->thread, NULL, server_main, L);
+            started += !rc;
+        }
+    }
+    if (rc) {
+        if (stop_fd >= 0)
+            ls_eventfd_signal(stop_fd);
+        for (int i = 0; i < started; i++)
+            pthread_join(loops[i].thread, NULL);
+        for (int i = 0; i < nloops; i++) {
+            if (loops[i].ep >= 0)
+                close(loops[i].ep);
+            free(loops[i].bounce);
+            loops[i] = (struct loop){.ep = -1};
+        }
+        if (stop_fd >= 0)
+            close(stop_fd);
         close(fd);
         unlink(path);
-        return -e;
+        listen_fd = stop_fd = -1;
+        return rc;
     }
     snprintf(listen_path, sizeof listen_path, "%s", path);
-    int rc = pthread_create(&server_thread, NULL, server_main, NULL);
-    if (rc) {
-        close(fd);
-        unlink(path);
-        return -rc;
-    }
     server_running = 1;
     return 0;
 }
@@ -966,7 +1008,13 @@ int ls_server_stop(void)
     if (!server_running)
         return 0;
     ls_eventfd_signal(stop_fd);
-    pthread_join(server_thread, NULL);
+    for (int i = 0; i < nloops; i++) {
+        pthread_join(loops[i].thread, NULL);
+        close(loops[i].ep);
+        free(loops[i].bounce);
+        loops[i] = (struct loop){.ep = -1};
+    }
+    nloops = 0;
     /* Connections are left to the process's exit: peers see EOF then. */
     close(listen_fd);
     unlink(listen_path);
@@ -995,7 +1043,14 @@ void ls_server_reset_after_fork(void)
             close(c->pending_fd);
     }
     conns = NULL;
-    int *fds[] = {&stop_fd, &freed_fd, &listen_fd, &ep_fd, &pagemap_fd};
+    pthread_mutex_init(&conns_lock, NULL);
+    for (int i = 0; i < nloops; i++) {
+        if (loops[i].ep >= 0)
+            close(loops[i].ep);
+        loops[i] = (struct loop){.ep = -1};
+    }
+    nloops = 0;
+    int *fds[] = {&stop_fd, &freed_fd, &listen_fd, &pagemap_fd};
     for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++) {
         if (*fds[i] >= 0)
             close(*fds[i]);
