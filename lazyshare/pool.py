@@ -61,6 +61,8 @@ Results are pickled by the worker with multiprocessing's own ``ForkingPickler``
 from __future__ import annotations
 
 import collections
+import copyreg
+import io
 import itertools
 import multiprocessing
 import os
@@ -419,7 +421,7 @@ class _Core:
         """Pickle one task and queue it (any API thread, or the feeder). ``exports``
         None: created on demand, for an apply whose task turns out to need it."""
         try:
-            frames = _dumps_small(self.threshold_value, payload) if mode == _APPLY else None
+            frames = _dumps_small(self.threshold_value, payload)
             if frames is None:
                 if exports is None:
                     exports = serialization.CallExports(self.threshold)
@@ -487,29 +489,29 @@ _BY_VALUE_MODULES = getattr(getattr(cloudpickle, "cloudpickle", None), "_PICKLE_
 
 
 def _dumps_small(threshold: float, task: tuple) -> list | None:
-    """``CallExports.dumps((func, args, kwds))`` for small tasks, or None.
+    """``CallExports.dumps(task)`` for small tasks, or None.
 
     cloudpickle costs 2-3x the C pickler on a small task (a Python ``ChainMap``
     lookup and ``reducer_override`` call per object): 10,000 ``apply_async`` spend
     most of their parent time there. The C pickler gives the same result when it
     succeeds, nothing lives in an interactive ``__main__`` (see
-    ``_main_is_importable``), no module is registered to be pickled by value, and nothing is big enough to be
-    exported; then the frames are laid out as ``CallExports.dumps`` lays them out.
-    Otherwise (lambdas, closures, big arrays ...) None: use ``CallExports.dumps``.
+    ``_main_is_importable``), no module is registered to be pickled by value, and
+    nothing is big enough to be exported; then the frames are laid out as
+    ``CallExports.dumps`` lays them out. Otherwise (lambdas, closures, big arrays
+    ...) None: use ``CallExports.dumps``. A big ndarray, at any depth, stops the
+    pickler as soon as it is reached (``_small_table``), before it is copied.
     """
-    func, args, kwds = task
-    if (
-        _BY_VALUE_MODULES is None
-        or _BY_VALUE_MODULES
-        or _big_array(args, threshold)
-        or _big_array(kwds.values() if type(kwds) is dict else (kwds,), threshold)
-    ):
+    if _BY_VALUE_MODULES is None or _BY_VALUE_MODULES:
         return None
     buffers: list = []
+    f = io.BytesIO()
+    p = pickle.Pickler(f, 5, buffer_callback=buffers.append)
+    p.dispatch_table = _small_table(threshold)
     try:
-        payload = pickle.dumps(task, 5, buffer_callback=buffers.append)
-    except Exception:
+        p.dump(task)
+    except Exception:  # _TooBig, or anything cloudpickle may still handle
         return None
+    payload = f.getvalue()
     if len(payload) >= threshold:
         return None
     if (b"__main__" in payload or b"__mp_main__" in payload) and not _main_is_importable():
@@ -522,6 +524,29 @@ def _dumps_small(threshold: float, task: tuple) -> list | None:
     return [pickle.dumps([None] * len(raws), 5), payload, *raws]
 
 
+class _TooBig(Exception):
+    pass
+
+
+_small_tables: dict = {}
+
+
+def _small_table(threshold: float) -> dict:
+    """copyreg's dispatch table plus ndarray, whose reducer refuses big arrays.
+    Consulted by the C pickler for exact types it has no fast path for, so it
+    costs nothing per int or str."""
+    table = _small_tables.get(threshold)
+    if table is None:
+
+        def reduce_array(a):
+            if a.nbytes >= threshold:
+                raise _TooBig
+            return a.__reduce_ex__(5)
+
+        table = _small_tables[threshold] = {**copyreg.dispatch_table, np.ndarray: reduce_array}
+    return table
+
+
 def _main_is_importable() -> bool:
     """Whether workers import the parent's ``__main__`` (as ``__mp_main__``), as
     spawn and forkserver children do when it is a file: then a ``__main__``
@@ -530,16 +555,13 @@ def _main_is_importable() -> bool:
     its functions by value."""
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
-    return bool(path) and os.path.isfile(path)
+    known = _main_seen.get(path)
+    if known is None:
+        known = _main_seen[path] = bool(path) and os.path.isfile(path)
+    return known
 
 
-def _big_array(items, threshold) -> bool:
-    # Shallow: a big strided view would be copied in-band by the C pickler before
-    # the size check sends it to CallExports (which exports its base instead).
-    try:
-        return any(isinstance(x, np.ndarray) and x.nbytes >= threshold for x in items)
-    except TypeError:  # args not iterable: let CallExports report it
-        return True
+_main_seen: dict = {}  # __main__.__file__ -> is a file (asked once per chunk: cached)
 
 
 class _CloudCallable:
