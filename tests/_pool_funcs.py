@@ -134,6 +134,10 @@ def first(a):
     return float(a.flat[0])
 
 
+def first_nested(d):
+    return first(d["deep"][0])
+
+
 def add_one_inplace(a):
     a += 1  # arguments arrive writable, as after unpickling
     return a

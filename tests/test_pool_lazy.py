@@ -22,8 +22,11 @@ def test_big_array_is_not_pickled_and_is_released():
         assert parts == [f.part_sum(a, i, 16) for i in range(4)]
         # views of the same allocation: the base is exported once per call
         assert p.map(f.first, [a[5:], a[::3], a.reshape(-1, 8).T]) == [5.0, 0.0, 0.0]
+        # deep inside other containers too, in map chunks and in apply
+        assert p.map(f.first_nested, [{"deep": [a[7::2]]}] * 3, chunksize=3) == [7.0] * 3
+        assert p.apply(f.first_nested, ({"deep": (a[9:],)},)) == 9.0
         s = p.stats()["totals"]
-        assert s["tasks"] == 4 + 3
+        assert s["tasks"] == 4 + 3 + 1 + 1
         assert s["bytes_pickled"] < MiB
         assert s["bytes_lazy"] >= 4 * a.nbytes // 16
         assert s["bytes_lazy"] < a.nbytes
