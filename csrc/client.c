@@ -359,6 +359,8 @@ static int peer_connect(struct peer *p)
         return rc;
     if (fcntl(fd, F_SETFL, O_NONBLOCK) < 0)
         return -errno;
+    if (p->direct)
+        return 0; /* the owner installs: no payload ever arrives, no staging buffer */
     void *stage;
     if (posix_memalign(&stage, ls_page_size(), LS_MAX_READ))
         return -ENOMEM;
@@ -976,7 +978,7 @@ static void drain_peer(struct peer *p)
             continue;
         }
         if (h && p->have_rep) { /* the payload frame */
-            if (len > LS_MAX_READ || len % ps || (flags & (ZMTP_MORE | ZMTP_COMMAND)))
+            if (len > LS_MAX_READ || len % ps || (flags & (ZMTP_MORE | ZMTP_COMMAND)) || !p->stage)
                 ls_fatal("malformed page payload from %s", p->endpoint);
             uint64_t inbuf = p->rxlen - h < len ? p->rxlen - h : len;
             memcpy(p->stage, p->rx + h, inbuf);

@@ -415,21 +415,23 @@ if __name__ == "__main__":
     assert total == float(a.sum()) and vals == a[[0, 5, 4 << 19]].tolist()
     p = ctx.Process(target=child.user_mode_kernel_access, args=(desc, q)); p.start()
     before, same, _ = q.get(timeout=50); p.join()
-    print(mode, before, same, st["bytes_fetched"] >= a.nbytes)
+    print(mode, before, same, st["bytes_fetched"] >= a.nbytes, st["installs"] > 0)
 """
 
 
-def test_user_mode_only_rung_forced():
+def test_user_mode_only_rung_forced(data_path):
     r = _run_script(RUNG_SCRIPT, {"LAZYSHARE_MODE": "uffd-user-mode-only"})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["uffd-user-mode-only", str(14), "True", "True"]  # EFAULT, then works
+    installs = str(data_path == "install")  # the owner installs through a user-mode-only uffd too
+    assert r.stdout.split() == ["uffd-user-mode-only", str(14), "True", "True", installs]  # EFAULT, then works
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges to another user")
-def test_unprivileged_user_gets_user_mode_only():
+def test_unprivileged_user_gets_user_mode_only(data_path):
     r = run_as_nobody(RUNG_SCRIPT)
     assert r.returncode == 0, r.stderr
-    mode, before, same, moved = r.stdout.split()
+    mode, before, same, moved, installs = r.stdout.split()
+    assert installs == str(data_path == "install")
     with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
         sysctl = f.read().strip()
     assert mode == ("uffd" if sysctl == "1" else "uffd-user-mode-only")
@@ -441,8 +443,9 @@ def test_unprivileged_user_gets_user_mode_only():
 def test_eager_rung_pulls_whole_segment_with_one_warning():
     r = _run_script(RUNG_SCRIPT, {"LAZYSHARE_MODE": "eager"})
     assert r.returncode == 0, r.stderr
-    mode, before, same, moved = r.stdout.split()
+    mode, before, same, moved, installs = r.stdout.split()
     assert mode == "eager" and before == "ok" and same == "True" and moved == "True"
+    assert installs == "False"  # no userfaultfd to hand over: pages come as payload
     assert r.stderr.count("LazyshareWarning") == 2  # once per attaching process (two children)
 
 
