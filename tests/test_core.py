@@ -423,7 +423,13 @@ def test_user_mode_only_rung_forced(data_path):
     r = _run_script(RUNG_SCRIPT, {"LAZYSHARE_MODE": "uffd-user-mode-only"})
     assert r.returncode == 0, r.stderr
     installs = str(data_path == "install")  # the owner installs through a user-mode-only uffd too
-    assert r.stdout.split() == ["uffd-user-mode-only", str(14), "True", "True", installs]  # EFAULT, then works
+    assert r.stdout.split() == [
+        "uffd-user-mode-only",
+        str(14),
+        "True",
+        "True",
+        installs,
+    ]  # EFAULT, then works
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges to another user")
