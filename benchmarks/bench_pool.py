@@ -5,6 +5,7 @@
 Workloads (2 workers each):
   sparse  16 tasks, each summing a different 1% slice of a float64 array
   whole   16 tasks, each summing a disjoint 1/16 (the array is read once)
+  zeros   one task sums an 8 GiB np.zeros (lazyshare only): how many bytes cross
   tiny    10,000 tiny tasks with no arrays: pool.map(f, range(10000)) and
           10,000 apply_async calls
 
@@ -49,6 +50,10 @@ def shm_sum_slice(name, n, start, stop):
     finally:
         del a
         shm.close()
+
+
+def sum_all(a):
+    return float(a.sum())
 
 
 def tiny(x):
@@ -128,12 +133,13 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--mp-runs", type=int, default=1)
     ap.add_argument("--tiny", type=int, default=10_000)
+    ap.add_argument("--zeros-gib", type=int, default=8, help="size of the np.zeros argument")
     ap.add_argument("--no-mp", action="store_true", help="skip multiprocessing.Pool (minutes at 1 GiB)")
     ap.add_argument("--no-ray", action="store_true", help="skip Ray even if it is installed")
     ap.add_argument("--quick", action="store_true", help="128 MiB, one run each: under a minute")
     args = ap.parse_args()
     if args.quick:
-        args.size_mib, args.runs, args.mp_runs = 128, 1, 1
+        args.size_mib, args.runs, args.mp_runs, args.zeros_gib = 128, 1, 1, 1
 
     import lazyshare
 
@@ -182,6 +188,19 @@ def main() -> int:
                 results[(kind, name)] = statistics.median(ts)
                 print(f"  {kind:6} {name:16} {results[(kind, name)]:8.3f} s", flush=True)
         stats = lz.stats()["totals"]
+
+        # never-written pages: np.zeros is untouched memory, answered as zero pages
+        z = np.zeros(args.zeros_gib << 30 >> 3)
+        before = lz.stats()["totals"]["bytes_lazy"]
+        dt, out = timed(lz.apply, sum_all, (z,))
+        assert out == 0.0
+        zero_moved = lz.stats()["totals"]["bytes_lazy"] - before
+        del z
+        print(
+            f"  zeros  lazyshare        {dt:8.3f} s   ({args.zeros_gib} GiB np.zeros read by one task: "
+            f"{zero_moved / 2**20:.1f} MiB crossed, {zero_moved / (args.zeros_gib << 30):.3%})",
+            flush=True,
+        )
 
         for label, call in (
             ("map", lambda p: p.map(tiny, range(args.tiny))),
