@@ -31,6 +31,14 @@ def _my_groups() -> set[int]:
     return {os.getegid(), *os.getgroups()}
 
 
+def _data_path(mode: str) -> str:
+    if mode == "eager":
+        return "wire (pages sent in the reply: no userfaultfd to hand to the owner)"
+    if os.environ.get("LAZYSHARE_DATA_PATH") == "wire":
+        return "wire (pages sent in the reply, as LAZYSHARE_DATA_PATH=wire asks)"
+    return "install (the owner copies pages in through this process's userfaultfd)"
+
+
 def doctor(args) -> int:
     """Print the capability ladder on this machine and how to reach its best rung."""
     from lazyshare import handler
@@ -75,6 +83,7 @@ def doctor(args) -> int:
         print(f"best rung available: {best.mode}\n  {best.reason}")
         return 2
     print(f"\nrung in use: {caps.mode}\n  {caps.reason}")
+    in_use = caps.mode
     if caps.mode != best.mode:
         print(f"best rung available: {best.mode} (unset LAZYSHARE_MODE to use it)")
         caps = best
@@ -83,6 +92,7 @@ def doctor(args) -> int:
         f"userfaultfd(2): {os.strerror(caps.syscall_errno) if caps.syscall_errno else 'ok'}; "
         f"user-mode-only: {os.strerror(caps.usermode_errno) if caps.usermode_errno else 'ok'}"
     )
+    print(f"data path: {_data_path(in_use)}")
     if caps.mode == "uffd":
         print("\nThis machine gives the best rung: nothing to do.")
         return 0

@@ -31,6 +31,9 @@ def test_doctor_reports_this_machine(capsys, monkeypatch):
     assert re.search(r"^seccomp: (off|strict|filter|unknown)", out, re.M)
     assert f"uid {os.getuid()}, euid {os.geteuid()}" in out
     assert f"rung in use: {caps.mode}\n  {caps.reason}" in out
+    assert re.search(r"^data path: (install|wire) \(", out, re.M)
+    monkeypatch.setenv("LAZYSHARE_DATA_PATH", "wire")
+    assert "data path: wire (pages sent in the reply, as LAZYSHARE_DATA_PATH=wire asks)" in _doctor(capsys)
     if os.path.exists("/dev/userfaultfd"):
         usable = os.access("/dev/userfaultfd", os.R_OK | os.W_OK)
         assert f"usable by this process: {usable}" in out
