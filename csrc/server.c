@@ -78,11 +78,15 @@ struct conn {
     int bad_multipart;
     uint8_t rx[4096];
     size_t rxlen;
+    size_t rxoff; /* conn_parse: bytes of rx already taken */
     uint8_t tx[256]; /* reply headers; the payload streams from the segment */
     size_t txoff, txlen;
     struct seg *dseg; /* payload source (busy-referenced), NULL if none */
     struct span *spans; /* the payload still to send, in order */
     int nspans, capspans, cur;
+    struct span *spans2; /* swapped in for a demand install served inside another */
+    int nspans2, capspans2;
+    int nested;
 };
 
 static pthread_mutex_t seg_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -261,6 +265,7 @@ static void conn_close(struct conn *c)
         c->next->prev = c->prev;
     pthread_mutex_unlock(&conns_lock);
     free(c->spans);
+    free(c->spans2);
     free(c);
 }
 
@@ -493,6 +498,71 @@ static void serve_uffd(struct conn *c, const struct ls_req *rq)
     reply(c, rq, status, 0, NULL, 0, 0);
 }
 
+static ssize_t conn_read(struct conn *c);
+static int conn_flush(struct conn *c);
+static void serve_install(struct conn *c, const struct ls_req_install *in);
+
+/*
+ * Demand before read-ahead: an INSTALL without LS_INSTALL_DONTWAKE has a thread
+ * blocked on it. Take the first such request already in rx (after the bytes
+ * conn_parse has taken, and before any command or multipart frame, across
+ * which nothing is reordered) out of the stream. 1 if one was taken.
+ */
+static int take_demand(struct conn *c, struct ls_req_install *out)
+{
+    size_t off = c->rxoff;
+    for (;;) {
+        uint8_t flags;
+        uint64_t len;
+        size_t h = zmtp_parse_header(c->rx + off, c->rxlen - off, &flags, &len);
+        if (!h || len > ZMTP_MAX_SMALL || c->rxlen - off - h < len || (flags & (ZMTP_COMMAND | ZMTP_MORE)) ||
+            c->bad_multipart)
+            return 0;
+        if (len == sizeof *out) {
+            memcpy(out, c->rx + off + h, sizeof *out);
+            if (out->rq.magic == LS_MAGIC && out->rq.version == LS_VERSION && out->rq.op == LS_OP_INSTALL &&
+                !(out->rq.flags & LS_INSTALL_DONTWAKE)) {
+                memmove(c->rx + off, c->rx + off + h + len, c->rxlen - off - h - len);
+                c->rxlen -= h + len;
+                return 1;
+            }
+        }
+        off += h + len;
+    }
+}
+
+/* Between chunks of a read-ahead install: serve demand installs that arrived
+ * meanwhile, each answered at once. Only while nothing else waits to be sent,
+ * so that the replies queued here always fit tx. */
+static void serve_urgent(struct conn *c)
+{
+    if (c->nested || c->txlen)
+        return;
+    if (c->rxlen < sizeof c->rx) {
+        ssize_t r = conn_read(c);
+        if (r > 0)
+            c->rxlen += (size_t)r;
+    }
+    struct ls_req_install in;
+    while (!c->txlen && take_demand(c, &in)) {
+        struct span *sp = c->spans;
+        int n = c->nspans, cap = c->capspans;
+        c->spans = c->spans2;
+        c->nspans = c->nspans2;
+        c->capspans = c->capspans2;
+        c->nested = 1;
+        serve_install(c, &in);
+        conn_flush(c); /* a broken peer is noticed by the next read */
+        c->nested = 0;
+        c->spans2 = c->spans;
+        c->nspans2 = c->nspans;
+        c->capspans2 = c->capspans;
+        c->spans = sp;
+        c->nspans = n;
+        c->capspans = cap;
+    }
+}
+
 /* One UFFDIO_COPY (src) or UFFDIO_ZEROPAGE (src NULL) into the consumer,
  * surviving partial copies, pages already there (EEXIST: woken unless
  * DONTWAKE, then skipped) and layout changes (EAGAIN). 0, or -errno. */
@@ -553,6 +623,8 @@ static int remote_fill(int fd, uint64_t dst, const uint8_t *src, uint64_t len, u
  * a bounce page first. The consumer's mm is only ever reached through its own
  * userfaultfd, and only ranges it registered there can be filled.
  */
+#define URGENT_CHUNK (512u << 10) /* a read-ahead install lets demand in this often */
+
 static void serve_install(struct conn *c, const struct ls_req_install *in)
 {
     const uint64_t ps = ls_page_size();
@@ -600,7 +672,12 @@ static void serve_install(struct conn *c, const struct ls_req_install *in)
         struct span *sp = &c->spans[i];
         if (sp->len >= ps) { /* whole pages of one kind, straight from the span */
             uint64_t run = sp->len / ps * ps;
+            int prefetch = (rq->flags & LS_INSTALL_DONTWAKE) && !c->nested;
+            if (prefetch && run > URGENT_CHUNK)
+                run = URGENT_CHUNK; /* then look for demand installs that came meanwhile */
             status = remote_fill(c->uffd, in->dst + o, sp->src, run, rq->flags);
+            if (prefetch && !status)
+                serve_urgent(c);
             if (sp->src)
                 sp->src += run;
             sp->len -= run;
@@ -725,17 +802,25 @@ static void serve_message(struct conn *c, const uint8_t *body, uint64_t len)
 /* Parse and serve what rx holds, one reply at a time. -1: drop the peer. */
 static int conn_parse(struct conn *c)
 {
-    size_t off = 0;
     int rc = 0;
+    c->rxoff = 0;
     if (!c->greeted) {
         if (c->rxlen < ZMTP_GREETING)
             return 0;
         if (zmtp_check_greeting(c->rx) < 0)
             return -1;
-        off = ZMTP_GREETING;
+        c->rxoff = ZMTP_GREETING;
         c->greeted = 1; /* READY follows as the first command frame */
     }
     while (!c->txlen && !c->dseg) { /* the previous reply is out */
+        struct ls_req_install demand;
+        if (take_demand(c, &demand)) { /* a waiting thread goes first */
+            serve_install(c, &demand);
+            if (conn_flush(c) < 0)
+                return -1;
+            continue;
+        }
+        size_t off = c->rxoff;
         uint8_t flags;
         uint64_t len;
         size_t h = zmtp_parse_header(c->rx + off, c->rxlen - off, &flags, &len);
@@ -748,7 +833,7 @@ static int conn_parse(struct conn *c)
         if (c->rxlen - off - h < len)
             break;
         const uint8_t *body = c->rx + off + h;
-        off += h + len;
+        c->rxoff = off + h + len;
         if (flags & ZMTP_COMMAND)
             continue; /* READY (its properties need no answer), PING, ... */
         if (flags & ZMTP_MORE) {
@@ -764,8 +849,9 @@ static int conn_parse(struct conn *c)
         if (conn_flush(c) < 0)
             return -1;
     }
-    memmove(c->rx, c->rx + off, c->rxlen - off);
-    c->rxlen -= off;
+    memmove(c->rx, c->rx + c->rxoff, c->rxlen - c->rxoff);
+    c->rxlen -= c->rxoff;
+    c->rxoff = 0;
     return rc;
 }
 

@@ -17,10 +17,12 @@ import errno
 import fcntl
 import os
 import struct
+import time
 
 import numpy as np
 import pytest
 from _zmtp import RawPeer
+from _zmtp import frame as _zmtp_frame
 from conftest import DEADLINE, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -63,13 +65,13 @@ class Consumer:
     pages are read only where an install is known to have landed, or after
     unregistering (then the others read as zeros): never while missing."""
 
-    def __init__(self):
+    def __init__(self, npages=NPAGES):
         fd = libc.syscall(SYS_userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK | UFFD_USER_MODE_ONLY)
         if fd < 0:
             pytest.skip(f"userfaultfd(2) unavailable here: errno {ctypes.get_errno()}")
         self.fd = fd
         fcntl.ioctl(fd, UFFDIO_API, bytearray(struct.pack("<QQQ", 0xAA, 0, 0)))
-        self.size = NPAGES * PAGE
+        self.size = npages * PAGE
         self.base = libc.mmap(None, self.size, 3, 0x22, -1, 0)  # RW, PRIVATE|ANONYMOUS
         assert self.base not in (None, ctypes.c_void_p(-1).value)
         fcntl.ioctl(fd, UFFDIO_REGISTER, bytearray(struct.pack("<QQQQ", self.base, self.size, 1, 0)))
@@ -284,3 +286,60 @@ def test_install_fuzz_matches_a_model(seg):
             c.close()
 
     one()
+
+
+def test_demand_installs_overtake_read_ahead():
+    """A demand INSTALL (no DONTWAKE) queued behind an 8 MiB read-ahead is
+    answered first: from the same read, and also when it arrives while the
+    read-ahead is being installed (taken between its chunks). Every byte lands
+    where it belongs either way."""
+    big = np.random.default_rng(5).integers(0, 255, 8 << 20, dtype=np.uint8)
+    desc = handler.export_memory(big, big.ctypes.data, big.nbytes)
+    image = big.tobytes()
+    path = transport.endpoint_path(desc.endpoint)
+    try:
+        order = []
+        for trial in range(12):
+            c = Consumer(npages=2 * (8 << 20) // PAGE)
+            peer = RawPeer(path)
+            try:
+                assert offer(peer, (c.fd,)) == 0
+
+                def req(tag, off, ln, dst, flags):
+                    return _zmtp_frame(
+                        transport.INSTALL_REQUEST.pack(
+                            transport.MAGIC,
+                            transport.VERSION,
+                            transport.OP_INSTALL,
+                            0,
+                            flags,
+                            tag,
+                            off,
+                            ln,
+                            desc.id,
+                            dst,
+                        )
+                    )
+
+                ahead = req(1, 0, 8 << 20, c.base, transport.INSTALL_DONTWAKE)
+                demand = req(2, 12 * PAGE, PAGE, c.base + (8 << 20), 0)
+                if trial < 6:
+                    peer.sock.sendall(ahead + demand)  # one read: the demand is taken first
+                else:
+                    peer.sock.sendall(ahead)
+                    time.sleep(0.0005)  # most likely mid-install
+                    peer.sock.sendall(demand)
+                tags = []
+                for _ in range(2):
+                    rep = transport.unpack_reply(peer.recv()[0])
+                    assert rep["status"] == 0, rep
+                    tags.append(rep["tag"])
+                order.append(tags)
+                assert ctypes.string_at(c.base + (8 << 20), PAGE) == image[12 * PAGE : 13 * PAGE]
+                assert ctypes.string_at(c.base, 8 << 20) == image
+            finally:
+                peer.close()
+                c.close()
+        assert order[:6] == [[2, 1]] * 6, order
+    finally:
+        handler.release(desc)
