@@ -6,8 +6,13 @@
  *                                               connection per owner, see zmtp.h)
  *     -> CMD_ATTACH, waits on its cond   ---->  HOLD round trip; region joins the table
  *   ls_client_detach -> CMD_DETACH       ---->  UFFDIO_UNREGISTER, munmap, RELEASE
- *   a thread touches a missing page  --kernel-> uffd_msg -> READ request(s) -> reply
- *                                               -> UFFDIO_COPY (wakes the faulting threads)
+ *   a thread touches a missing page  --kernel-> uffd_msg -> INSTALL request(s); the
+ *                                               owner UFFDIO_COPYs into this process
+ *                                               through the userfaultfd handed to it on
+ *                                               connecting (which wakes the thread), then
+ *                                               replies. READ instead (owner without an
+ *                                               fd, LAZYSHARE_DATA_PATH=wire): the payload
+ *                                               comes in the reply -> UFFDIO_COPY here.
  *
  * Only this thread touches the regions, the in-flight table and the sockets;
  * Python threads reach it through the command queue (cmd_lock). A region is

@@ -1,11 +1,15 @@
 /*
- * The page server: one native thread ("lazyshare-pages") per owning process,
- * a ZeroMQ ROUTER peer (ZMTP 3.0, see zmtp.h) on an ipc:// socket file.
+ * The page server: native "lazyshare-pages" threads (one epoll loop per CPU)
+ * in each owning process, a ZeroMQ ROUTER peer (ZMTP 3.0, see zmtp.h) on an
+ * ipc:// socket file. Loop 0 accepts and deals connections out in turn.
  *
- *   Python (any thread, GIL released)       page-server thread (epoll)
+ *   Python (any thread, GIL released)       page-server loops (epoll)
  *   ls_server_export   --+                   accept: same uid only (SO_PEERCRED)
- *   ls_server_unexport --+-- seg table --+-> READ: bounds-check, reply from the pinned
- *                        |   (seg_lock)  |   buffer itself (writev, no copy)
+ *   ls_server_unexport --+-- seg table --+-> INSTALL: bounds-check, UFFDIO_COPY from
+ *                        |   (seg_lock)  |   the pinned buffer into the consumer
+ *                        |               |   (its userfaultfd, given by OP_UFFD)
+ *                        |               +-> READ: reply from the pinned buffer
+ *                        |               |   itself (writev, no copy)
  *   freed ids <----------+---------------+-> HOLD/RELEASE: holders per connection;
  *   (eventfd wakes Python's reaper)          a closed connection drops its holds
  *
