@@ -1429,16 +1429,15 @@ def _watch_parent(pid: int) -> None:
 
 
 def _native_counters() -> tuple[int, int]:
-    # HOOK(native core): once lazyshare.handler exposes ``stats()`` -> dict with the
-    # cumulative ``bytes_fetched`` (or ``bytes_lazy``) and ``faults`` of this process,
-    # the pool reports them. Looked up only if a task already imported the handler.
+    # The cumulative ``bytes_fetched`` and ``faults`` of this process, which the
+    # pool reports with each result. Looked up only if a task already imported
+    # the handler (a worker that never attached anything has nothing to count).
     h = sys.modules.get("lazyshare.handler")
-    stats = getattr(h, "stats", None)
-    if stats is None:
+    if h is None:
         return 0, 0
     try:
-        s = stats()
-        return int(s.get("bytes_fetched", s.get("bytes_lazy", 0))), int(s.get("faults", 0))
+        s = h.stats()
+        return int(s["bytes_fetched"]), int(s["faults"])
     except Exception:
         return 0, 0
 
