@@ -585,70 +585,16 @@ static void on_fault(uintptr_t addr, uint64_t now)
         request_range(r, end, end2, 0);
 }
 
-/* UFFDIO_COPY [dst, dst+len) from src, surviving partial copies and races.
+/* Install [off, off+len) of r from src, or as zero pages (src NULL).
  * wake 0: nobody is known to wait (a prefetched block): skip the wake-up walk.
  * A thread that faulted on it meanwhile is woken when its message is read
  * (on_fault finds the page installed and wakes it). */
 static int install(struct region *r, uint64_t off, const uint8_t *src, uint64_t len, int wake)
 {
-    const uint64_t ps = ls_page_size();
-    uint64_t done = 0;
-    int again = 0;
-    while (done < len) {
-        struct uffdio_copy c = {
-            .dst = r->base + off + done,
-            .src = (uintptr_t)(src + done),
-            .len = len - done,
-            .mode = (r->wp ? UFFDIO_COPY_MODE_WP : 0) | (wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE),
-        };
-        if (ioctl(uffd, UFFDIO_COPY, &c) == 0) {
-            done = len;
-            break;
-        }
-        int e = errno;
-        if (c.copy > 0) { /* partial: the copied part is installed and woken */
-            done += (uint64_t)c.copy;
-            continue;
-        }
-        if (e == EEXIST) { /* that page is already there: wake its waiters, skip it */
-            wake_page(r->base + off + done);
-            CTR_ADD(eexist, 1);
-            done += ps;
-            continue;
-        }
-        if (e == EAGAIN && ++again < 1000) /* the layout is changing: retry */
-            continue;
-        return -e; /* ENOENT/ESRCH: the mapping or the process is going away */
-    }
-    return 0;
-}
-
-/* UFFDIO_ZEROPAGE [off, off+len): pages the owner never touched cost no bytes. */
-static int install_zero(struct region *r, uint64_t off, uint64_t len)
-{
-    const uint64_t ps = ls_page_size();
-    uint64_t done = 0;
-    int again = 0;
-    while (done < len) {
-        struct uffdio_zeropage z = {.range = {.start = r->base + off + done, .len = len - done}, .mode = 0};
-        if (ioctl(uffd, UFFDIO_ZEROPAGE, &z) == 0)
-            break;
-        int e = errno;
-        if (z.zeropage > 0) {
-            done += (uint64_t)z.zeropage;
-            continue;
-        }
-        if (e == EEXIST) {
-            wake_page(r->base + off + done);
-            CTR_ADD(eexist, 1);
-            done += ps;
-            continue;
-        }
-        if (e == EAGAIN && ++again < 1000)
-            continue;
-        return -e;
-    }
-    return 0;
+    uint64_t eexist = 0;
+    int rc = ls_uffd_fill(uffd, r->base + off, src, len, src && r->wp, !wake, &eexist);
+    CTR_ADD(eexist, eexist);
+    return rc;
 }
 
 /* Eager rung: no userfaultfd, the region is ordinary memory filled by memcpy. */
@@ -796,6 +742,27 @@ static void on_write_protect_fault(uintptr_t addr)
         ls_fatal("UFFDIO_WRITEPROTECT failed: errno %d", errno); /* it also wakes the writer */
 }
 
+/* Fetched pages of a write-protected region count against the budget. */
+static void account_fetched(struct region *r, uint64_t page, uint64_t npages)
+{
+    if (!r->wp)
+        return;
+    const uint64_t ps = ls_page_size();
+    r->resident += npages * ps;
+    resident_total += npages * ps;
+    fifo_push(r->id, page, npages);
+    enforce_budget();
+}
+
+static void record_latency(uint64_t fault_ns, int nfaults)
+{
+    if (!fault_ns)
+        return;
+    uint64_t dt = ls_now_ns() - fault_ns;
+    for (int i = 0; i < nfaults; i++)
+        ls_hist_add(dt);
+}
+
 static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *src, uint64_t srclen, int has_data)
 {
     const uint64_t ps = ls_page_size();
@@ -860,17 +827,9 @@ static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *sr
             struct uffdio_range rg = {.start = r->base + page * ps, .len = npages * ps};
             ioctl(uffd, UFFDIO_WAKE, &rg);
         }
-        if (r->wp && rep->seglen) {
-            r->resident += npages * ps;
-            resident_total += npages * ps;
-            fifo_push(r->id, page, npages);
-            enforce_budget();
-        }
-        if (fault) {
-            uint64_t dt = ls_now_ns() - fault;
-            for (int i = 0; i < nfaults; i++)
-                ls_hist_add(dt);
-        }
+        if (rep->seglen)
+            account_fetched(r, page, npages);
+        record_latency(fault, nfaults);
         return;
     }
     if (!rep->status && (rep->flags & LS_REP_ZERO) && !has_data && rep->length == npages * ps &&
@@ -886,14 +845,10 @@ static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *sr
             }
             return;
         }
-        int rc = install_zero(r, page * ps, npages * ps);
+        int rc = install(r, page * ps, NULL, npages * ps, 1);
         if (rc < 0)
             ls_fatal("UFFDIO_ZEROPAGE failed: errno %d", -rc);
-        if (fault) {
-            uint64_t dt = ls_now_ns() - fault;
-            for (int i = 0; i < nfaults; i++)
-                ls_hist_add(dt);
-        }
+        record_latency(fault, nfaults);
         return;
     }
     if (rep->status)
@@ -919,17 +874,8 @@ static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *sr
     int rc = install(r, page * ps, src, npages * ps, nfaults > 0);
     if (rc < 0)
         ls_fatal("UFFDIO_COPY failed: errno %d", -rc);
-    if (r->wp) {
-        r->resident += npages * ps;
-        resident_total += npages * ps;
-        fifo_push(r->id, page, npages);
-        enforce_budget();
-    }
-    if (fault) {
-        uint64_t dt = ls_now_ns() - fault;
-        for (int i = 0; i < nfaults; i++)
-            ls_hist_add(dt);
-    }
+    account_fetched(r, page, npages);
+    record_latency(fault, nfaults);
 }
 
 /* The owner's connection broke: fatal if anything still needs it. */

@@ -274,3 +274,50 @@ out:
     close(fd);
     return rc;
 }
+
+int ls_uffd_fill(int fd, uint64_t dst, const uint8_t *src, uint64_t len, int wp, int dontwake, uint64_t *eexist)
+{
+    const uint64_t ps = ls_page_size();
+    uint64_t done = 0;
+    int again = 0;
+    while (done < len) {
+        int64_t got;
+        int rc;
+        if (src) {
+            struct uffdio_copy cp = {
+                .dst = dst + done,
+                .src = (uintptr_t)(src + done),
+                .len = len - done,
+                .mode = (wp ? UFFDIO_COPY_MODE_WP : 0) | (dontwake ? UFFDIO_COPY_MODE_DONTWAKE : 0),
+            };
+            rc = ioctl(fd, UFFDIO_COPY, &cp);
+            got = cp.copy;
+        } else {
+            struct uffdio_zeropage z = {
+                .range = {.start = dst + done, .len = len - done},
+                .mode = dontwake ? UFFDIO_ZEROPAGE_MODE_DONTWAKE : 0,
+            };
+            rc = ioctl(fd, UFFDIO_ZEROPAGE, &z);
+            got = z.zeropage;
+        }
+        if (rc == 0)
+            return 0;
+        int e = errno;
+        if (got > 0) { /* partial: that part is installed (and woken) */
+            done += (uint64_t)got;
+            continue;
+        }
+        if (e == EEXIST) { /* that page is already there: wake its waiters, skip it */
+            struct uffdio_range rg = {.start = dst + done, .len = ps};
+            ioctl(fd, UFFDIO_WAKE, &rg);
+            if (eexist)
+                (*eexist)++;
+            done += ps;
+            continue;
+        }
+        if (e == EAGAIN && ++again < 1000) /* the layout is changing: retry */
+            continue;
+        return -e; /* ENOENT/ESRCH/EFAULT: the mapping or the process is going away */
+    }
+    return 0;
+}

@@ -95,6 +95,11 @@ void ls_eventfd_drain(int fd);
 __attribute__((noreturn, format(printf, 1, 2))) void ls_fatal(const char *fmt, ...);
 
 int ls_uffd_open(int mode);
+/* UFFDIO_COPY (src) or UFFDIO_ZEROPAGE (src NULL) of [dst, dst+len) through a
+ * userfaultfd (this process's or a consumer's), surviving partial copies, pages
+ * already present (skipped and woken; counted in *eexist if not NULL) and
+ * layout changes (EAGAIN). 0, or -errno (the mapping or process is gone...). */
+int ls_uffd_fill(int fd, uint64_t dst, const uint8_t *src, uint64_t len, int wp, int dontwake, uint64_t *eexist);
 void ls_server_reset_after_fork(void);
 void ls_client_reset_after_fork(void);
 

@@ -567,55 +567,9 @@ static void serve_urgent(struct conn *c)
     }
 }
 
-/* One UFFDIO_COPY (src) or UFFDIO_ZEROPAGE (src NULL) into the consumer,
- * surviving partial copies, pages already there (EEXIST: woken unless
- * DONTWAKE, then skipped) and layout changes (EAGAIN). 0, or -errno. */
 static int remote_fill(int fd, uint64_t dst, const uint8_t *src, uint64_t len, uint32_t flags)
 {
-    const uint64_t ps = ls_page_size();
-    uint64_t done = 0;
-    int again = 0;
-    while (done < len) {
-        int64_t got;
-        int rc;
-        if (src) {
-            struct uffdio_copy cp = {
-                .dst = dst + done,
-                .src = (uintptr_t)(src + done),
-                .len = len - done,
-                .mode = ((flags & LS_INSTALL_WP) ? UFFDIO_COPY_MODE_WP : 0) |
-                        ((flags & LS_INSTALL_DONTWAKE) ? UFFDIO_COPY_MODE_DONTWAKE : 0),
-            };
-            rc = ioctl(fd, UFFDIO_COPY, &cp);
-            got = cp.copy;
-        } else {
-            struct uffdio_zeropage z = {
-                .range = {.start = dst + done, .len = len - done},
-                .mode = (flags & LS_INSTALL_DONTWAKE) ? UFFDIO_ZEROPAGE_MODE_DONTWAKE : 0,
-            };
-            rc = ioctl(fd, UFFDIO_ZEROPAGE, &z);
-            got = z.zeropage;
-        }
-        if (rc == 0)
-            return 0;
-        int e = errno;
-        if (got > 0) {
-            done += (uint64_t)got;
-            continue;
-        }
-        if (e == EEXIST) {
-            if (!(flags & LS_INSTALL_DONTWAKE)) {
-                struct uffdio_range rg = {.start = dst + done, .len = ps};
-                ioctl(fd, UFFDIO_WAKE, &rg);
-            }
-            done += ps;
-            continue;
-        }
-        if (e == EAGAIN && ++again < 1000)
-            continue;
-        return -e;
-    }
-    return 0;
+    return ls_uffd_fill(fd, dst, src, len, src && (flags & LS_INSTALL_WP), !!(flags & LS_INSTALL_DONTWAKE), NULL);
 }
 
 /*
