@@ -76,9 +76,12 @@ struct waiter {
     int status;
 };
 
-/* R_DYING: detached while the owner may still be installing into it: the
- * address range stays reserved (PROT_NONE, unregistered) until every request
- * for it is answered, so that no late install can land in a new mapping. */
+/* R_DYING: detached (unregistered, the owner told). It is unmapped at the end
+ * of a loop iteration, after the progress that ls_client_sync waits for is
+ * published (freeing the pages of a big mapping takes milliseconds), and, if
+ * the owner may still be installing into it, only once every request for it
+ * is answered: until then the range stays mapped, so no late install can land
+ * in a new mapping (it finds nothing registered and fails). */
 enum { R_HOLDING, R_EAGER, R_ACTIVE, R_DYING };
 
 struct region {
@@ -114,6 +117,7 @@ struct inflight {
     uint64_t fault;  /* ns of the oldest fault waiting on it, 0 if none */
     int nfaults;
     int dontwake;    /* an INSTALL sent with LS_INSTALL_DONTWAKE */
+    int dying;       /* its region was detached: nobody waits for it */
     struct peer *peer;
 };
 
@@ -609,7 +613,7 @@ static void eager_pump(struct region *r)
     }
 }
 
-/* Unlink, unmap and free r (its address range may be reused from now on). */
+/* Unlink, unmap and free a detached region (its range may be reused from now on). */
 static void region_free(struct region *r)
 {
     struct region **pp = &regions;
@@ -627,8 +631,6 @@ static void region_free(struct region *r)
     if (r->peer)
         peer_put(r->peer);
     resident_total -= r->resident; /* its blocks in the FIFO are skipped when reached */
-    if (r->state != R_DYING)
-        CTR_SUB(regions_attached, 1);
     free(r->dirty);
     free(r->requested);
     free(r);
@@ -643,19 +645,25 @@ static void region_destroy(struct region *r, int tell_owner)
     }
     if (tell_owner && r->peer)
         send_req(r->peer, LS_OP_RELEASE, r->seg, 0, 0, 0, 0, 0);
-    if (r->inflight && r->peer && r->peer->direct) {
-        /* The owner may still be installing into it: free the pages but keep
-         * the range reserved until every request is answered (in order, before
-         * the RELEASE). A late install then finds nothing registered there. */
-        mmap((void *)r->base, r->maplen, PROT_NONE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-             -1, 0);
-        resident_total -= r->resident;
-        r->resident = 0;
-        r->state = R_DYING;
-        CTR_SUB(regions_attached, 1);
-        return;
+    for (int i = 0; i < ninfl; i++)
+        if (infl[i].region == r->id)
+            infl[i].dying = 1;
+    resident_total -= r->resident;
+    r->resident = 0;
+    r->state = R_DYING;
+    CTR_SUB(regions_attached, 1);
+}
+
+/* End of a loop iteration: unmap detached regions (see R_DYING). */
+static void reap_dying(void)
+{
+    for (struct region *r = regions, *next; r; r = next) {
+        next = r->next;
+        if (r->state != R_DYING)
+            continue;
+        if (!r->inflight || !r->peer || !r->peer->direct)
+            region_free(r); /* late READ payloads are dropped, never copied */
     }
-    region_free(r);
 }
 
 static void attach_finish(struct region *r, int status)
@@ -808,11 +816,8 @@ static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *sr
         CTR_ADD(bytes_fetched, rep->seglen);
         CTR_ADD(bytes_zero, npages * ps - rep->seglen);
     }
-    if (r->state == R_DYING) {
-        if (!r->inflight)
-            region_free(r);
-        return;
-    }
+    if (r->state == R_DYING)
+        return; /* freed by reap_dying */
     if (rep->op == LS_OP_INSTALL) {
         if (rep->status)
             ls_fatal("the owner (pid %d, %s) could not install pages %llu-%llu of a segment of %llu "
@@ -1031,8 +1036,7 @@ static void check_deadlines(uint64_t now)
         uint64_t age = now - f->sent;
         if (age < 200000000ull)
             continue;
-        struct region *r = region_by_id(f->region);
-        if (r && r->state == R_DYING)
+        if (f->dying)
             continue; /* nobody waits: its peer's loss or answer frees it */
         struct peer *p = f->peer;
         if (now - p->last_check > 200000000ull) {
@@ -1126,6 +1130,7 @@ static void *client_main(void *arg)
             if (infl[i].tag < oldest)
                 oldest = infl[i].tag;
         atomic_store_explicit(&oldest_tag, oldest, memory_order_release);
+        reap_dying();
         atomic_fetch_add_explicit(&heartbeat, 1, memory_order_relaxed);
     }
     return NULL;
