@@ -26,7 +26,7 @@ Semantics follow ``concurrent.futures.ProcessPoolExecutor``, with these differen
   As with ``ProcessPoolExecutor``, the arguments are pickled when the work item is
   handed to the pool, which may be after ``submit`` returns: do not write to an
   array while a future that uses it is not done.
-* A worker that dies fails only the futures it held, with
+* A worker that dies fails only the future it was running, with
   :class:`~lazyshare.errors.BrokenWorkerError` (a ``BrokenProcessPool`` and a
   ``WorkerLostError``); a replacement worker starts and the executor goes on.
   ``ProcessPoolExecutor`` instead fails every pending future and refuses new ones.
@@ -195,7 +195,7 @@ class Executor(_StdExecutor):
     (keyword-only): buffers of at least this many bytes go lazily; ``None`` pickles
     everything. Workers start at construction.
 
-    A worker that dies fails only the futures it held, with
+    A worker that dies fails only the future it was running, with
     :class:`lazyshare.BrokenWorkerError` (a
     ``concurrent.futures.process.BrokenProcessPool``); the executor goes on.
     """

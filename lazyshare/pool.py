@@ -49,8 +49,9 @@ differences, all on paths where the stdlib hangs or crashes:
   ``_QUEUED_WORK`` seconds of queued tasks (by the moving average of task time, at
   most ``_MAX_PREFETCH``), so tiny tasks stream. Long tasks, a shallow backlog and
   the tail of a map go one task per worker, balanced as by the stdlib's shared
-  queue. A task queued behind a long one on a worker waits for it, and fails with
-  it (``WorkerLostError``, "while this task was queued on it") if the worker dies.
+  queue. A task queued behind a long one on a worker waits for it; if the worker
+  dies, the task it was running fails (``WorkerLostError``) and the ones queued
+  behind it, which never started, go back to the front of the queue.
 
 Results are pickled by the worker with multiprocessing's own ``ForkingPickler``
 (protocol 5, out-of-band buffers as separate frames, read back by
@@ -306,7 +307,7 @@ class _Worker:
         self.bye = False  # said goodbye: everything it sent has arrived
         self.dead = False
         self.dead_at = 0.0
-        self.inflight: dict[tuple[int, int], int] = {}  # (job, index) -> mode, oldest first
+        self.inflight: dict[tuple[int, int], _Task] = {}  # (job, index) -> task, oldest first
         self.budget = -1 if maxtasks is None else maxtasks  # tasks it may still be sent
         self.tasks = 0
         self.bytes_pickled = 0
@@ -758,14 +759,24 @@ class _Dispatcher:
     def _finish(self, w: _Worker) -> None:
         exitcode = w.process.exitcode
         if w.inflight:
-            what = _describe_exit(w, exitcode)
-            first = True
-            for job, index in w.inflight:
-                where = "while running this task" if first else "while this task was queued on it"
-                first = False
-                err = WorkerLostError(f"{what} {where}", exitcode=exitcode, pid=w.pid)
-                self.core.result_q.put([(job, index, False, err, False)])
+            # A worker runs its tasks in the order it got them: the oldest one it
+            # had not answered was running (or about to) and fails; the ones
+            # queued behind it never started and go back to the front of the
+            # queue, for another worker (unless the pool is being torn down).
+            tasks = list(w.inflight.values())
             w.inflight.clear()
+            running, queued = tasks[0], tasks[1:]
+            what = _describe_exit(w, exitcode)
+            err = WorkerLostError(f"{what} while running this task", exitcode=exitcode, pid=w.pid)
+            self.core.result_q.put([(running.job, running.index, False, err, False)])
+            if self.core.state == TERMINATE or self.core.broken is not None:
+                for t in queued:
+                    err = WorkerLostError(
+                        f"{what} while this task was queued on it", exitcode=exitcode, pid=w.pid
+                    )
+                    self.core.result_q.put([(t.job, t.index, False, err, False)])
+            else:
+                self.core.pending.extendleft(reversed(queued))
         del self.workers[w.wid]
         self.core.forget_worker(w)
         if not w.hello and self.core.state != TERMINATE:
@@ -856,7 +867,7 @@ class _Dispatcher:
                 best.ready = False
                 ready.remove(best)
                 continue
-            best.inflight[(task.job, task.index)] = task.mode
+            best.inflight[(task.job, task.index)] = task
             best.bytes_pickled += task.nbytes
             if best.budget > 0:
                 best.budget -= 1

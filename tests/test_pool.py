@@ -538,6 +538,25 @@ def test_sigkill_of_a_worker_mid_task(pool, tmp_path):
     assert wait_for(lambda: pid not in [w.pid for w in pool._pool] and all(w.is_alive() for w in pool._pool))
 
 
+def test_tasks_queued_behind_a_killed_task_run_on_another_worker(tmp_path):
+    with Pool(1) as p:
+        p.map(f.sqr, range(200), chunksize=1)  # run times known: tasks now queue ahead on the worker
+        path = str(tmp_path / "pid")
+        pad = b"x" * 20000  # makes a queued task recognisable in bytes_pickled
+        before = sum(c["bytes_pickled"] for c in p.stats()["workers"].values())
+        victim = p.apply_async(f.pid_then_sleep, (path, 30))
+        queued = [p.apply_async(f.getpid, (pad,)) for _ in range(8)]
+        assert wait_for(lambda: os.path.exists(path) and open(path).read())
+        pid = int(open(path).read())
+        queued_on_victim = lambda: p.stats()["workers"][pid]["bytes_pickled"] - before > len(pad)  # noqa: E731
+        assert wait_for(queued_on_victim), "no task was queued on the worker: nothing to show"
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(WorkerLostError, match="while running this task"):
+            victim.get(DEADLINE)
+        pids = [r.get(DEADLINE) for r in queued]  # none of them had started: they run elsewhere
+        assert pid not in pids and len(set(pids)) == 1
+
+
 def test_worker_exit_during_map(pool):
     with pytest.raises(WorkerLostError, match="exited with code 7"):
         pool.map(f.die, [7], chunksize=1)
