@@ -341,6 +341,15 @@ static int offer_uffd(struct peer *p)
     return 0;
 }
 
+/* Whether the owner runs as our uid: only such an owner is handed our
+ * userfaultfd (it could ptrace us anyway); any other gets READ requests. */
+static int peer_is_us(int fd)
+{
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    return getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 && cred.uid == getuid();
+}
+
 static int peer_connect(struct peer *p)
 {
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
@@ -362,7 +371,7 @@ static int peer_connect(struct peer *p)
     int rc = write_all(fd, hello, n);
     if (!rc)
         rc = read_handshake(p);
-    if (!rc && uffd >= 0 && direct_wanted)
+    if (!rc && uffd >= 0 && direct_wanted && peer_is_us(fd))
         rc = offer_uffd(p);
     if (rc < 0)
         return rc;

@@ -363,3 +363,93 @@ def test_wedged_fault_handler_thread_is_noticed_by_a_watchdog(tmp_path):
             time.sleep(0.02)
         p.communicate(timeout=DEADLINE)
         lazyshare.release(desc)
+
+
+OTHER_UID_OWNER = """
+import errno, os, sys, time, zmq
+from lazyshare import transport
+ep, nbytes = sys.argv[1], int(sys.argv[2])
+s = zmq.Context.instance().socket(zmq.ROUTER)
+s.linger = 0
+s.bind(ep)
+os.chmod(ep[6:], 0o666)
+print("bound", flush=True)
+offered, deadline = False, time.monotonic() + 30
+while time.monotonic() < deadline and not os.path.exists(ep[6:] + ".stop"):
+    if not s.poll(100):
+        continue
+    ident, *frames = s.recv_multipart()
+    _, _, op, _, _, tag, offset, length, _ = transport.REQUEST.unpack(frames[0][:56])
+    data = []
+    if op == transport.OP_UFFD:
+        offered, status = True, -errno.EBADF
+    elif op == transport.OP_READ:
+        status, data = 0, [bytes([7]) * length]
+    elif op in (transport.OP_HOLD, transport.OP_RELEASE):
+        status = 0
+    else:
+        status = -errno.EPROTO
+    rep = transport.REPLY.pack(
+        transport.MAGIC, transport.VERSION, op, status, 0, tag, offset, length if data else 0, nbytes
+    )
+    s.send_multipart([ident, rep, *data])
+print("offered" if offered else "not offered", flush=True)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run an owner as another user")
+def test_userfaultfd_is_never_handed_to_an_owner_of_another_uid(tmp_path):
+    """The consumer gives its userfaultfd only to an owner running as its own
+    uid (SO_PEERCRED); another one gets READ requests and pages as payload."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    d = tmp_path / "other"
+    d.mkdir()
+    os.chown(d, nobody.pw_uid, nobody.pw_gid)
+    tmp_path.chmod(0o755)
+    ep = f"ipc://{d}/pages.sock"
+    nbytes = 1 << 20
+    owner = subprocess.Popen(
+        [
+            "setpriv",
+            f"--reuid={nobody.pw_uid}",
+            f"--regid={nobody.pw_gid}",
+            "--clear-groups",
+            "--inh-caps=-all,+dac_read_search",
+            "--ambient-caps=-all,+dac_read_search",
+            "--",
+            sys.executable,
+            "-c",
+            OTHER_UID_OWNER,
+            ep,
+            str(nbytes),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_with(),
+    )
+    p = None
+    try:
+        assert owner.stdout.readline().strip() == "bound", owner.stderr.read()
+        seg = handler.SegmentDescriptor(os.urandom(16), nbytes, ep, owner.pid)
+        desc = handler.ArrayDescriptor(seg, 0, (nbytes,), (1,), np.dtype(np.uint8))
+        p, _ = start_consumer(desc, LAZYSHARE_FAULT_TIMEOUT="10")
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        out, err = p.communicate(timeout=DEADLINE)
+        assert p.returncode == 0, err
+        assert out.strip().startswith(f"read {7.0 * (nbytes // 4096)!r}"), (out, err)  # one byte per page
+    finally:
+        (d / "pages.sock.stop").touch()
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait()
+        try:
+            rest, err = owner.communicate(timeout=DEADLINE)
+        finally:
+            if owner.poll() is None:
+                owner.kill()
+                owner.wait()
+    assert rest.strip() == "not offered", (rest, err)
