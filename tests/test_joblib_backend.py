@@ -59,6 +59,16 @@ def test_threshold_backend_parameter():
     assert totals["bytes_lazy"] == 0 and totals["bytes_pickled"] >= big.nbytes
 
 
+def test_memory_budget_backend_parameter():
+    import _pool_funcs
+
+    a = np.ones(8 << 20)  # 64 MiB
+    with parallel_config(backend="lazyshare", n_jobs=2, memory_budget=8 << 20):
+        (s1, s2, v, _grew, dropped), _ = Parallel()(delayed(_pool_funcs.budget_pass)(a) for _ in range(2))
+    assert s1 == s2 == float(a.size) - 2.0 and v == -1.0
+    assert dropped >= a.nbytes - (8 << 20)  # the workers kept to the budget
+
+
 def test_errors_propagate():
     with pytest.raises(ZeroDivisionError):
         Parallel(n_jobs=2, backend="lazyshare")(delayed(f.div)(1, x) for x in (1, 0, 2))
