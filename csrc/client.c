@@ -222,32 +222,13 @@ static int write_all(int fd, const uint8_t *b, size_t n)
     return 0;
 }
 
-/* Read the server's greeting and READY command (bounded by SO_RCVTIMEO). */
-static int read_handshake(struct peer *p)
+/* During the handshake (blocking, bounded by SO_RCVTIMEO): append what
+ * arrives to rx. 0, or -errno. */
+static int read_more(struct peer *p)
 {
-    size_t need = ZMTP_GREETING;
-    int greeted = 0;
+    if (p->rxlen == sizeof p->rx)
+        return -EPROTO; /* nothing the handshake expects is that long */
     for (;;) {
-        if (p->rxlen >= need) {
-            if (!greeted) {
-                if (zmtp_check_greeting(p->rx) < 0)
-                    return -EPROTO;
-                greeted = 1;
-            }
-            uint8_t flags;
-            uint64_t len;
-            size_t h = zmtp_parse_header(p->rx + ZMTP_GREETING, p->rxlen - ZMTP_GREETING, &flags, &len);
-            if (h) {
-                if (!(flags & ZMTP_COMMAND) || len > ZMTP_MAX_SMALL)
-                    return -EPROTO;
-                size_t total = ZMTP_GREETING + h + len;
-                if (p->rxlen >= total) {
-                    memmove(p->rx, p->rx + total, p->rxlen - total);
-                    p->rxlen -= total;
-                    return 0;
-                }
-            }
-        }
         ssize_t r = read(p->fd, p->rx + p->rxlen, sizeof p->rx - p->rxlen);
         if (r < 0 && errno == EINTR)
             continue;
@@ -256,12 +237,13 @@ static int read_handshake(struct peer *p)
         if (r == 0)
             return -ECONNRESET;
         p->rxlen += (size_t)r;
-        need = p->rxlen + 1 > ZMTP_GREETING ? ZMTP_GREETING : need;
+        return 0;
     }
 }
 
-/* During the handshake: the next message frame (commands skipped), blocking. */
-static int read_frame_sync(struct peer *p, uint8_t *out, size_t cap, size_t *outlen)
+/* During the handshake: the next complete frame, taken out of rx. A command
+ * is skipped unless want_command; a message is copied to out. */
+static int read_frame_sync(struct peer *p, int want_command, uint8_t *out, size_t cap, size_t *outlen)
 {
     for (;;) {
         uint8_t flags;
@@ -270,28 +252,38 @@ static int read_frame_sync(struct peer *p, uint8_t *out, size_t cap, size_t *out
         if (h && len > ZMTP_MAX_SMALL)
             return -EPROTO;
         if (h && p->rxlen >= h + len) {
-            int take = !(flags & ZMTP_COMMAND);
-            if (take) {
-                if (len > cap || (flags & ZMTP_MORE))
-                    return -EPROTO;
+            int command = (flags & ZMTP_COMMAND) != 0;
+            if (!command && (want_command || len > cap || (flags & ZMTP_MORE)))
+                return -EPROTO;
+            if (!command) {
                 memcpy(out, p->rx + h, len);
                 *outlen = len;
             }
             memmove(p->rx, p->rx + h + len, p->rxlen - h - len);
             p->rxlen -= h + len;
-            if (take)
+            if (command == want_command)
                 return 0;
             continue;
         }
-        ssize_t r = read(p->fd, p->rx + p->rxlen, sizeof p->rx - p->rxlen);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return errno == EAGAIN ? -ETIMEDOUT : -errno;
-        if (r == 0)
-            return -ECONNRESET;
-        p->rxlen += (size_t)r;
+        int rc = read_more(p);
+        if (rc < 0)
+            return rc;
     }
+}
+
+/* Read the server's greeting and READY command. */
+static int read_handshake(struct peer *p)
+{
+    while (p->rxlen < ZMTP_GREETING) {
+        int rc = read_more(p);
+        if (rc < 0)
+            return rc;
+    }
+    if (zmtp_check_greeting(p->rx) < 0)
+        return -EPROTO;
+    memmove(p->rx, p->rx + ZMTP_GREETING, p->rxlen - ZMTP_GREETING);
+    p->rxlen -= ZMTP_GREETING;
+    return read_frame_sync(p, 1, NULL, 0, NULL);
 }
 
 /*
@@ -332,7 +324,7 @@ static int offer_uffd(struct peer *p)
     }
     struct ls_rep rep;
     size_t len = 0;
-    int rc = read_frame_sync(p, (uint8_t *)&rep, sizeof rep, &len);
+    int rc = read_frame_sync(p, 0, (uint8_t *)&rep, sizeof rep, &len);
     if (rc < 0)
         return rc;
     if (len != sizeof rep || rep.magic != LS_MAGIC || rep.op != LS_OP_UFFD)
