@@ -26,6 +26,7 @@ that into exceptions.
 from __future__ import annotations
 
 import atexit
+import bisect
 import dataclasses
 import errno
 import os
@@ -53,6 +54,7 @@ __all__ = [
     "materialize",
     "capabilities",
     "stats",
+    "lazy_overlap",
 ]
 
 MODES = {"uffd": lib.LS_MODE_UFFD, "uffd-user-mode-only": lib.LS_MODE_UFFD_USER, "eager": lib.LS_MODE_EAGER}
@@ -264,9 +266,8 @@ def _untouched_pages_are_zero(address: int, nbytes: int) -> bool:
     without payload. File-backed or shared memory, and regions attached from
     another owner (absent pages there are not fetched yet), do not qualify."""
     end = address + nbytes
-    with _lock:
-        if any(a < end and address < a + n for a, n in _attached.values()):
-            return False
+    if lazy_overlap(address, nbytes):
+        return False
     covered = address
     with open("/proc/self/maps") as f:
         for line in f:
@@ -290,9 +291,7 @@ def export_memory(pin: Any, address: int, nbytes: int) -> SegmentDescriptor:
     if not anon and capabilities().mode == "uffd-user-mode-only":
         # Re-exporting a lazy mapping: the page server's kernel-mode reads of
         # pages not fetched yet would fail with EFAULT on this rung.
-        with _lock:
-            lazy = any(a < address + nbytes and address < a + n for a, n in _attached.values())
-        if lazy:
+        if lazy_overlap(address, nbytes):
             lib.ls_client_materialize(address, nbytes)
     seg_id = secrets.token_bytes(16)
     with _lock:
@@ -375,6 +374,41 @@ def pinned_segments() -> int:
 _client_pid: int | None = None
 _warned_eager = False
 _attached: dict[int, tuple[int, int]] = {}  # region -> (address, length), live mappings
+# The same mappings ordered by address, for "does this range overlap a lazy
+# mapping" in O(log n): mappings never overlap one another, so the only
+# candidate is the last one starting below the range's end.
+_attached_starts: list[int] = []  # sorted
+_attached_ends: dict[int, int] = {}  # start -> end
+
+
+def _attached_add(region: int, address: int, nbytes: int) -> None:
+    with _lock:
+        _attached[region] = (address, nbytes)
+        bisect.insort(_attached_starts, address)
+        _attached_ends[address] = address + nbytes
+
+
+def _attached_remove(region: int) -> None:
+    with _lock:
+        span = _attached.pop(region, None)
+        if span is None:
+            return
+        i = bisect.bisect_left(_attached_starts, span[0])
+        if i < len(_attached_starts) and _attached_starts[i] == span[0]:
+            del _attached_starts[i]
+        _attached_ends.pop(span[0], None)
+
+
+def lazy_overlap(address: int, nbytes: int) -> bool:
+    """Whether [address, address+nbytes) overlaps a region this process attached
+    (a lazy mapping: its absent pages are not fetched yet). O(log n) in the
+    number of live mappings."""
+    if nbytes <= 0:
+        return False
+    end = address + nbytes
+    with _lock:
+        i = bisect.bisect_left(_attached_starts, end) - 1
+        return i >= 0 and _attached_ends[_attached_starts[i]] > address
 
 
 def _ensure_client() -> Capabilities:
@@ -405,7 +439,7 @@ class _Mapping:
 
     def __init__(self, address: int, nbytes: int, region: int):
         self.address, self.nbytes, self.region, self.pid = address, nbytes, region, os.getpid()
-        _attached[region] = (address, nbytes)
+        _attached_add(region, address, nbytes)
         self.__array_interface__ = {
             "shape": (nbytes,),
             "typestr": "|u1",
@@ -415,7 +449,7 @@ class _Mapping:
 
     def __del__(self):
         if self.pid == os.getpid():  # a forked child has no such region
-            _attached.pop(self.region, None)
+            _attached_remove(self.region)
             lib.ls_client_detach(self.region)
 
 
@@ -537,6 +571,8 @@ def _after_fork_in_child() -> None:
     _lock = threading.RLock()
     _pins.clear()
     _attached.clear()
+    _attached_starts.clear()
+    _attached_ends.clear()
     _server_endpoint = _server_pid = _reaper = _client_pid = None
     _stopping = threading.Event()
 
