@@ -66,6 +66,7 @@ import copyreg
 import io
 import itertools
 import multiprocessing
+import operator
 import os
 import pickle
 import queue
@@ -533,7 +534,8 @@ _small_tables: dict = {}
 
 
 def _small_table(threshold: float) -> dict:
-    """copyreg's dispatch table plus ndarray, whose reducer refuses big arrays.
+    """copyreg's dispatch table plus ndarray and its subclasses, whose reducer
+    refuses big arrays.
     Consulted by the C pickler for exact types it has no fast path for, so it
     costs nothing per int or str."""
     table = _small_tables.get(threshold)
@@ -544,8 +546,18 @@ def _small_table(threshold: float) -> dict:
                 raise _TooBig
             return a.__reduce_ex__(5)
 
-        table = _small_tables[threshold] = {**copyreg.dispatch_table, np.ndarray: reduce_array}
+        class Table(dict):  # a subclass of ndarray (memmap, masked...) too, on first sight
+            def __missing__(self, cls):
+                if issubclass(cls, type):
+                    raise KeyError(cls)  # a class (of a metaclass): pickled by reference
+                r = self[cls] = reduce_array if issubclass(cls, np.ndarray) else _reduce_ex_5
+                return r
+
+        table = _small_tables[threshold] = Table({**copyreg.dispatch_table, np.ndarray: reduce_array})
     return table
+
+
+_reduce_ex_5 = operator.methodcaller("__reduce_ex__", 5)  # what the pickler does without an entry
 
 
 def _main_is_importable() -> bool:

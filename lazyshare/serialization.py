@@ -22,6 +22,30 @@ allocation once per call and is rebuilt as the same view in the worker. Other
 objects that pickle their data out-of-band (protocol 5 ``PickleBuffer``) go
 through ``buffer_callback``.
 
+Subclasses of ndarray go lazily too, and arrive as follows (numpy's own
+pickling is ``ndarray.__reduce__``, which copies the data with ``tobytes()``):
+
+* a subclass that pickles as ndarray does (no ``__reduce__``, ``__reduce_ex__``
+  or ``__setstate__`` of its own, nothing in ``copyreg``): the lazy ndarray's
+  ``view(cls)`` -- so ``__array_finalize__`` runs with the plain array as
+  ``obj``, as for any view -- then the instance's ``__dict__`` is restored.
+  numpy's pickling drops ``__dict__``; here it arrives (pickled on its own;
+  if it cannot be pickled it is dropped, as numpy would, with a warning).
+  ``np.recarray`` and ``np.matrix`` are such subclasses.
+* ``np.memmap``: unpickling a memmap gives an ``np.memmap`` that maps no file
+  (``_mmap``, ``filename``, ``offset``, ``mode`` all None); so does this. The
+  worker's copy is private: its writes never reach the file.
+* ``np.ma.MaskedArray`` (whose ``__reduce__`` copies data and mask with
+  ``tobytes()``): data and mask go separately, each lazily when big (a
+  ``nomask`` stays ``nomask``), and are rebuilt as numpy's ``_mareconstruct``
+  rebuilds them, with ``fill_value``, the base class (a masked memmap's data is
+  an ``np.memmap`` as above) and ``hardmask`` (which numpy's pickling loses).
+* a subclass with its own ``__reduce__``/``__reduce_ex__``/``__setstate__`` (or
+  a ``copyreg`` reducer) is pickled its own way, i.e. whole, with one
+  ``LazyshareWarning`` per class saying so.
+
+Arrays of Python objects (``dtype=object``) are always pickled.
+
 Results (``dumps_result``/``loads_result``) are pickled with protocol 5 by the
 stdlib's pickler and their out-of-band buffers travel as separate zero-copy
 frames; nothing is exported.
@@ -29,8 +53,10 @@ frames; nothing is exported.
 
 from __future__ import annotations
 
+import copyreg
 import io
 import pickle
+import warnings
 from typing import Any
 
 import cloudpickle
@@ -64,9 +90,113 @@ class _LazyPickler(cloudpickle.Pickler):
         self._exports = exports
 
     def reducer_override(self, obj):
-        if type(obj) is np.ndarray and obj.nbytes >= self._exports.threshold and not obj.dtype.hasobject:
-            return _rebuild_array, (self._exports.export_array(obj),)
+        if isinstance(obj, np.ndarray) and obj.nbytes >= self._exports.threshold and not obj.dtype.hasobject:
+            if type(obj) is np.ndarray:
+                return _rebuild_array, (self._exports.export_array(obj),)
+            rv = self._reduce_subclass(obj)
+            if rv is not None:
+                return rv
         return super().reducer_override(obj)
+
+    def _reduce_subclass(self, obj: np.ndarray):
+        """A big instance of an ndarray subclass, lazily (see the module
+        docstring), or None: it pickles its own way."""
+        cls = type(obj)
+        if cls in copyreg.dispatch_table:
+            return None  # a reducer registered for it: respected
+        if _pickles_as(cls, np.ma.MaskedArray):
+            mask = obj._mask
+            state = _instance_state(obj, _MASKED_OWN)
+            return _rebuild_masked, (
+                cls,
+                obj._baseclass,
+                obj.view(np.ndarray),
+                None if mask is np.ma.nomask else mask.view(np.ndarray),
+                obj._fill_value,
+                bool(obj._hardmask),
+                self._dumps_state(cls, state),
+            )
+        if _pickles_as(cls, np.ndarray):
+            own = _MEMMAP_OWN if isinstance(obj, np.memmap) else ()
+            state = self._dumps_state(cls, _instance_state(obj, own))
+            return _rebuild_subclass, (self._exports.export_array(obj.view(np.ndarray)), cls, state)
+        _warn_pickled_whole(cls, obj.nbytes)
+        return None
+
+    def _dumps_state(self, cls: type, state: dict | None) -> bytes | None:
+        """An instance's extra attributes, pickled apart (big arrays among them
+        still go lazily): numpy's own pickling drops them, so one that cannot be
+        pickled is dropped too, with a warning, instead of failing the task."""
+        if not state:
+            return None
+        f = io.BytesIO()
+        try:
+            _LazyPickler(f, self._exports, None).dump(state)
+        except Exception as e:
+            _warn_once(
+                ("state", cls),
+                f"lazyshare: the attributes of a {_qualname(cls)} could not be pickled ({e!r}); "
+                "it arrives without them, as numpy's own pickling would send it",
+            )
+            return None
+        return f.getvalue()
+
+
+
+# Attributes that a class's own machinery rebuilds (or that numpy's pickling
+# resets): not sent with the instance's other attributes.
+_MEMMAP_OWN = ("_mmap", "filename", "offset", "mode")
+_MASKED_OWN = (
+    "_mask",
+    "_fill_value",
+    "_hardmask",
+    "_sharedmask",
+    "_isfield",
+    "_baseclass",
+    "_optinfo",
+    "_basedict",
+    *_MEMMAP_OWN,
+)
+
+
+def _pickles_as(cls: type, base: type) -> bool:
+    """Whether instances of ``cls`` pickle exactly as instances of ``base`` do
+    (none of the methods pickling goes through is overridden below it)."""
+    if not issubclass(cls, base):
+        return False
+    return all(getattr(cls, m) is getattr(base, m) for m in ("__reduce_ex__", "__reduce__", "__setstate__"))
+
+
+def _instance_state(obj, own) -> dict | None:
+    d = getattr(obj, "__dict__", None)
+    if not d:
+        return None
+    return {k: v for k, v in d.items() if k not in own} or None
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+_warned: set = set()
+
+
+def _warn_once(key, msg: str) -> None:
+    if key in _warned:
+        return
+    _warned.add(key)
+    from .handler import LazyshareWarning
+
+    warnings.warn(msg, LazyshareWarning, stacklevel=2)
+
+
+def _warn_pickled_whole(cls: type, nbytes: int) -> None:
+    _warn_once(
+        ("whole", cls),
+        f"lazyshare: {_qualname(cls)} defines its own pickling (__reduce__, __reduce_ex__ or "
+        f"__setstate__), which is respected: such arrays ({nbytes} bytes here) are pickled whole, "
+        "not shared lazily",
+    )
 
 
 class CallExports:
@@ -140,6 +270,29 @@ class CallExports:
 
 def _rebuild_array(desc):
     return _handler().attach(desc)
+
+
+def _rebuild_subclass(desc, cls, state):
+    """A lazy ndarray as an instance of ``cls``: ``view(cls)`` (its
+    ``__array_finalize__`` sees the plain array), then its attributes."""
+    arr = _handler().attach(desc).view(cls)
+    if state is not None:
+        arr.__dict__.update(pickle.loads(state))
+    return arr
+
+
+def _rebuild_masked(cls, baseclass, data, mask, fill_value, hardmask, state):
+    """As numpy's ``_mareconstruct`` + ``MaskedArray.__setstate__`` rebuild one,
+    over the lazy data and mask; the hard mask and other attributes kept."""
+    if baseclass is not np.ndarray:
+        data = data.view(baseclass)
+    arr = cls.__new__(cls, data, mask=np.ma.nomask if mask is None else mask, dtype=data.dtype)
+    if fill_value is not None:
+        arr.fill_value = fill_value
+    arr._hardmask = hardmask
+    if state is not None:
+        arr.__dict__.update(pickle.loads(state))
+    return arr
 
 
 def loads(frames) -> Any:
