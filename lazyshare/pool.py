@@ -52,6 +52,13 @@ differences, all on paths where the stdlib hangs or crashes:
   queue. A task queued behind a long one on a worker waits for it; if the worker
   dies, the task it was running fails (``WorkerLostError``) and the ones queued
   behind it, which never started, go back to the front of the queue.
+* What workers cannot import by name (lambdas, closures, the functions and
+  classes of an interactive ``__main__`` or of a package's ``__main__.py``)
+  travels by value with cloudpickle, where the stdlib refuses it; each task then
+  has its own copy of its globals. A script's (or ``python -m`` module's) own
+  ``__main__`` functions and classes go by reference, as with the stdlib, so
+  they share the worker's one ``__main__``: what an initializer sets with
+  ``global`` is what later tasks see.
 
 Results are pickled by the worker with multiprocessing's own ``ForkingPickler``
 (protocol 5, out-of-band buffers as separate frames, read back by
@@ -561,32 +568,58 @@ _reduce_ex_5 = operator.methodcaller("__reduce_ex__", 5)  # what the pickler doe
 
 
 def _main_is_importable() -> bool:
-    """Whether workers import the parent's ``__main__`` (as ``__mp_main__``), as
-    spawn and forkserver children do when it is a file: then a ``__main__``
-    function pickles by reference, as the stdlib pickles it. An interactive
-    ``__main__`` (REPL, notebook, ``python -c``) has no file: cloudpickle sends
-    its functions by value."""
+    """Whether workers run the parent's ``__main__`` (as ``__mp_main__``): spawn
+    and forkserver children import a script's file or a ``python -m`` module,
+    but not a package's ``__main__`` nor a script named ipython (multiprocessing
+    skips those). Then a ``__main__`` function pickles by reference, as the
+    stdlib pickles it, and its ``global`` statements reach the worker's one
+    ``__main__`` namespace. An interactive ``__main__`` (REPL, notebook,
+    ``python -c``) has no file: cloudpickle sends its functions by value. The
+    same rule as ``serialization._as_the_stdlib``."""
     main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
     path = getattr(main, "__file__", None)
-    known = _main_seen.get(path)
+    known = _main_seen.get((spec_name, path))
     if known is None:
-        known = _main_seen[path] = bool(path) and os.path.isfile(path)
+        if spec_name is not None:
+            known = spec_name != "__main__" and not spec_name.endswith(".__main__")
+        else:
+            known = (
+                bool(path)
+                and os.path.isfile(path)
+                and os.path.splitext(os.path.basename(path))[0] != "ipython"
+            )
+        _main_seen[(spec_name, path)] = known
     return known
 
 
-_main_seen: dict = {}  # __main__.__file__ -> is a file (asked once per chunk: cached)
+_main_seen: dict = {}  # (__spec__.name, __file__) -> importable (asked once per chunk: cached)
+
+
+class _InitPickler(cloudpickle.Pickler):
+    """cloudpickle, except where ``serialization._as_the_stdlib`` says the stdlib
+    differs (``__main__`` functions by reference where workers import it)."""
+
+    def reducer_override(self, obj):
+        if (rv := serialization._as_the_stdlib(obj, float("inf"))) is not None:
+            return rv
+        return super().reducer_override(obj)
 
 
 class _CloudCallable:
-    """The initializer travels with cloudpickle (lambdas, ``__main__`` functions);
-    ``initargs`` go through multiprocessing's own pickler, so that queues, locks and
-    manager proxies work as with the stdlib."""
+    """The initializer travels with cloudpickle (lambdas, closures) but, as with
+    the stdlib, by reference when it is a ``__main__`` function that workers
+    import: what it sets with ``global`` is then what the tasks' ``__main__``
+    functions see. ``initargs`` go through multiprocessing's own pickler, so that
+    queues, locks and manager proxies work as with the stdlib."""
 
     def __init__(self, func):
         self.func = func
 
     def __reduce__(self):
-        return _load_cloud, (cloudpickle.dumps(self.func),)
+        f = io.BytesIO()
+        _InitPickler(f).dump(self.func)
+        return _load_cloud, (f.getvalue(),)
 
     def __call__(self, *args):
         return self.func(*args)

@@ -90,6 +90,8 @@ class _LazyPickler(cloudpickle.Pickler):
         self._exports = exports
 
     def reducer_override(self, obj):
+        if (rv := _as_the_stdlib(obj, self._exports.threshold)) is not None:
+            return rv
         if isinstance(obj, np.ndarray) and obj.nbytes >= self._exports.threshold and not obj.dtype.hasobject:
             if type(obj) is np.ndarray:
                 return _rebuild_array, (self._exports.export_array(obj),)
@@ -270,6 +272,46 @@ class CallExports:
 
 def _rebuild_array(desc):
     return _handler().attach(desc)
+
+
+def _as_the_stdlib(obj, threshold, _function=type(lambda: None)):  # noqa: B008 (FunctionType, once)
+    """Where the stdlib's pickler and cloudpickle differ, what the stdlib does
+    with ``obj`` (called first by ``_LazyPickler.reducer_override``): None (no
+    difference) or NotImplemented (save it as a global, by reference).
+
+    A function or class of ``__main__`` goes by reference when the workers run
+    the parent's ``__main__`` too (spawn and forkserver children import a script
+    or a ``python -m`` module as ``__mp_main__``) and ``__main__.<qualname>`` is
+    this very object: then its ``global`` statements write to the one namespace
+    that the worker's other ``__main__`` functions read, as with the stdlib.
+    cloudpickle would copy it by value, into a namespace of its own per task.
+    An interactive ``__main__`` (REPL, notebook, ``python -c``), a package's
+    ``__main__.py`` (which workers do not run) and what is not reachable by name
+    (lambdas, nested functions) stay by value. The same rule as
+    ``pool._main_is_importable``.
+    """
+    if type(obj) is not _function and not isinstance(obj, type):
+        return None
+    if getattr(obj, "__module__", None) != "__main__":
+        return None
+    import os
+    import sys
+
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    if spec_name is not None:  # python -m: workers run it unless it is a package's __main__
+        if spec_name == "__main__" or spec_name.endswith(".__main__"):
+            return None
+    else:  # a script: workers run its file (multiprocessing skips one named ipython)
+        path = getattr(main, "__file__", None)
+        if not path or not os.path.isfile(path) or os.path.splitext(os.path.basename(path))[0] == "ipython":
+            return None
+    target = main
+    for name in obj.__qualname__.split("."):
+        target = getattr(target, name, None)
+        if target is None:
+            return None
+    return NotImplemented if target is obj else None
 
 
 def _rebuild_subclass(desc, cls, state):

@@ -1,0 +1,130 @@
+"""The worker side of the pool against the stdlib's: ``__main__`` namespaces,
+what arguments arrive as, results that point into lazy memory, task-error
+semantics, the workers' environment. ``__main__`` behaviour needs real scripts,
+run in a subprocess; worker functions otherwise live in _worker_funcs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import DEADLINE
+
+pytestmark = pytest.mark.timeout(DEADLINE)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_file(path, code, *args, env=None, cwd=None, module=None):
+    """Write ``code`` to ``path`` and run it (``python path *args``, or
+    ``python -m module`` from ``cwd``); tests/ is importable. Returns the
+    completed process; asserts it succeeded."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(code))
+    pythonpath = os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])
+    full_env = dict(os.environ, PYTHONPATH=pythonpath, **(env or {}))
+    cmd = [sys.executable, "-m", module] if module else [sys.executable, str(path)]
+    r = subprocess.run(
+        [*cmd, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=DEADLINE - 5
+    )
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+# --------------------------------------------------------------------------- __main__
+MAIN_NAMESPACE = """
+import json, multiprocessing as mp, multiprocessing.pool, sys
+import numpy as np
+import lazyshare
+
+model = None
+n = 0
+
+def init():
+    global model
+    model = "loaded"
+
+def get_model(_=None):
+    return model
+
+def count(_=None):
+    global n
+    n += 1
+    return n
+
+class Point:
+    def __init__(self, x):
+        self.x = x
+
+def is_point(p):
+    return isinstance(p, Point), type(p).__module__
+
+def run(pool, ctx):
+    big = np.ones(1 << 18)  # 2 MiB: lazy for lazyshare (threshold 1 MiB)
+    with pool(1, initializer=init, context=ctx) as p:
+        return {
+            "model": [p.apply(get_model), p.apply(get_model, (big,)), p.map(get_model, [big] * 2)],
+            "count": [p.apply(count) for _ in range(3)] + [p.apply(count, (big,)) for _ in range(3)],
+            "map": p.map(count, [big] * 4, chunksize=2) + p.map(count, [None] * 4, chunksize=2),
+            "imap": list(p.imap(count, [big] * 3)) + list(p.imap(count, [big] * 4, chunksize=2)),
+            "starmap": p.starmap(count, [(big,)] * 2),
+            "class": [p.apply(is_point, (Point(1),)), p.apply(is_point, (Point(big),))],
+        }
+
+if __name__ == "__main__":
+    ctx = mp.get_context(sys.argv[1])
+    print(json.dumps([run(mp.pool.Pool, ctx), run(lazyshare.Pool, ctx)]))
+"""
+
+
+@pytest.mark.parametrize(
+    "how, method", [("script", "forkserver"), ("script", "spawn"), ("module", "forkserver")]
+)
+def test_main_functions_share_one_namespace_as_with_the_stdlib(tmp_path, how, method):
+    """The initializer's ``global`` writes and a ``__main__`` counter are seen by
+    every later task of that worker, on every path, as with multiprocessing.Pool."""
+    if how == "script":
+        r = run_file(tmp_path / "script.py", MAIN_NAMESPACE, method)
+    else:  # python -m mainmod: workers import it by name
+        r = run_file(tmp_path / "mainmod.py", MAIN_NAMESPACE, method, cwd=tmp_path, module="mainmod")
+    stdlib, ours = json.loads(r.stdout)
+    assert stdlib["model"] == ["loaded", "loaded", ["loaded", "loaded"]]
+    assert stdlib["count"] == list(range(1, 7))  # the reference, one worker
+    assert ours == stdlib
+
+
+BY_VALUE = """
+import multiprocessing as mp
+import numpy as np
+import lazyshare
+
+def twice(x):
+    return 2 * x
+
+def total(a):
+    return float(a.sum())
+
+if __name__ == "__main__":
+    big = np.ones(1 << 18)
+    with lazyshare.Pool(1, initializer=twice, initargs=(1,)) as p:
+        print(p.apply(twice, (21,)), p.apply(total, (big,)), p.map(total, [big] * 2, chunksize=2),
+              list(p.imap(twice, [1, 2])))
+"""
+
+
+def test_main_functions_workers_cannot_import_go_by_value(tmp_path):
+    """``python -c`` and a package's ``__main__.py`` (which workers do not run:
+    the stdlib cannot call their functions at all) keep by-value pickling."""
+    want = f"42 {float(1 << 18)} [{float(1 << 18)}, {float(1 << 18)}] [2, 4]"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run(
+        [sys.executable, "-c", BY_VALUE], env=env, capture_output=True, text=True, timeout=DEADLINE - 5
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == want
+    r = run_file(tmp_path / "mainpkg" / "__main__.py", BY_VALUE, cwd=tmp_path, module="mainpkg")
+    assert r.stdout.strip() == want
