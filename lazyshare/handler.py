@@ -495,10 +495,9 @@ def attach(desc: ArrayDescriptor | SegmentDescriptor) -> np.ndarray:
     )
     _check(rc, f"attaching segment {seg.id.hex()[:8]} of pid {seg.owner_pid}")
     raw = np.asarray(_Mapping(addr[0], seg.nbytes, region[0]))
-    arr = np.ndarray(desc.shape, np.dtype(desc.dtype), buffer=raw, offset=desc.offset, strides=desc.strides)
-    if not desc.writeable:
-        arr.flags.writeable = False
-    return arr
+    # Writable even if the owner's array is not (``desc.writeable``): the mapping
+    # is private, and unpickling gives a writable copy too.
+    return np.ndarray(desc.shape, np.dtype(desc.dtype), buffer=raw, offset=desc.offset, strides=desc.strides)
 
 
 def set_memory_budget(nbytes: int | None) -> None:

@@ -504,8 +504,10 @@ def _dumps_small(threshold: float, task: tuple) -> list | None:
     lookup and ``reducer_override`` call per object): 10,000 ``apply_async`` spend
     most of their parent time there. The C pickler gives the same result when it
     succeeds, nothing lives in an interactive ``__main__`` (see
-    ``_main_is_importable``), no module is registered to be pickled by value, and
-    nothing is big enough to be exported; then the frames are laid out as
+    ``_main_is_importable``), no module is registered to be pickled by value,
+    nothing is big enough to be exported and no buffer is read-only (the stdlib
+    gives a writable copy: see ``serialization._as_the_stdlib``, which also
+    refuses memoryviews as the stdlib does); then the frames are laid out as
     ``CallExports.dumps`` lays them out. Otherwise (lambdas, closures, big arrays
     ...) None: use ``CallExports.dumps``. A big ndarray, at any depth, stops the
     pickler as soon as it is reached (``_small_table``), before it is copied.
@@ -528,8 +530,8 @@ def _dumps_small(threshold: float, task: tuple) -> list | None:
     if not buffers:
         return [_EMPTY_KINDS, payload]
     raws = [b.raw() for b in buffers]
-    if any(r.nbytes >= threshold for r in raws):
-        return None
+    if any(r.nbytes >= threshold or r.readonly for r in raws):
+        return None  # a read-only array would arrive read-only: CallExports.dumps copies it
     return [pickle.dumps([None] * len(raws), 5), payload, *raws]
 
 

@@ -275,9 +275,15 @@ def _rebuild_array(desc):
 
 
 def _as_the_stdlib(obj, threshold, _function=type(lambda: None)):  # noqa: B008 (FunctionType, once)
-    """Where the stdlib's pickler and cloudpickle differ, what the stdlib does
-    with ``obj`` (called first by ``_LazyPickler.reducer_override``): None (no
-    difference) or NotImplemented (save it as a global, by reference).
+    """Where the stdlib's pool and cloudpickle differ, what the stdlib does with
+    ``obj`` (called first by ``_LazyPickler.reducer_override``): None (no
+    difference), NotImplemented (save it as a global, by reference) or a
+    reduction; raises what the stdlib raises.
+
+    A read-only ndarray below ``threshold`` goes as a writable copy: pickled
+    out-of-band it would arrive read-only, where the stdlib's pool (protocol 4,
+    in-band) gives a writable one. A memoryview raises the stdlib's TypeError
+    (cloudpickle would send it as bytes).
 
     A function or class of ``__main__`` goes by reference when the workers run
     the parent's ``__main__`` too (spawn and forkserver children import a script
@@ -290,7 +296,14 @@ def _as_the_stdlib(obj, threshold, _function=type(lambda: None)):  # noqa: B008 
     (lambdas, nested functions) stay by value. The same rule as
     ``pool._main_is_importable``.
     """
-    if type(obj) is not _function and not isinstance(obj, type):
+    cls = type(obj)
+    if cls is np.ndarray:
+        if obj.flags.writeable or obj.nbytes >= threshold:
+            return None  # a big one is attached writable
+        return obj.copy(order="K").__reduce_ex__(_PROTOCOL)
+    if cls is memoryview:
+        return obj.__reduce_ex__(_PROTOCOL)  # TypeError: cannot pickle memoryview objects
+    if cls is not _function and not isinstance(obj, type):
         return None
     if getattr(obj, "__module__", None) != "__main__":
         return None

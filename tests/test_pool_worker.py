@@ -6,13 +6,18 @@ run in a subprocess; worker functions otherwise live in _worker_funcs."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 import textwrap
 
+import _worker_funcs as wf
+import numpy as np
 import pytest
 from conftest import DEADLINE
+
+from lazyshare.pool import Pool
 
 pytestmark = pytest.mark.timeout(DEADLINE)
 
@@ -128,3 +133,65 @@ def test_main_functions_workers_cannot_import_go_by_value(tmp_path):
     assert r.stdout.strip() == want
     r = run_file(tmp_path / "mainpkg" / "__main__.py", BY_VALUE, cwd=tmp_path, module="mainpkg")
     assert r.stdout.strip() == want
+
+
+# --------------------------------------------------------------------------- arguments
+def read_only_arrays():
+    small = np.arange(100.0)
+    strided = np.arange(200.0)[::2]
+    big = np.arange(1 << 18, dtype=np.float64)  # 2 MiB: lazy
+    for a in (small, strided, big):
+        a.flags.writeable = False
+    from_bytes = np.frombuffer(b"x" * 800, dtype=np.uint8)  # read-only memory
+    return small, strided, from_bytes, big, big[10:], big[::3]
+
+
+def test_read_only_arguments_arrive_writable_as_with_the_stdlib():
+    """The stdlib gives a writable private copy of every array; so do the fast
+    path (C pickler), cloudpickle's (a lambda alongside) and lazy arrays."""
+    arrays = read_only_arrays()
+    small = arrays[:3]
+    with multiprocessing.get_context("forkserver").Pool(1) as sp:
+        want = sp.apply(wf.write_first, arrays)
+    assert want == [(True, 7.0)] * len(arrays)
+    with Pool(1) as p:
+        assert p.apply(wf.write_first, small) == want[:3]  # _dumps_small
+        assert p.apply(lambda *a: wf.write_first(*a), small) == want[:3]  # cloudpickle
+        assert p.apply(wf.write_first, arrays) == want  # big ones lazily
+        assert p.map(wf.write_first, arrays, chunksize=3) == [[w] for w in want]
+        assert p.stats()["totals"]["bytes_lazy"] > 0
+    assert [float(a.flat[0]) for a in arrays] == [0.0, 0.0, 120.0, 0.0, 10.0, 0.0]  # writes stayed private
+
+
+def test_memoryview_argument_fails_as_with_the_stdlib():
+    """The stdlib cannot pickle a memoryview (lazyshare used to send it as
+    bytes): the call fails in the caller with the stdlib's TypeError, and the
+    pool goes on."""
+    mv = memoryview(b"abc")
+    big = np.ones(1 << 18)
+    calls = [
+        lambda p: p.apply(wf.identity, (mv,)),
+        lambda p: p.apply(wf.identity, (mv, big)),
+        lambda p: p.apply_async(wf.identity, ({"deep": [mv]},)).get(DEADLINE),
+        lambda p: p.map(wf.identity, [1, mv, 2]),
+        lambda p: p.map(wf.identity, [big, mv], chunksize=1),
+        lambda p: list(p.imap(wf.identity, [1, mv])),
+        lambda p: p.starmap(wf.identity, [(mv, big)]),
+    ]
+
+    def outcomes(p):
+        out = []
+        for call in calls:
+            try:
+                call(p)
+                out.append("no error")
+            except Exception as e:
+                out.append((type(e).__name__, str(e), e.__cause__ is None))
+        out.append(p.apply(wf.identity, (5,)))
+        return out
+
+    with multiprocessing.get_context("forkserver").Pool(1) as sp:
+        want = outcomes(sp)
+    assert want[0][0] == "TypeError" and "memoryview" in want[0][1]
+    with Pool(1) as p:
+        assert outcomes(p) == want
