@@ -1,12 +1,20 @@
-"""The "lazyshare" joblib backend: registration, results, errors, and a 64 MiB
-array argument that moves only the pages its tasks touch (joblib's own
-auto-memmapping is off)."""
+"""The "lazyshare" joblib backend: registration, results, errors, a 64 MiB array
+argument that moves only the pages its tasks touch (joblib's own auto-memmapping
+is off), and the pool reused across calls: same workers for the same key, a new
+pool for another, idle timeout, errors and aborted calls, exit."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import _ext_funcs as f
+import _joblib_funcs as jf
 import numpy as np
 import pytest
+from conftest import DEADLINE, pid_alive, wait_for
 
 joblib = pytest.importorskip("joblib")
 from joblib import Parallel, delayed, parallel_config  # noqa: E402
@@ -14,6 +22,25 @@ from joblib import Parallel, delayed, parallel_config  # noqa: E402
 import lazyshare  # noqa: E402
 import lazyshare.joblib  # noqa: E402  (registers the backend)
 from lazyshare.joblib import LazyshareBackend  # noqa: E402
+
+pytestmark = pytest.mark.timeout(DEADLINE)
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True)
+def _shutdown_reused_pool(no_leftover_children):
+    """The backend keeps its pool between calls: shut it down before the
+    leftover-children check runs."""
+    yield
+    lazyshare.joblib.shutdown()
+
+
+def _pids(backend):
+    return set(backend.stats()["workers"])
+
+
+def _all_dead(pids):
+    return wait_for(lambda: not any(pid_alive(p) for p in pids))
 
 
 def test_registered_on_import_and_by_function():
@@ -76,3 +103,207 @@ def test_errors_propagate():
 
 def test_n_jobs_1_runs_sequentially():
     assert Parallel(n_jobs=1, backend="lazyshare")(delayed(f.mul)(i, 2) for i in range(3)) == [0, 2, 4]
+
+
+# --------------------------------------------------------------------------- the reused pool
+
+
+def test_consecutive_calls_reuse_the_workers():
+    first, second = LazyshareBackend(), LazyshareBackend()
+    with parallel_config(backend=first, n_jobs=2):
+        assert Parallel()(delayed(f.mul)(i, 2) for i in range(8)) == list(range(0, 16, 2))
+    with parallel_config(backend=second, n_jobs=2):
+        ran_on = set(Parallel()(delayed(f.getpid)() for _ in range(8)))
+    assert len(_pids(first)) == 2
+    assert _pids(second) == _pids(first)
+    assert ran_on <= _pids(first)
+    assert all(pid_alive(p) for p in _pids(first))  # kept for the next call
+    # by name too, and the counters are the call's own
+    with parallel_config(backend="lazyshare", n_jobs=2):
+        assert set(Parallel()(delayed(f.getpid)() for _ in range(8))) <= _pids(first)
+    assert second.stats()["totals"]["tasks"] >= 1
+
+
+def test_another_key_gets_a_new_pool_and_the_old_one_is_shut_down():
+    two, three, two_again = LazyshareBackend(), LazyshareBackend(), LazyshareBackend()
+    with parallel_config(backend=two, n_jobs=2):
+        Parallel()(delayed(f.mul)(i) for i in range(4))
+    with parallel_config(backend=three, n_jobs=3):
+        Parallel()(delayed(f.mul)(i) for i in range(6))
+    assert len(_pids(three)) == 3 and not _pids(three) & _pids(two)
+    assert _all_dead(_pids(two))
+    with parallel_config(backend=two_again, n_jobs=2):
+        Parallel()(delayed(f.mul)(i) for i in range(4))
+    assert not _pids(two_again) & (_pids(two) | _pids(three))
+    assert _all_dead(_pids(three))
+    other = LazyshareBackend(threshold=32 << 20)  # a backend parameter is part of the key
+    with parallel_config(backend=other, n_jobs=2):
+        Parallel()(delayed(f.mul)(i) for i in range(4))
+    assert not _pids(other) & _pids(two_again)
+
+
+def test_idle_timeout_shuts_the_pool_down():
+    kept, idle = LazyshareBackend(), LazyshareBackend(idle_worker_timeout=0.2)
+    with parallel_config(backend=kept, n_jobs=2):
+        Parallel()(delayed(f.mul)(i) for i in range(4))
+    with parallel_config(backend=idle, n_jobs=2):  # same key: the same pool
+        Parallel()(delayed(f.mul)(i) for i in range(4))
+    assert _pids(idle) == _pids(kept)
+    assert _all_dead(_pids(idle))  # 0.2 s after the last call left it
+    again = LazyshareBackend()
+    with parallel_config(backend=again, n_jobs=2):  # a Parallel argument, as for loky
+        Parallel(idle_worker_timeout=0)(delayed(f.mul)(i) for i in range(4))
+    assert not _pids(again) & _pids(idle)
+    assert _all_dead(_pids(again))
+
+
+def test_error_with_tasks_still_running_kills_the_workers():
+    failed, after = LazyshareBackend(), LazyshareBackend()
+    with parallel_config(backend=failed, n_jobs=2):
+        with pytest.raises(ZeroDivisionError):
+            Parallel(batch_size=1, pre_dispatch="all")(
+                [delayed(f.sleep_return)(DEADLINE), delayed(f.div)(1, 0)]
+            )
+    assert _all_dead(_pids(failed))  # the sleeping task did not run on
+    with parallel_config(backend=after, n_jobs=2):
+        assert Parallel()(delayed(f.mul)(i, 3) for i in range(4)) == [0, 3, 6, 9]
+    assert not _pids(after) & _pids(failed)
+
+
+def test_error_with_nothing_running_keeps_the_pool():
+    ok, failed, after = LazyshareBackend(), LazyshareBackend(), LazyshareBackend()
+    with parallel_config(backend=ok, n_jobs=2):
+        Parallel()(delayed(f.mul)(i) for i in range(4))
+    with parallel_config(backend=failed, n_jobs=2):
+        with pytest.raises(ValueError, match="task 0 failed"):
+            Parallel()([delayed(jf.fail)(0)])
+    with parallel_config(backend=after, n_jobs=2):
+        assert Parallel()(delayed(f.mul)(i, 3) for i in range(4)) == [0, 3, 6, 9]
+    assert _pids(after) == _pids(failed) == _pids(ok)
+
+
+def test_managed_parallel_aborted_goes_on_with_a_new_pool():
+    backend = LazyshareBackend()
+    with parallel_config(backend=backend, n_jobs=2):
+        with Parallel(batch_size=1, pre_dispatch="all") as parallel:
+            before = _pids(backend)
+            with pytest.raises(ZeroDivisionError):
+                parallel([delayed(f.sleep_return)(DEADLINE), delayed(f.div)(1, 0)])
+            assert parallel(delayed(f.mul)(i, 2) for i in range(4)) == [0, 2, 4, 6]
+            assert not _pids(backend) & before
+    assert _all_dead(before)
+
+
+def test_concurrent_calls_share_the_pool_and_an_error_in_one_spares_the_other():
+    import threading
+
+    with multiprocessing_manager() as manager:
+        go = manager.Event()
+        out = {}
+        a, b = LazyshareBackend(), LazyshareBackend()
+
+        def call_a():
+            with parallel_config(backend=a, n_jobs=2):
+                out["a"] = Parallel(batch_size=1)([delayed(jf.wait_event)(go, "a")])
+
+        t = threading.Thread(target=call_a)
+        t.start()
+        assert wait_for(lambda: a.stats() is not None and a.stats()["totals"]["bytes_pickled"] > 0)
+        with parallel_config(backend=b, n_jobs=2):
+            with pytest.raises(ValueError, match="task 1 failed"):
+                Parallel(batch_size=1, pre_dispatch="all")(
+                    [delayed(jf.fail)(1), delayed(jf.wait_event)(go, "b")]
+                )
+        go.set()
+        t.join(DEADLINE)
+        assert out["a"] == ["a"]  # not killed by the other call's abort
+        assert _pids(a) == _pids(b)
+
+
+def test_broken_pool_is_replaced(tmp_path, capfd):
+    flag = tmp_path / "fail"
+    flag.touch()
+    opts = dict(backend="lazyshare", n_jobs=2, initializer=jf.fail_init_if, initargs=(str(flag),))
+    with parallel_config(**opts):
+        with pytest.raises(lazyshare.WorkerLostError, match="initializer"):
+            Parallel()(delayed(f.mul)(i) for i in range(4))
+    flag.unlink()
+    with parallel_config(**opts):
+        assert Parallel()(delayed(f.mul)(i, 2) for i in range(4)) == [0, 2, 4, 6]
+    assert "pool is broken" in capfd.readouterr().err
+
+
+def test_shutdown_then_a_new_pool():
+    first, second = LazyshareBackend(), LazyshareBackend()
+    with parallel_config(backend=first, n_jobs=2):
+        Parallel()(delayed(f.mul)(i) for i in range(4))
+    lazyshare.joblib.shutdown()
+    assert _all_dead(_pids(first))
+    with parallel_config(backend=second, n_jobs=2):
+        assert Parallel()(delayed(f.mul)(i) for i in range(4)) == [0, 1, 2, 3]
+    assert not _pids(second) & _pids(first)
+
+
+def test_a_worker_dying_in_a_task_fails_the_call_not_the_next():
+    failed, after = LazyshareBackend(), LazyshareBackend()
+    with parallel_config(backend=failed, n_jobs=2):
+        with pytest.raises(lazyshare.WorkerLostError):
+            Parallel()([delayed(os._exit)(3)])
+    with parallel_config(backend=after, n_jobs=2):
+        assert Parallel()(delayed(f.mul)(i) for i in range(4)) == [0, 1, 2, 3]
+
+
+def test_nested_parallel_follows_joblib_rules():
+    backend = LazyshareBackend()
+    with parallel_config(backend=backend, n_jobs=2):
+        outs = Parallel()(delayed(jf.nested)(3) for _ in range(2))
+        again = Parallel()(delayed(f.getpid)() for _ in range(4))
+    for out in outs:
+        assert out["daemon"]
+        assert out["inner"] == ("ThreadingBackend", [0, 1, 2])  # joblib's nested backend
+        assert out["by_name"] == ("SequentialBackend", [0, 1, 2])  # no processes below processes
+        assert any("cannot be nested" in w for w in out["warnings"])
+    assert set(again) <= _pids(backend)
+
+
+EXIT_SCRIPT = """
+import warnings
+warnings.simplefilter("always")
+from joblib import Parallel, delayed, parallel_config
+import _ext_funcs as f
+import lazyshare.joblib
+if __name__ == "__main__":
+    b = lazyshare.joblib.LazyshareBackend()
+    with parallel_config(backend=b, n_jobs=2):
+        Parallel()(delayed(f.mul)(i) for i in range(4))
+    print(*sorted(b.stats()["workers"]))
+"""
+
+
+def test_interpreter_exit_shuts_the_pool_down_quietly():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", textwrap.dedent(EXIT_SCRIPT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    pids = [int(p) for p in r.stdout.split()]
+    assert len(pids) == 2
+    assert _all_dead(pids)
+
+
+class multiprocessing_manager:
+    """A multiprocessing Manager, shut down on exit."""
+
+    def __enter__(self):
+        import multiprocessing
+
+        self.manager = multiprocessing.get_context("forkserver").Manager()
+        return self.manager
+
+    def __exit__(self, *exc):
+        self.manager.shutdown()
