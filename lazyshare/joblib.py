@@ -28,6 +28,15 @@ are still running kills the pool's workers, as loky does, unless another
 ``Parallel`` call shares the pool: then those tasks run to their end and their
 results are dropped.
 
+**Threads when asked for.** Under ``parallel_config(backend="lazyshare")`` a call
+that prefers threads (``Parallel(prefer="threads")``, as scikit-learn's random
+forests do) runs on joblib's threading backend, as it would with joblib's default
+backend (loky, selected by ``parallel_config``, would use processes), with the
+call's ``n_jobs`` or else the configured one (joblib's default backend would run
+one thread then). ``require="sharedmem"`` gets threads through joblib itself.
+Naming the backend in the call, ``Parallel(backend="lazyshare", prefer="threads")``,
+keeps processes: joblib ignores ``prefer`` when ``backend`` is given.
+
 joblib's own auto-memmapping is not used: this backend never dumps arrays to a
 temporary folder, so ``max_nbytes``, ``mmap_mode`` and ``temp_folder`` have no
 effect. Buffers of at least ``threshold`` bytes (a backend parameter, default
@@ -54,6 +63,7 @@ from joblib._parallel_backends import (
     FallbackToBackend,
     MultiprocessingBackend,
     SequentialBackend,
+    ThreadingBackend,
 )
 from joblib.parallel import register_parallel_backend
 
@@ -268,6 +278,9 @@ class LazyshareBackend(MultiprocessingBackend):
         idle_worker_timeout: float | None = None,
         **kwargs: Any,
     ) -> int:
+        if prefer == "threads" and self._selected_by_config():
+            # What joblib's default backend does for a call that prefers threads.
+            raise FallbackToBackend(ThreadingBackend(nesting_level=self.nesting_level))
         n_jobs = self.effective_n_jobs(n_jobs)
         if n_jobs == 1:
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
@@ -306,6 +319,14 @@ class LazyshareBackend(MultiprocessingBackend):
         self._baseline = self._pool.stats()
         self.parallel = parallel
         return n_jobs
+
+    def _selected_by_config(self) -> bool:
+        """Whether this instance is the backend of the active ``parallel_config``
+        (not one named in the ``Parallel`` call)."""
+        from joblib import parallel as jp
+
+        config = getattr(jp._backend, "config", None) or {}
+        return config.get("backend") is self
 
     def submit(self, func, callback=None):
         with self._count_lock:

@@ -307,3 +307,46 @@ class multiprocessing_manager:
 
     def __exit__(self, *exc):
         self.manager.shutdown()
+
+
+# --------------------------------------------------------------------------- prefer / require
+
+
+def _ran_in_this_process(out):
+    return {pid for pid, _ in out} == {os.getpid()}
+
+
+def test_prefer_threads_under_parallel_config_runs_on_threads_as_by_default():
+    tasks = [delayed(jf.where)() for _ in range(4)]
+    with parallel_config(n_jobs=2):  # joblib's default backend
+        default = Parallel(n_jobs=2, prefer="threads")
+        default(tasks)
+    with parallel_config(backend="lazyshare", n_jobs=2):
+        ours = Parallel(n_jobs=2, prefer="threads")
+        assert _ran_in_this_process(ours(tasks))
+        assert type(ours._backend) is type(default._backend)
+        assert ours._effective_n_jobs() == default._effective_n_jobs() == 2
+        # n_jobs from the config (joblib's default backend would run one thread)
+        from_config = Parallel(prefer="threads")
+        assert _ran_in_this_process(from_config(tasks))
+        assert type(from_config._backend) is type(default._backend)
+        # no preference, or processes preferred: the lazyshare pool
+        for parallel in (Parallel(), Parallel(prefer="processes")):
+            out = parallel(tasks)
+            assert os.getpid() not in {pid for pid, _ in out}
+            assert isinstance(parallel._backend, LazyshareBackend)
+
+
+def test_prefer_threads_is_ignored_when_the_call_names_the_backend():
+    # joblib: "prefer ... Ignored if the backend parameter is specified" (loky too)
+    out = Parallel(n_jobs=2, backend="lazyshare", prefer="threads")(delayed(jf.where)() for _ in range(4))
+    assert os.getpid() not in {pid for pid, _ in out}
+
+
+def test_require_sharedmem_gets_threads():
+    with parallel_config(backend="lazyshare", n_jobs=2):
+        parallel = Parallel(n_jobs=2, require="sharedmem")
+        assert _ran_in_this_process(parallel(delayed(jf.where)() for _ in range(4)))
+        assert parallel._effective_n_jobs() == 2
+    with pytest.raises(ValueError, match="shared memory"):
+        Parallel(n_jobs=2, backend="lazyshare", require="sharedmem")
