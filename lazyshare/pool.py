@@ -63,13 +63,18 @@ differences, all on paths where the stdlib hangs or crashes:
 Results are pickled by the worker with multiprocessing's own ``ForkingPickler``
 (protocol 5, out-of-band buffers as separate frames, read back by
 ``serialization.loads_result``), not cloudpickle: what the stdlib cannot send back
-(a lambda, a lock) raises ``MaybeEncodingError`` here too.
+(a lambda, a lock) raises ``MaybeEncodingError`` here too. A result may point
+into the task's lazy arguments (the argument returned, a view, an exception or a
+pandas frame sharing its memory): on the uffd-user-mode-only rung, where
+libzmq's kernel-mode read of a page not fetched yet would fail, such a frame is
+fetched first (copied, under a memory budget) so that it arrives intact.
 """
 
 from __future__ import annotations
 
 import collections
 import copyreg
+import errno
 import io
 import itertools
 import multiprocessing
@@ -1444,7 +1449,7 @@ def _explain_efault(e: BaseException) -> None:
     caps = getattr(h, "_caps", None)
     if caps is None or caps.mode != "uffd-user-mode-only" or not isinstance(e, OSError):
         return
-    if e.errno == 14 or (e.errno is None and " requested and " in str(e)):  # EFAULT; numpy's tofile
+    if e.errno == errno.EFAULT or (e.errno is None and " requested and " in str(e)):  # numpy's tofile
         note = (
             "lazyshare: this worker is on the uffd-user-mode-only rung, where the kernel cannot "
             "fetch a lazy page: call lazyshare.materialize(arr) before handing a lazily attached "
@@ -1500,7 +1505,42 @@ def _native_counters() -> tuple[int, int]:
         return 0, 0
 
 
-def _encode_result(result: tuple) -> list:
+def _kernel_safe(frames: list, budget: int | None) -> list:
+    """``frames``, safe to leave zero-copy whatever memory they point into.
+
+    A frame of at least ``_ZERO_COPY`` bytes goes to libzmq zero-copy, and its
+    I/O thread reads it with send(2): a kernel-mode read. On the
+    uffd-user-mode-only rung that fails with EFAULT on a lazy page not fetched
+    yet, and libzmq aborts the worker. A result may well point into a lazy
+    mapping (the argument itself, a view of it, an exception carrying it, a
+    pandas frame sharing its memory): such a frame's pages are fetched here, in
+    user mode. With a memory budget they could be dropped again before libzmq
+    reads them, so the frame is copied instead. Smaller frames pyzmq copies in
+    this thread; on the other rungs the kernel waits for a page as user code
+    does. ``lazy_overlap`` is a bisect over the attached mappings.
+    """
+    h = sys.modules.get("lazyshare.handler")
+    caps = getattr(h, "_caps", None)  # None: nothing was attached in this process
+    if caps is None or caps.mode != "uffd-user-mode-only":
+        return frames
+    for i, frame in enumerate(frames):
+        view = memoryview(frame)
+        if view.nbytes < _ZERO_COPY:
+            continue
+        raw = np.frombuffer(view, np.uint8)
+        if h.lazy_overlap(raw.ctypes.data, raw.nbytes):
+            if budget:
+                frames[i] = bytes(view)
+            else:
+                h.materialize(raw)
+    return frames
+
+
+def _encode_result(result: tuple, budget: int | None = None) -> list:
+    return _kernel_safe(_pickle_result(result), budget)
+
+
+def _pickle_result(result: tuple) -> list:
     try:
         frames = serialization.dumps_result(result)
         if not result[0]:  # an exception must also unpickle (custom __init__ ...)
@@ -1520,7 +1560,7 @@ def _encode_result(result: tuple) -> list:
             return [pickle.dumps((False, MaybeEncodingError(type(e).__name__, type(value).__name__)), 5)]
 
 
-def _run_task(sock, msg) -> None:
+def _run_task(sock, msg, budget: int | None = None) -> None:
     t0 = time.perf_counter()
     job, index, mode = _TASK_HDR.unpack(msg[1].buffer)
     func = args = kwds = payload = value = None
@@ -1545,7 +1585,7 @@ def _run_task(sock, msg) -> None:
         result = (False, ExceptionWithTraceback(e, e.__traceback__))
     # Drop the task before the result leaves: lazy mappings are released promptly.
     func = args = kwds = payload = value = msg = None
-    frames = _encode_result(result)
+    frames = _encode_result(result, budget)
     result = None
     lazy, faults = _native_counters()
     seconds = time.perf_counter() - t0
@@ -1581,7 +1621,8 @@ def _worker_main(
                 initializer(*initargs)
             except BaseException as e:
                 try:
-                    _send(sock, [b"I", *_encode_result((False, ExceptionWithTraceback(e, e.__traceback__)))])
+                    error = (False, ExceptionWithTraceback(e, e.__traceback__))
+                    _send(sock, [b"I", *_encode_result(error, budget)])
                     _await_ack(sock)
                 except Exception:
                     pass
@@ -1594,7 +1635,7 @@ def _worker_main(
             msg = _recv(sock)
             kind = msg[0].bytes
             if kind == b"T":
-                _run_task(sock, msg)
+                _run_task(sock, msg, budget)
                 msg = None
                 completed += 1
             elif kind == b"S":

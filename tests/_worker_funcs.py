@@ -23,3 +23,39 @@ def write_first(*arrays):
 def environ(*names):
     """These variables as the task sees them (None: unset), and the worker's pid."""
     return {n: os.environ.get(n) for n in names}, os.getpid()
+
+
+def view(a, start, stop, step=1):
+    return a[start:stop:step]
+
+
+def raise_with(a):
+    e = ValueError("carries its argument")
+    e.array = a
+    raise e
+
+
+def rename(df):
+    return df.rename(columns=str.upper)
+
+
+def mode(_=None):
+    import lazyshare
+
+    return lazyshare.capabilities().mode
+
+
+def fail_with_attached(desc):
+    """An initializer that raises with an array attached lazily in the worker."""
+    import lazyshare
+
+    raise_with(lazyshare.attach(desc))
+
+
+def write_untouched(a):
+    """os.write of a lazy array none of whose pages the task touched."""
+    fd = os.open(os.devnull, os.O_WRONLY)
+    try:
+        return os.write(fd, a)
+    finally:
+        os.close(fd)

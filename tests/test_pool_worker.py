@@ -16,7 +16,9 @@ import _worker_funcs as wf
 import numpy as np
 import pytest
 from conftest import DEADLINE
+from test_core import _run_script, run_as_nobody
 
+from lazyshare import handler
 from lazyshare.pool import Pool
 
 pytestmark = pytest.mark.timeout(DEADLINE)
@@ -195,3 +197,74 @@ def test_memoryview_argument_fails_as_with_the_stdlib():
     assert want[0][0] == "TypeError" and "memoryview" in want[0][1]
     with Pool(1) as p:
         assert outcomes(p) == want
+
+
+# --------------------------------------------------------------------------- results
+RETURN_LAZY = """
+import errno, os, numpy as np, pandas as pd, lazyshare, _worker_funcs as wf
+
+def check(name, call, want):
+    try:
+        got = call()
+    except Exception as e:  # carrying the array, or as the cause of a broken pool's error
+        got = getattr(e.__cause__ if isinstance(e, lazyshare.WorkerLostError) else e, "array", None)
+        if got is None:
+            return f"{name}: {e!r}"
+    same = got.equals(want) if isinstance(want, pd.DataFrame) else np.array_equal(got, want)
+    return f"{name}: {'ok' if same else 'DIFFERENT'}"
+
+if __name__ == "__main__":
+    a = np.random.default_rng(5).random(2 << 20)  # 16 MiB
+    df = pd.DataFrame({"x": a[: 1 << 20], "y": a[1 << 20 :]})
+    budget = os.environ.get("TEST_BUDGET")
+    with lazyshare.Pool(1, memory_budget=budget and int(budget)) as p:
+        print(p.apply(wf.mode))
+        print(check("arg", lambda: p.apply(wf.identity, (a,)), a))
+        print(check("view", lambda: p.apply(wf.view, (a, 1000, -1000)), a[1000:-1000]))
+        print(check("strided", lambda: p.apply(wf.view, (a, 1, None, 3)), a[1::3]))
+        print(check("map", lambda: np.concatenate(p.map(wf.identity, [a[:4096], a], chunksize=2)),
+                    np.concatenate([a[:4096], a])))
+        print(check("exception", lambda: p.apply(wf.raise_with, (a,)), a))
+        print(check("frame", lambda: p.apply(wf.rename, (df,)), df.rename(columns=str.upper)))
+        try:
+            print("write:", p.apply(wf.write_untouched, (a,)) == a.nbytes)
+        except OSError as e:  # the user-mode-only rung; the error says what to do
+            print("write:", e.errno == errno.EFAULT and "materialize" in " ".join(e.__notes__))
+        desc = lazyshare.export(a)
+        try:
+            with lazyshare.Pool(1, initializer=wf.fail_with_attached, initargs=(desc,)) as q:
+                print(check("initializer", lambda: q.apply(wf.identity, (1,)), a))
+        finally:
+            lazyshare.release(desc)
+"""
+RESULTS = ["arg: ok", "view: ok", "strided: ok", "map: ok", "exception: ok", "frame: ok", "write: True"]
+
+
+def lazy_results(run, mode, **env):
+    r = run(RETURN_LAZY, env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:9] == [mode, *RESULTS, "initializer: ok"]
+
+
+@pytest.mark.parametrize("budget", [None, 4 << 20])
+def test_results_pointing_into_lazy_memory_on_the_user_mode_only_rung(budget):
+    """libzmq sends big frames zero-copy with send(2), a kernel-mode read that
+    fails on a lazy page not fetched yet on this rung (EFAULT: libzmq aborted
+    the worker). The argument itself, a view, an exception carrying it, a
+    pandas frame sharing its memory (copy-on-write) all come back intact."""
+    env = {"LAZYSHARE_MODE": "uffd-user-mode-only"}
+    if budget:
+        env["TEST_BUDGET"] = str(budget)
+    lazy_results(_run_script, "uffd-user-mode-only", **env)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges to another user")
+def test_results_pointing_into_lazy_memory_as_an_ordinary_user():
+    with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+        mode = "uffd" if f.read().strip() == "1" else "uffd-user-mode-only"
+    lazy_results(lambda code, env: run_as_nobody(code, env), mode)
+
+
+@pytest.mark.skipif(handler.capabilities().mode != "uffd", reason="the full uffd rung is not available")
+def test_results_pointing_into_lazy_memory_on_the_full_rung():
+    lazy_results(_run_script, "uffd", LAZYSHARE_MODE="uffd")
