@@ -43,11 +43,13 @@ import weakref
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor as _StdExecutor
 from concurrent.futures import Future
+from concurrent.futures._base import LOGGER
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
 from . import serialization
 from .errors import BrokenWorkerError, WorkerLostError
-from .pool import Pool
+from .pool import Pool, _ResultLoadError
 
 __all__ = ["Executor"]
 
@@ -84,17 +86,30 @@ class _State:
 
 
 def _on_result(state: _State, fut: Future, value: Any) -> None:
-    fut.set_result(value)
-    state.task_done()
+    try:
+        fut.set_result(value)
+    except BaseException:  # a done-callback's SystemExit..., which Future lets through
+        LOGGER.exception("exception calling callback for %r", fut)
+    finally:
+        state.task_done()
 
 
 def _on_error(state: _State, fut: Future, exc: BaseException) -> None:
-    if isinstance(exc, WorkerLostError) and not isinstance(exc, BrokenWorkerError):
-        lost = BrokenWorkerError(str(exc), exc.exitcode, exc.pid)
-        lost.__cause__ = exc
-        exc = lost
-    fut.set_exception(exc)
-    state.task_done()
+    try:
+        if isinstance(exc, WorkerLostError) and not isinstance(exc, BrokenWorkerError):
+            lost = BrokenWorkerError(str(exc), exc.exitcode, exc.pid)
+            lost.__cause__ = exc
+            exc = lost
+        elif isinstance(exc, _ResultLoadError):  # ProcessPoolExecutor: BrokenProcessPool
+            cause = exc.__cause__
+            broken = BrokenProcessPool(f"the result of this call could not be unpickled: {cause!r}")
+            broken.__cause__ = cause
+            exc = broken
+        fut.set_exception(exc)
+    except BaseException:
+        LOGGER.exception("exception calling callback for %r", fut)
+    finally:
+        state.task_done()
 
 
 def _manage(state: _State) -> None:

@@ -23,10 +23,10 @@ workers replaces it (the old pool is shut down once no call uses it). The pool i
 shut down after ``idle_worker_timeout`` seconds (a backend or ``Parallel``
 parameter, 300 by default as for loky) with no call using it, at interpreter exit,
 or by :func:`shutdown`. A pool that is broken (workers failing to start) or was
-terminated is replaced by the next call. A call aborted by an error whose tasks
-are still running kills the pool's workers, as loky does, unless another
-``Parallel`` call shares the pool: then those tasks run to their end and their
-results are dropped.
+terminated is replaced by the next call. A call aborted by an error (or a
+generator closed early) whose tasks are still running kills the pool's workers,
+as loky does, unless another ``Parallel`` call shares the pool: then those tasks
+run to their end and their results are dropped.
 
 **Threads when asked for.** Under ``parallel_config(backend="lazyshare")`` a call
 that prefers threads (``Parallel(prefer="threads")``, as scikit-learn's random
@@ -36,6 +36,10 @@ call's ``n_jobs`` or else the configured one (joblib's default backend would run
 one thread then). ``require="sharedmem"`` gets threads through joblib itself.
 Naming the backend in the call, ``Parallel(backend="lazyshare", prefer="threads")``,
 keeps processes: joblib ignores ``prefer`` when ``backend`` is given.
+
+``return_as="generator"`` and ``"generator_unordered"`` stream results as tasks
+complete; as with loky, the input is consumed as tasks complete (``pre_dispatch``
+ahead) and a result is dropped once the generator has yielded it.
 
 joblib's own auto-memmapping is not used: this backend never dumps arrays to a
 temporary folder, so ``max_nbytes``, ``mmap_mode`` and ``temp_folder`` have no
@@ -256,6 +260,9 @@ class LazyshareBackend(MultiprocessingBackend):
     """
 
     supports_inner_max_num_threads = True
+    # joblib's multiprocessing backend turns generators off (the stdlib pool can
+    # deadlock terminating from its own result thread); this pool cannot.
+    supports_return_generator = True
 
     def __init__(self, nesting_level=None, inner_max_num_threads=None, threshold=_UNSET, **backend_kwargs):
         super().__init__(

@@ -262,7 +262,11 @@ def _guard_callback(cb: Callable | None, what: str) -> Callable | None:
     def guarded(value, _cb=cb):
         try:
             _cb(value)
-        except Exception:
+        except BaseException:
+            # SystemExit and KeyboardInterrupt too: a callback runs in the result
+            # thread, where they can only come from its own code (signals reach the
+            # main thread only), and ending that thread would leave every later
+            # result pending. Printed, like any other exception.
             print(f"lazyshare: exception in {what} {_cb!r}:", file=sys.stderr)
             traceback.print_exc()
 
@@ -990,6 +994,22 @@ class _Dispatcher:
 
 
 # --------------------------------------------------------------------------- result thread
+class _ResultLoadError(MaybeEncodingError):
+    """A result the parent could not unpickle; ``__cause__`` is the error it raised
+    (``lazyshare.Executor`` turns it into ``BrokenProcessPool``, as the stdlib's)."""
+
+
+def _load_error(e: BaseException, job: int, index: int) -> _ResultLoadError:
+    # Keep the traceback from where unpickling raised, without this thread's frame
+    # and with the frames' locals (the result's buffers) cleared.
+    tb = e.__traceback__
+    e.__traceback__ = tb.tb_next if tb is not None else None
+    traceback.clear_frames(e.__traceback__)
+    err = _ResultLoadError(e, f"<result of task {index} of job {job}>")
+    err.__cause__ = e
+    return err
+
+
 def _result_loop(core: _Core) -> None:
     cache = core.cache
     get = core.result_q.get
@@ -1001,13 +1021,13 @@ def _result_loop(core: _Core) -> None:
             if raw:
                 try:
                     ok, payload = serialization.loads_result(payload)
-                except Exception as e:
-                    ok, payload = False, MaybeEncodingError(e, f"<result of task {index} of job {job}>")
+                except BaseException as e:  # SystemExit from a __reduce__ too: this thread must go on
+                    ok, payload = False, _load_error(e, job, index)
             try:
                 cache[job]._set(index, (ok, payload))
             except KeyError:
                 pass
-            except Exception:
+            except BaseException:
                 traceback.print_exc()
         batch = payload = None  # noqa: F841 (release results promptly)
     # The dispatcher is gone: nothing else can complete; fail what is left.
@@ -1019,7 +1039,7 @@ def _result_loop(core: _Core) -> None:
         for result in list(cache.values()):
             try:
                 result._fail_all(err)
-            except Exception:
+            except BaseException:
                 traceback.print_exc()
 
 

@@ -12,12 +12,15 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 
 import _ext_funcs as f
+import _unpickle_funcs as u
 import numpy as np
 import pytest
 from conftest import DEADLINE
 
 import lazyshare
 from lazyshare.errors import BrokenWorkerError, WorkerLostError
+
+pytestmark = pytest.mark.timeout(DEADLINE)
 
 
 @pytest.fixture
@@ -27,6 +30,17 @@ def ex():
         yield executor
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _shut_down_within(ex, timeout: float = DEADLINE / 2) -> bool:
+    """shutdown(wait=True) that cannot hang the test: False (and the pool
+    terminated) if the executor does not finish in time."""
+    ex.shutdown(wait=False)
+    ex._thread.join(timeout)
+    if ex._thread.is_alive():
+        ex._state.pool.terminate()
+        return False
+    return True
 
 
 def _wait_file(path) -> int:
@@ -203,3 +217,51 @@ def test_not_picklable(ex):
 
     with pytest.raises(NotImplementedError):
         pickle.dumps(ex)
+
+
+# --------------------------------------------------------------------------- BaseException in the parent
+@pytest.mark.parametrize("make", [u.exit_in_parent, u.interrupt_in_parent, u.error_in_parent])
+def test_result_that_raises_when_unpickled_in_the_parent(make):
+    # ProcessPoolExecutor fails the future with BrokenProcessPool (and breaks);
+    # here only that future fails, and the executor goes on.
+    ex = lazyshare.Executor(max_workers=2)
+    try:
+        me = os.getpid()
+        assert ex.submit(u.in_worker, me).result(timeout=DEADLINE)
+        bad = ex.submit(make, me)
+        later = [ex.submit(f.mul, i, 2) for i in range(10)]
+        err = bad.exception(timeout=DEADLINE)
+        assert isinstance(err, BrokenProcessPool) and not isinstance(err, WorkerLostError)
+        assert type(err.__cause__).__name__ in ("SystemExit", "KeyboardInterrupt", "UnpicklingError")
+        assert [x.result(timeout=DEADLINE) for x in later] == [2 * i for i in range(10)]
+        assert list(ex.map(f.mul, range(5), range(5))) == [i * i for i in range(5)]
+    finally:
+        assert _shut_down_within(ex)
+
+
+@pytest.mark.parametrize("exc", [SystemExit(2), KeyboardInterrupt()])
+def test_done_callback_raising_base_exception(exc):
+    # Future catches only Exception from a done-callback; the rest must not end
+    # the pool's result thread or lose the executor's count of work in flight.
+    calls = []
+
+    def bad(fut):
+        calls.append(fut)
+        raise exc
+
+    def add(fut):
+        try:
+            fut.add_done_callback(bad)
+        except BaseException as e:  # already done: it ran here
+            assert e is exc
+
+    ex = lazyshare.Executor(max_workers=2)
+    try:
+        fs = [ex.submit(f.sleep_return, 0.3, i) for i in range(4)]
+        for x in fs:
+            add(x)
+        assert [x.result(timeout=DEADLINE) for x in fs] == [0, 1, 2, 3]
+        assert list(ex.map(f.mul, range(5), range(5))) == [i * i for i in range(5)]
+    finally:
+        assert _shut_down_within(ex), "the executor lost count of its work"
+    assert len(calls) == 4

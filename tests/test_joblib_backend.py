@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import _ext_funcs as f
 import _joblib_funcs as jf
@@ -350,3 +351,65 @@ def test_require_sharedmem_gets_threads():
         assert parallel._effective_n_jobs() == 2
     with pytest.raises(ValueError, match="shared memory"):
         Parallel(n_jobs=2, backend="lazyshare", require="sharedmem")
+
+
+# --------------------------------------------------------------------------- generators
+
+
+def test_generator_streams_results_in_order_and_reads_the_input_lazily():
+    with multiprocessing_manager() as manager:
+        go = manager.Event()
+        pulled = []
+
+        def tasks():
+            for i in range(40):
+                pulled.append(i)
+                yield delayed(f.mul)(i) if i == 0 else delayed(jf.wait_event)(go, i)
+
+        with parallel_config(backend="lazyshare", n_jobs=2):
+            gen = Parallel(return_as="generator", batch_size=1)(tasks())
+            assert next(gen) == 0  # while the other tasks wait
+            assert len(pulled) < 40
+            go.set()
+            assert list(gen) == list(range(1, 40))
+
+
+def test_generator_unordered_yields_in_completion_order():
+    with multiprocessing_manager() as manager:
+        go = manager.Event()
+        with parallel_config(backend="lazyshare", n_jobs=2):
+            gen = Parallel(return_as="generator_unordered", batch_size=1)(
+                [delayed(jf.wait_event)(go, "slow"), delayed(f.mul)(7)]
+            )
+            assert next(gen) == 7
+            go.set()
+            assert list(gen) == ["slow"]
+
+
+@pytest.mark.parametrize("return_as", ["generator", "generator_unordered"])
+def test_generator_closed_early_does_not_hang_and_the_pool_goes_on(return_as):
+    backend, after = LazyshareBackend(), LazyshareBackend()
+    with parallel_config(backend=backend, n_jobs=2):
+        gen = Parallel(return_as=return_as)(delayed(f.sleep_return)(0.05, i) for i in range(1000))
+        got = []
+        for x in gen:
+            got.append(x)
+            if len(got) == 3:
+                break
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # joblib: "tasks ... have been cancelled"
+            gen.close()
+        assert len(got) == 3
+        assert _all_dead(_pids(backend))  # its running tasks were killed
+    with parallel_config(backend=after, n_jobs=2):
+        assert sorted(Parallel(return_as=return_as)(delayed(f.mul)(i) for i in range(4))) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("return_as", ["generator", "generator_unordered"])
+def test_generator_raises_a_task_error_and_the_pool_goes_on(return_as):
+    with parallel_config(backend="lazyshare", n_jobs=2):
+        gen = Parallel(return_as=return_as)(delayed(f.div)(1, x) for x in (1, 0, 2))
+        with pytest.raises(ZeroDivisionError):
+            for _ in gen:
+                pass
+        assert sorted(Parallel(return_as=return_as)(delayed(f.mul)(i) for i in range(4))) == [0, 1, 2, 3]

@@ -19,6 +19,7 @@ import warnings
 import weakref
 
 import _pool_funcs as f
+import _unpickle_funcs as u
 import pytest
 from conftest import DEADLINE, pid_alive, wait_for
 
@@ -593,3 +594,42 @@ def test_parent_death_stops_workers(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+# --------------------------------------------------------------------------- BaseException in the parent
+@pytest.mark.parametrize("make", [u.exit_in_parent, u.interrupt_in_parent, u.error_in_parent])
+def test_result_that_raises_when_unpickled_in_the_parent(pool, make):
+    # The result pickles in the worker; unpickling it raises (SystemExit,
+    # KeyboardInterrupt ...) in the parent's result thread, which must go on.
+    me = os.getpid()
+    assert pool.apply(u.in_worker, (me,))
+    for _ in range(2):
+        seen = []
+        r = pool.apply_async(make, (me,), error_callback=seen.append)
+        with pytest.raises(multiprocessing.pool.MaybeEncodingError) as info:
+            r.get(DEADLINE)
+        assert seen == [info.value]
+        assert type(info.value.__cause__).__name__ in ("SystemExit", "KeyboardInterrupt", "UnpicklingError")
+    with pytest.raises(multiprocessing.pool.MaybeEncodingError):
+        pool.map(make, [me] * 4, chunksize=2)
+    assert pool.apply(f.sqr, (3,)) == 9
+    assert pool.map(f.sqr, range(10)) == [x * x for x in range(10)]
+
+
+@pytest.mark.parametrize("exc", [SystemExit(2), KeyboardInterrupt()])
+def test_callback_raising_base_exception_does_not_break_the_pool(pool, capsys, exc):
+    # Printed like any other callback error: a callback runs in the result
+    # thread, where these come only from its own code, never from a signal.
+    def bad(_):
+        raise exc
+
+    r = pool.apply_async(f.sqr, (2,), callback=bad)
+    r.wait(DEADLINE)
+    assert r.ready() and r.get(0) == 4
+    r = pool.apply_async(f.raising, error_callback=bad)
+    r.wait(DEADLINE)
+    assert r.ready()
+    m = pool.map_async(f.sqr, range(4), callback=bad)
+    assert m.get(DEADLINE) == [0, 1, 4, 9]
+    assert pool.apply(f.sqr, (3,)) == 9
+    assert type(exc).__name__ in capsys.readouterr().err
