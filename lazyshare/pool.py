@@ -40,7 +40,10 @@ differences, all on paths where the stdlib hangs or crashes:
   (the stdlib leaves them pending forever); error callbacks run for them.
 * A result that cannot be pickled *or unpickled* becomes ``MaybeEncodingError``;
   a task whose arguments cannot be unpickled in the worker fails with that error.
-* An exception raised by a callback is printed to stderr; the pool goes on.
+* An exception raised by a callback is printed to stderr; the pool goes on. So
+  is a ``SystemExit`` or ``KeyboardInterrupt`` from a callback, or from unpickling
+  a result (then the result fails with ``MaybeEncodingError``): they run in the
+  result thread, where only their own code can raise these.
 * If the initializer fails (or a worker dies before it is ready) ``max(3,
   processes)`` times in a row with no worker becoming ready in between, the pool is
   *broken*: outstanding and later tasks fail with ``WorkerLostError`` (its
