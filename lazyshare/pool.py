@@ -36,6 +36,14 @@ differences, all on paths where the stdlib hangs or crashes:
 * A worker that dies while holding tasks (signal, ``os._exit``, segfault, an
   uncaught ``SystemExit``/``KeyboardInterrupt``) fails exactly those tasks with
   :class:`~lazyshare.errors.WorkerLostError`; a replacement is started.
+* A task that raises ``SystemExit`` (``sys.exit()``) or ``KeyboardInterrupt``
+  ends its worker, as in the stdlib's pool (which then hangs): that task fails
+  with ``WorkerLostError``. The private ``Pool(..., _future_semantics=True)``,
+  which :class:`lazyshare.Executor` passes, makes workers behave as
+  ``ProcessPoolExecutor``'s instead: any ``BaseException`` a task raises is its
+  exception and the worker goes on, and an error while pickling a result (a
+  ``SystemExit`` too) is delivered itself, with the remote traceback as its
+  ``__cause__``, where the pool gives ``MaybeEncodingError``.
 * ``terminate()`` fails every outstanding result with :class:`PoolTerminatedError`
   (the stdlib leaves them pending forever); error callbacks run for them.
 * A result that cannot be pickled *or unpickled* becomes ``MaybeEncodingError``;
@@ -362,7 +370,16 @@ class _Core:
     that dropping the last reference to a pool terminates it, as in the stdlib."""
 
     def __init__(
-        self, ctx, process_factory, processes, initializer, initargs, maxtasks, threshold, budget=None
+        self,
+        ctx,
+        process_factory,
+        processes,
+        initializer,
+        initargs,
+        maxtasks,
+        threshold,
+        budget=None,
+        future=False,
     ):
         self.ctx = ctx
         self.process_factory = process_factory
@@ -373,6 +390,7 @@ class _Core:
         self.threshold = threshold
         self.threshold_value = float("inf") if threshold is None else int(threshold)
         self.budget = budget
+        self.future = future  # workers behave as ProcessPoolExecutor's (see _run_task)
         self.owner_pid = os.getpid()
 
         self.lock = threading.Lock()  # state changes vs submissions
@@ -472,6 +490,7 @@ class _Core:
                 self.initargs,
                 self.maxtasks,
                 self.budget,
+                self.future,
             ),
             name=f"lazyshare-worker-{num}",
         )
@@ -1130,6 +1149,7 @@ class Pool:
         *,
         threshold: int | None = serialization.DEFAULT_THRESHOLD,
         memory_budget: int | None = None,
+        _future_semantics: bool = False,
     ) -> None:
         # initialized early so that __del__ works if __init__ raises
         self._pool: list = []
@@ -1165,6 +1185,7 @@ class Pool:
             maxtasksperchild,
             threshold,
             memory_budget,
+            future=_future_semantics,
         )
         self._core = core
         self._pool = core.pool_list
@@ -1559,17 +1580,26 @@ def _kernel_safe(frames: list, budget: int | None) -> list:
     return frames
 
 
-def _encode_result(result: tuple, budget: int | None = None) -> list:
-    return _kernel_safe(_pickle_result(result), budget)
+def _encode_result(result: tuple, budget: int | None = None, future: bool = False) -> list:
+    return _kernel_safe(_pickle_result(result, future), budget)
 
 
-def _pickle_result(result: tuple) -> list:
+def _pickle_result(result: tuple, future: bool = False) -> list:
+    """The frames of ``(ok, value)``. If that fails: with ``future`` the error
+    itself becomes the task's exception, as ``ProcessPoolExecutor``'s worker
+    sends it back (a ``SystemExit`` raised by a ``__reduce__`` too); otherwise a
+    ``MaybeEncodingError``, as from the stdlib's pool (and a ``SystemExit`` ends
+    the worker)."""
     try:
         frames = serialization.dumps_result(result)
         if not result[0]:  # an exception must also unpickle (custom __init__ ...)
             pickle.loads(frames[0], buffers=frames[1:])
         return frames
-    except Exception as e:
+    except BaseException as e:
+        if future:
+            return _pickle_result((False, ExceptionWithTraceback(e, e.__traceback__)))
+        if not isinstance(e, Exception):
+            raise
         value = result[1]
         if isinstance(value, ExceptionWithTraceback):
             value = value.exc
@@ -1583,7 +1613,12 @@ def _pickle_result(result: tuple) -> list:
             return [pickle.dumps((False, MaybeEncodingError(type(e).__name__, type(value).__name__)), 5)]
 
 
-def _run_task(sock, msg, budget: int | None = None) -> None:
+def _run_task(sock, msg, budget: int | None = None, future: bool = False) -> None:
+    """Run one task message and send its result. A task that raises
+    ``SystemExit`` or ``KeyboardInterrupt`` ends the worker, as in the stdlib's
+    pool (the task then fails with ``WorkerLostError``); with ``future``, as in
+    ``ProcessPoolExecutor``'s worker, it is the task's exception and the worker
+    goes on."""
     t0 = time.perf_counter()
     job, index, mode = _TASK_HDR.unpack(msg[1].buffer)
     func = args = kwds = payload = value = None
@@ -1603,12 +1638,14 @@ def _run_task(sock, msg, budget: int | None = None) -> None:
             payload = None
             value = list(itertools.starmap(func, args))
         result = (True, value)
-    except Exception as e:
+    except BaseException as e:
+        if not (future or isinstance(e, Exception)):
+            raise
         _explain_efault(e)
         result = (False, ExceptionWithTraceback(e, e.__traceback__))
     # Drop the task before the result leaves: lazy mappings are released promptly.
     func = args = kwds = payload = value = msg = None
-    frames = _encode_result(result, budget)
+    frames = _encode_result(result, budget, future)
     result = None
     lazy, faults = _native_counters()
     seconds = time.perf_counter() - t0
@@ -1624,7 +1661,7 @@ def _await_ack(sock) -> None:
 
 
 def _worker_main(
-    endpoint: str, wid: bytes, pool_pid: int, initializer, initargs, maxtasks, budget=None
+    endpoint: str, wid: bytes, pool_pid: int, initializer, initargs, maxtasks, budget=None, future=False
 ) -> None:
     _watch_parent(pool_pid)
     if budget:
@@ -1658,7 +1695,7 @@ def _worker_main(
             msg = _recv(sock)
             kind = msg[0].bytes
             if kind == b"T":
-                _run_task(sock, msg, budget)
+                _run_task(sock, msg, budget, future)
                 msg = None
                 completed += 1
             elif kind == b"S":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
 
 def identity(*args):
@@ -59,3 +61,43 @@ def write_untouched(a):
         return os.write(fd, a)
     finally:
         os.close(fd)
+
+
+def exit_with(code):
+    sys.exit(code)
+
+
+def interrupt():
+    raise KeyboardInterrupt
+
+
+def returns_lock():
+    return threading.Lock()
+
+
+class ExitsWhenPickled:
+    def __reduce__(self):
+        sys.exit(4)
+
+
+def exits_when_pickled():
+    return ExitsWhenPickled()
+
+
+class LockedError(Exception):
+    def __init__(self):
+        super().__init__("carries a lock")
+        self.lock = threading.Lock()
+
+
+def raises_locked():
+    raise LockedError
+
+
+class NeedsTwoArgs(Exception):
+    def __init__(self, a, b):
+        super().__init__(a)  # args == (a,): unpickling calls NeedsTwoArgs(a) and fails
+
+
+def raises_needs_two():
+    raise NeedsTwoArgs("a", "b")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
 import subprocess
 import sys
@@ -268,3 +269,66 @@ def test_results_pointing_into_lazy_memory_as_an_ordinary_user():
 @pytest.mark.skipif(handler.capabilities().mode != "uffd", reason="the full uffd rung is not available")
 def test_results_pointing_into_lazy_memory_on_the_full_rung():
     lazy_results(_run_script, "uffd", LAZYSHARE_MODE="uffd")
+
+
+# --------------------------------------------------------------------------- task errors
+FAILING = [
+    (wf.exit_with, (3,)),
+    (wf.interrupt, ()),
+    (wf.returns_lock, ()),
+    (wf.exits_when_pickled, ()),
+    (wf.raises_locked, ()),
+]
+
+
+def outcomes(run, calls):
+    """What each ``run(fn, args)`` raised: type, message, the type of its cause
+    and the remote traceback's last line."""
+    out = []
+    for fn, args in calls:
+        try:
+            run(fn, args)
+            out.append("no error")
+        except BaseException as e:
+            cause = e.__cause__
+            remote = str(cause).strip().strip('"').strip().split("\n")[-1] if cause is not None else None
+            out.append((type(e).__name__, str(e), type(cause).__name__.lstrip("_"), remote))
+    return out
+
+
+def test_future_semantics_as_process_pool_executor():
+    """With ``_future_semantics`` (the Executor's) a task's BaseException is its
+    exception and an error pickling the result is delivered itself, as
+    ProcessPoolExecutor's worker does; the worker goes on."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(1, mp_context=ctx) as ex:
+        pid = ex.submit(os.getpid).result()
+        want = outcomes(lambda fn, args: ex.submit(fn, *args).result(), FAILING)
+        assert ex.submit(os.getpid).result() == pid
+    assert [w[0] for w in want] == ["SystemExit", "KeyboardInterrupt", "TypeError", "SystemExit", "TypeError"]
+    assert {w[2] for w in want} == {"RemoteTraceback"}
+    with Pool(1, _future_semantics=True) as p:
+        pid = p.apply(os.getpid)
+        assert outcomes(p.apply, FAILING) == want  # each with the remote traceback as its cause
+        # an exception that cannot be unpickled: the error that says so
+        [(kind, msg, cause, remote)] = outcomes(p.apply, [(wf.raises_needs_two, ())])
+        assert kind == "TypeError" and "NeedsTwoArgs" in msg and cause == "RemoteTraceback"
+        assert p.apply(os.getpid) == pid  # never replaced
+
+
+def test_pool_semantics_as_the_stdlib_pool():
+    """Without it, the stdlib pool's choices: an error pickling the result is a
+    MaybeEncodingError; SystemExit and KeyboardInterrupt end the worker (the
+    stdlib's pool then hangs; here the task fails with WorkerLostError)."""
+    from lazyshare.errors import WorkerLostError
+
+    with Pool(1) as p:
+        for fn, args in [(wf.exit_with, (3,)), (wf.interrupt, ()), (wf.exits_when_pickled, ())]:
+            with pytest.raises(WorkerLostError):
+                p.apply(fn, args)
+        for fn in (wf.returns_lock, wf.raises_locked, wf.raises_needs_two):
+            with pytest.raises(multiprocessing.pool.MaybeEncodingError):
+                p.apply(fn)
+        assert p.apply(wf.identity, (5,)) == 5
