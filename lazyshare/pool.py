@@ -410,21 +410,28 @@ class _Core:
         # does a new task need to wake it (else a result will, and it dispatches).
         self.hungry = True
         self.wake_lock = threading.Lock()
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
-
         self.stats_lock = threading.Lock()
         self.live: dict[bytes, _Worker] = {}
         self.dead_totals = {"tasks": 0, "bytes_pickled": 0, "bytes_lazy": 0, "faults": 0}
 
-        self.endpoint = transport.new_endpoint("pool")
-        self.router = transport.context().socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.router.setsockopt(zmq.SNDHWM, 0)
-        self.router.setsockopt(zmq.RCVHWM, 0)
-        self.router.bind(self.endpoint)
+        self.wake_r, self.wake_w = os.pipe()
+        self.router = None
+        try:  # a failure closes what was opened (Pool.__init__ never gets this object)
+            os.set_blocking(self.wake_r, False)
+            os.set_blocking(self.wake_w, False)
+            self.endpoint = transport.new_endpoint("pool")
+            self.router = transport.context().socket(zmq.ROUTER)
+            self.router.setsockopt(zmq.LINGER, 0)
+            self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self.router.setsockopt(zmq.SNDHWM, 0)
+            self.router.setsockopt(zmq.RCVHWM, 0)
+            self.router.bind(self.endpoint)
+        except BaseException:
+            if self.router is not None:
+                self.router.close(linger=0)
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            raise
 
         self.worker_counter = itertools.count(1)
         self.dispatcher: threading.Thread | None = None
@@ -1104,11 +1111,53 @@ def _terminate_pool(core: _Core) -> None:
     for t in (core.dispatcher, core.result_thread):
         if t is not None and t is not me and t.is_alive():
             t.join()
-    if core.feeder is not None and core.feeder is not me:
+    if _started(core.feeder) and core.feeder is not me:
         core.feeder.join(5.0)  # only a user iterable that blocks can delay it
     for p in core.pool_list:
         if p.exitcode is None and p.pid is not None and p is not me:
             p.join(1.0)
+
+
+def _started(t: threading.Thread | None) -> bool:
+    return t is not None and t.ident is not None
+
+
+def _abort_start(core: _Core, workers: list[_Worker]) -> None:
+    """Undo a ``Pool.__init__`` that failed part-way: workers, threads, the socket,
+    its file and the wake-up pipe. Errors here do not hide the original one."""
+    try:
+        if _started(core.dispatcher):
+            _terminate_pool(core)  # the dispatcher kills workers and closes what it owns
+            return
+        with core.lock:
+            core.terminated = True
+            core.state = TERMINATE
+        procs = {id(p): p for p in [*core.pool_list, *(w.process for w in workers)]}
+        alive = [p for p in procs.values() if p.pid is not None and p.exitcode is None]
+        for p in alive:
+            p.terminate()
+        deadline = time.monotonic() + _TERM_GRACE
+        left = alive
+        while left and time.monotonic() < deadline:
+            _wait_sentinels([p.sentinel for p in left], timeout=max(0.0, deadline - time.monotonic()))
+            left = [p for p in left if p.exitcode is None]
+        for p in left:
+            p.kill()
+        for p in alive:
+            p.join(5.0)
+        core.router.close(linger=0)
+        try:
+            os.unlink(transport.endpoint_path(core.endpoint))
+        except OSError:
+            pass
+        _close_wake_pipe(core)
+        core.result_q.put(None)
+        core.feed_q.put(None)
+        for t in (core.result_thread, core.feeder):
+            if _started(t):
+                t.join(5.0)
+    except BaseException:
+        traceback.print_exc()
 
 
 def _close_wake_pipe(core: _Core) -> None:
@@ -1194,31 +1243,26 @@ class Pool:
         try:
             for slot in range(processes):
                 workers.append(core.start_worker(slot))
+            core.state = RUN
+            dispatcher = _Dispatcher(core, workers)
+            core.dispatcher = threading.Thread(
+                target=dispatcher.run, name="lazyshare-dispatcher", daemon=True
+            )
+            core.result_thread = threading.Thread(
+                target=_result_loop, args=(core,), name="lazyshare-results", daemon=True
+            )
+            core.feeder = threading.Thread(
+                target=_feed_loop, args=(core,), name="lazyshare-feeder", daemon=True
+            )
+            for t in (core.dispatcher, core.result_thread, core.feeder):
+                t.start()
+            self._terminate = util.Finalize(self, _terminate_pool, args=(core,), exitpriority=15)
         except BaseException:
+            # Whatever step failed (a worker or a thread that would not start, ...):
+            # stop what was started, or it would outlive the failed constructor.
             self._core = None
-            for w in workers:
-                if w.process.exitcode is None:
-                    w.process.terminate()
-            for w in workers:
-                w.process.join()
-            core.router.close(linger=0)
-            try:
-                os.unlink(transport.endpoint_path(core.endpoint))
-            except OSError:
-                pass
-            _close_wake_pipe(core)
+            _abort_start(core, workers)
             raise
-
-        core.state = RUN
-        dispatcher = _Dispatcher(core, workers)
-        core.dispatcher = threading.Thread(target=dispatcher.run, name="lazyshare-dispatcher", daemon=True)
-        core.result_thread = threading.Thread(
-            target=_result_loop, args=(core,), name="lazyshare-results", daemon=True
-        )
-        core.feeder = threading.Thread(target=_feed_loop, args=(core,), name="lazyshare-feeder", daemon=True)
-        for t in (core.dispatcher, core.result_thread, core.feeder):
-            t.start()
-        self._terminate = util.Finalize(self, _terminate_pool, args=(core,), exitpriority=15)
         self._state = RUN
 
     # Globals copied as defaults: __del__ may run during interpreter shutdown.

@@ -633,3 +633,97 @@ def test_callback_raising_base_exception_does_not_break_the_pool(pool, capsys, e
     assert m.get(DEADLINE) == [0, 1, 4, 9]
     assert pool.apply(f.sqr, (3,)) == 9
     assert type(exc).__name__ in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- a failed construction
+class _Injected(Exception):
+    pass
+
+
+def _fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _fail_on_nth_pool_thread(monkeypatch, n, exc):
+    real = threading.Thread.start
+    seen = []
+
+    def start(self):
+        if self.name in POOL_THREADS:
+            seen.append(self.name)
+            if len(seen) == n:
+                raise exc
+        return real(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+
+
+def _inject(monkeypatch, step):
+    """Make Pool(2) fail at ``step``; returns the Pool class to call."""
+    import lazyshare.pool as lp
+
+    if step == "bind":
+        monkeypatch.setattr(lp.transport, "new_endpoint", lambda name: "ipc:///nonexistent-dir/x/pool.sock")
+    elif step == "second worker":
+        calls = []
+
+        class FailingPool(Pool):
+            @staticmethod
+            def Process(ctx, *args, **kwds):
+                calls.append(1)
+                if len(calls) == 2:
+                    raise _Injected("second worker")
+                return ctx.Process(*args, **kwds)
+
+        return FailingPool
+    elif step == "dispatcher":
+
+        def init(self, *args, **kwds):
+            raise _Injected("dispatcher")
+
+        monkeypatch.setattr(lp._Dispatcher, "__init__", init)
+    elif step.startswith("thread "):
+        _fail_on_nth_pool_thread(monkeypatch, int(step.split()[1]), _Injected(step))
+    elif step == "interrupt at thread 2":
+        _fail_on_nth_pool_thread(monkeypatch, 2, KeyboardInterrupt())
+    elif step == "finalize":
+        real = multiprocessing.util.Finalize
+
+        def finalize(obj, *args, **kwds):
+            if isinstance(obj, Pool):
+                raise _Injected("finalize")
+            return real(obj, *args, **kwds)
+
+        monkeypatch.setattr(multiprocessing.util, "Finalize", finalize)
+    else:
+        raise AssertionError(step)
+    return Pool
+
+
+@pytest.mark.parametrize(
+    "step",
+    ["bind", "second worker", "dispatcher", "thread 1", "thread 2", "thread 3", "interrupt at thread 2", "finalize"],
+)
+def test_failed_construction_leaves_nothing_behind(monkeypatch, step):
+    from conftest import leftover_children
+
+    with Pool(2) as warm:  # the forkserver and ZeroMQ's own descriptors are long-lived
+        warm.map(f.sqr, range(4))
+    warm.join()
+    fds = _fd_count()
+    cls = _inject(monkeypatch, step)
+    expected = KeyboardInterrupt if step.startswith("interrupt") else Exception
+    with pytest.raises(expected) as info:
+        cls(2)
+    assert isinstance(info.value, (_Injected, KeyboardInterrupt)) or step == "bind"
+    monkeypatch.undo()
+    del info  # its traceback holds the half-built pool
+    gc.collect()
+    assert not leftover_children(grace=5.0)
+    assert multiprocessing.active_children() == []
+    assert wait_for(lambda: not lazyshare_threads(), timeout=5), lazyshare_threads()
+    assert socket_files() == []
+    assert wait_for(lambda: _fd_count() <= fds, timeout=5), (fds, _fd_count())
+    with Pool(2) as p:  # and pools still work
+        assert p.map(f.sqr, range(4)) == [0, 1, 4, 9]
+    p.join()
