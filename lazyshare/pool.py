@@ -70,6 +70,15 @@ differences, all on paths where the stdlib hangs or crashes:
   ``__main__`` functions and classes go by reference, as with the stdlib, so
   they share the worker's one ``__main__``: what an initializer sets with
   ``global`` is what later tasks see.
+* Each worker starts with the parent's ``os.environ`` as it is when that worker
+  starts, under forkserver too (a fork server's children inherit its
+  environment, frozen when the first pool started it), plus the private
+  ``_worker_env`` (the joblib backend's per-worker thread limits). Where that
+  changes a thread-count variable (``OMP_NUM_THREADS``,
+  ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS``, ``BLIS_NUM_THREADS``), the
+  native thread pools already loaded in the worker (numpy's BLAS is) are set to
+  it with threadpoolctl if that is importable; without it they keep the count
+  they read at load.
 
 Results are pickled by the worker with multiprocessing's own ``ForkingPickler``
 (protocol 5, out-of-band buffers as separate frames, read back by
@@ -380,6 +389,7 @@ class _Core:
         threshold,
         budget=None,
         future=False,
+        worker_env=None,
     ):
         self.ctx = ctx
         self.process_factory = process_factory
@@ -391,6 +401,7 @@ class _Core:
         self.threshold_value = float("inf") if threshold is None else int(threshold)
         self.budget = budget
         self.future = future  # workers behave as ProcessPoolExecutor's (see _run_task)
+        self.worker_env = worker_env  # applied on top of os.environ in every worker
         self.owner_pid = os.getpid()
 
         self.lock = threading.Lock()  # state changes vs submissions
@@ -498,6 +509,7 @@ class _Core:
                 self.maxtasks,
                 self.budget,
                 self.future,
+                _environ_snapshot(self.worker_env),
             ),
             name=f"lazyshare-worker-{num}",
         )
@@ -1199,6 +1211,7 @@ class Pool:
         threshold: int | None = serialization.DEFAULT_THRESHOLD,
         memory_budget: int | None = None,
         _future_semantics: bool = False,
+        _worker_env: dict[str, str] | None = None,
     ) -> None:
         # initialized early so that __del__ works if __init__ raises
         self._pool: list = []
@@ -1220,6 +1233,10 @@ class Pool:
             raise TypeError("initializer must be a callable")
         if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < 0):
             raise ValueError("memory_budget must be None or a non-negative number of bytes")
+        if _worker_env is not None:
+            _worker_env = dict(_worker_env)
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in _worker_env.items()):
+                raise TypeError("_worker_env must map variable names (str) to values (str)")
         self._processes = processes
         self._threshold = threshold
         if threshold is not None:
@@ -1235,6 +1252,7 @@ class Pool:
             threshold,
             memory_budget,
             future=_future_semantics,
+            worker_env=_worker_env,
         )
         self._core = core
         self._pool = core.pool_list
@@ -1704,9 +1722,95 @@ def _await_ack(sock) -> None:
                 return
 
 
+#: threadpoolctl's internal_api of a native thread pool -> the variables it reads
+#: when loaded, the first one set wins (OpenBLAS, MKL and BLIS fall back to
+#: OpenMP's).
+_THREAD_VARS = {
+    "openblas": ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"),
+    "mkl": ("MKL_NUM_THREADS", "OMP_NUM_THREADS"),
+    "blis": ("BLIS_NUM_THREADS", "OMP_NUM_THREADS"),
+    "openmp": ("OMP_NUM_THREADS",),
+}
+
+
+def _environ_snapshot(extra: dict | None) -> dict:
+    """The parent's environment now, plus ``extra``, for a worker to start with."""
+    for _ in range(100):
+        try:
+            env = dict(os.environ)
+            break
+        except KeyError:  # another thread removed a variable while it was copied
+            continue
+    else:
+        env = dict(os.environ)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def _thread_count(env, names) -> int | None:
+    for name in names:
+        value = env.get(name)
+        if value is not None:
+            try:
+                n = int(value.split(",")[0])  # OMP_NUM_THREADS may list nested levels
+            except ValueError:
+                return None
+            return n if n > 0 else None
+    return None
+
+
+def _apply_environment(env: dict | None) -> None:
+    """Make ``os.environ`` ``env`` (set and unset to match). A forkserver child
+    inherits the fork server's environment, which was frozen when the first pool
+    started it; a spawn child inherits the parent's but not ``_worker_env``.
+
+    Native thread pools already loaded (numpy's BLAS is: this module imports
+    numpy before a worker runs) read their thread count at load: where the
+    count a library would read changed, it is applied with threadpoolctl if that
+    is importable. Without it such a library keeps its count (new variables
+    still reach libraries loaded later and the worker's children); so does one
+    whose variable was removed, whose default cannot be restored."""
+    if env is None:
+        return
+    before = {api: _thread_count(os.environ, names) for api, names in _THREAD_VARS.items()}
+    for name in [k for k in os.environ if k not in env]:
+        del os.environ[name]
+    for name, value in env.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
+    limits = {}
+    for api, names in _THREAD_VARS.items():
+        n = _thread_count(env, names)
+        if n is not None and n != before[api]:
+            limits[api] = n
+    if not limits:
+        return
+    try:
+        import threadpoolctl
+    except ImportError:
+        return
+    try:
+        for lib in threadpoolctl.ThreadpoolController().lib_controllers:
+            n = limits.get(lib.internal_api)
+            if n is not None:
+                lib.set_num_threads(n)
+    except Exception:  # a library threadpoolctl cannot drive: leave it as it is
+        traceback.print_exc()
+
+
 def _worker_main(
-    endpoint: str, wid: bytes, pool_pid: int, initializer, initargs, maxtasks, budget=None, future=False
+    endpoint: str,
+    wid: bytes,
+    pool_pid: int,
+    initializer,
+    initargs,
+    maxtasks,
+    budget=None,
+    future=False,
+    env=None,
 ) -> None:
+    _apply_environment(env)
     _watch_parent(pool_pid)
     if budget:
         from . import handler

@@ -101,3 +101,14 @@ class NeedsTwoArgs(Exception):
 
 def raises_needs_two():
     raise NeedsTwoArgs("a", "b")
+
+
+def blas_threads(_=None):
+    """The thread count of each BLAS library loaded here (threadpoolctl)."""
+    import threadpoolctl
+
+    return {
+        i["internal_api"]: i["num_threads"]
+        for i in threadpoolctl.threadpool_info()
+        if i["user_api"] == "blas"
+    }

@@ -16,7 +16,7 @@ import textwrap
 import _worker_funcs as wf
 import numpy as np
 import pytest
-from conftest import DEADLINE
+from conftest import DEADLINE, wait_for
 from test_core import _run_script, run_as_nobody
 
 from lazyshare import handler
@@ -332,3 +332,78 @@ def test_pool_semantics_as_the_stdlib_pool():
             with pytest.raises(multiprocessing.pool.MaybeEncodingError):
                 p.apply(fn)
         assert p.apply(wf.identity, (5,)) == 5
+
+
+# --------------------------------------------------------------------------- environment
+def test_workers_start_with_the_parents_environment_of_the_moment(monkeypatch):
+    """The fork server's environment is frozen when the first pool starts it;
+    each worker starts with the parent's as it is when that worker starts."""
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()  # so that it cannot have the variables below
+    monkeypatch.setenv("LS_TEST_LATE", "late")
+    with Pool(1) as p:
+        assert p.apply(wf.environ, ("LS_TEST_LATE",))[0] == {"LS_TEST_LATE": "late"}
+    # A replacement worker (maxtasksperchild) sees the value current when it
+    # starts: change it once the next worker has started, and the one after
+    # that (which starts when this task is done) sees the change.
+    monkeypatch.setenv("LS_TEST_LATE", "a")
+    seen = []
+    with Pool(1, maxtasksperchild=1) as p:
+        for change in ("b", None, None):
+            env, pid = p.apply(wf.environ, ("LS_TEST_LATE",))
+            seen.append((env["LS_TEST_LATE"], pid))
+            assert wait_for(lambda pid=pid: p._pool[0].pid not in (None, pid))  # the next one is up
+            if change is None:
+                monkeypatch.delenv("LS_TEST_LATE", raising=False)
+            else:
+                monkeypatch.setenv("LS_TEST_LATE", change)
+        env, pid = p.apply(wf.environ, ("LS_TEST_LATE",))
+        seen.append((env["LS_TEST_LATE"], pid))
+    assert [v for v, _ in seen] == ["a", "a", "b", None]
+    assert len({pid for _, pid in seen}) == 4
+
+
+REMOVED_VARIABLE = """
+import os, sys, multiprocessing as mp, lazyshare, _worker_funcs as wf
+if __name__ == "__main__":
+    ctx = mp.get_context(sys.argv[1])
+    os.environ["LS_TEST_GONE"] = "there"
+    with lazyshare.Pool(1, context=ctx) as p:  # the fork server starts with it
+        print(p.apply(wf.environ, ("LS_TEST_GONE",))[0])
+    del os.environ["LS_TEST_GONE"]
+    os.environ["LS_TEST_NEW"] = "new"
+    with lazyshare.Pool(1, context=ctx) as p:
+        print(p.apply(wf.environ, ("LS_TEST_GONE", "LS_TEST_NEW"))[0])
+"""
+
+
+def test_a_variable_removed_in_the_parent_is_gone_in_later_workers(tmp_path):
+    """As with spawn, where each child inherits the parent's environment."""
+    want = "{'LS_TEST_GONE': 'there'}\n{'LS_TEST_GONE': None, 'LS_TEST_NEW': 'new'}\n"
+    for method in ("spawn", "forkserver"):
+        assert run_file(tmp_path / "gone.py", REMOVED_VARIABLE, method).stdout == want, method
+
+
+def test_worker_env_is_applied_on_top_with_thread_limits():
+    """``_worker_env`` (the joblib backend's per-worker limits): set before the
+    task runs, and the BLAS numpy already loaded in the worker is limited too
+    (threadpoolctl), not only libraries loaded later."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with Pool(1) as p:
+        default = p.apply(wf.blas_threads)
+    if not default or max(default.values()) < 2:
+        pytest.skip(f"no BLAS with more than one thread to limit here: {default}")
+    assert threadpoolctl  # the parent has it too: the workers import the same one
+    extra = {
+        "LS_TEST_EXTRA": "x",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    with Pool(1, _worker_env=extra) as p:
+        env, _ = p.apply(wf.environ, tuple(extra))
+        assert env == extra
+        assert p.apply(wf.blas_threads) == {api: 1 for api in default}
+    with pytest.raises(TypeError):
+        Pool(1, _worker_env={"X": 1})
