@@ -49,14 +49,16 @@ effect. Buffers of at least ``threshold`` bytes (a backend parameter, default
     parallel_config(backend="lazyshare", threshold=16 << 20)
 
 Workers receive writable private copies (joblib's memmapped arrays are read-only).
-Pages are fetched per call: a second call on the same array fetches them again
-(loky's memmap is written once per call too, and read from the page cache).
+Pages are fetched per batch of tasks (a joblib batch is one pool task): a fold that
+reads all of ``X`` fetches all of ``X``, and the next batch or call fetches it again,
+where loky writes ``X`` once per call to a memmap that its workers read from the
+page cache. Workers run with joblib's thread limits (``OMP_NUM_THREADS`` and the
+like, ``inner_max_num_threads``), computed as for loky.
 """
 
 from __future__ import annotations
 
 import atexit
-import inspect
 import os
 import threading
 import traceback
@@ -80,7 +82,6 @@ NAME = "lazyshare"
 #: Seconds an unused pool is kept (loky's default ``idle_worker_timeout``).
 DEFAULT_IDLE_TIMEOUT = 300.0
 _UNSET: Any = object()
-_POOL_TAKES_ENV = "_worker_env" in inspect.signature(Pool).parameters
 
 
 # =========================================================================== the reused pool
@@ -314,9 +315,13 @@ class LazyshareBackend(MultiprocessingBackend):
         }
 
         def make() -> Pool:
-            extra = {"_worker_env": env} if _POOL_TAKES_ENV else {}
             return Pool(
-                n_jobs, context=context, threshold=self.threshold, memory_budget=budget, **extra, **opts
+                n_jobs,
+                context=context,
+                threshold=self.threshold,
+                memory_budget=budget,
+                _worker_env=env,
+                **opts,
             )
 
         self._leave()  # configure() again without terminate(): abort_everything

@@ -143,6 +143,19 @@ def test_another_key_gets_a_new_pool_and_the_old_one_is_shut_down():
     assert not _pids(other) & _pids(two_again)
 
 
+def test_workers_get_joblibs_thread_limits_and_they_are_part_of_the_key():
+    default = str(os.environ.get("OMP_NUM_THREADS", max(joblib.cpu_count() // 2, 1)))
+    first, limited = LazyshareBackend(), LazyshareBackend()
+    with parallel_config(backend=first, n_jobs=2):
+        envs = Parallel()(delayed(jf.thread_env)() for _ in range(4))
+    assert {e["OMP_NUM_THREADS"] for e in envs} == {default}
+    assert all(e["OPENBLAS_NUM_THREADS"] and e["MKL_NUM_THREADS"] for e in envs)
+    with parallel_config(backend=limited, n_jobs=2, inner_max_num_threads=3):
+        envs = Parallel()(delayed(jf.thread_env)() for _ in range(4))
+    assert {tuple(e.values()) for e in envs} == {("3", "3", "3")}
+    assert not _pids(limited) & _pids(first)  # other limits: another pool
+
+
 def test_idle_timeout_shuts_the_pool_down():
     kept, idle = LazyshareBackend(), LazyshareBackend(idle_worker_timeout=0.2)
     with parallel_config(backend=kept, n_jobs=2):
