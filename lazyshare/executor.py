@@ -141,6 +141,8 @@ def _manage(state: _State) -> None:
                 except BaseException as e:  # the pool stopped under us
                     fut.set_exception(e)
                     state.task_done()
+            # Idle until the next wake-up: hold nothing of the calls just handed over.
+            batch = fut = fn = args = kwargs = None
     finally:
         with state.cond:
             for fut, *_ in state.pending:
@@ -289,15 +291,19 @@ class Executor(_StdExecutor):
             fs = [self.submit(_process_chunk, fn, chunk) for chunk in _chunks(iterables, chunksize)]
 
         def results() -> Iterator[Any]:
+            # Nothing yielded stays referenced here (no local holds a result, a
+            # chunk's list is consumed from its end), as in concurrent.futures.
             try:
                 fs.reverse()  # pop from the end: a future is dropped once yielded
                 while fs:
                     wait = None if end is None else end - time.monotonic()
-                    out = _result_or_cancel(fs.pop(), wait)
                     if chunksize == 1:
-                        yield out
+                        yield _result_or_cancel(fs.pop(), wait)
                     else:
-                        yield from out
+                        chunk = _result_or_cancel(fs.pop(), wait)
+                        chunk.reverse()
+                        while chunk:
+                            yield chunk.pop()
             finally:
                 for f in fs:
                     f.cancel()

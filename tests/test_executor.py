@@ -6,16 +6,18 @@ fails only its own futures."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import gc
 import os
 import signal
 import time
+import weakref
 from concurrent.futures.process import BrokenProcessPool
 
 import _ext_funcs as f
 import _unpickle_funcs as u
 import numpy as np
 import pytest
-from conftest import DEADLINE
+from conftest import DEADLINE, wait_for
 
 import lazyshare
 from lazyshare.errors import BrokenWorkerError, WorkerLostError
@@ -265,3 +267,43 @@ def test_done_callback_raising_base_exception(exc):
     finally:
         assert _shut_down_within(ex), "the executor lost count of its work"
     assert len(calls) == 4
+
+
+# --------------------------------------------------------------------------- references
+def _dead(ref) -> bool:
+    gc.collect()
+    return ref() is None
+
+
+def test_an_idle_executor_keeps_no_argument_alive(ex):
+    # The manager thread held the last call's function and arguments until the
+    # next submit: a big array stayed in the parent while the executor idled.
+    for make in (lambda: u.Thing(b"x" * 100), lambda: np.ones(2 << 20)):  # pickled; exported (16 MiB)
+        arg = make()
+        ref = weakref.ref(arg)
+        fut = ex.submit(u.touch, arg)
+        assert fut.result(timeout=DEADLINE) > 0
+        del arg, fut
+        assert wait_for(lambda ref=ref: _dead(ref), timeout=5), gc.get_referrers(ref())
+
+
+def test_a_done_future_is_all_that_holds_its_result(ex):
+    fut = ex.submit(u.make_thing, 10)
+    ref = weakref.ref(fut.result(timeout=DEADLINE))
+    assert ref() is not None  # the future holds it
+    del fut
+    assert wait_for(lambda ref=ref: _dead(ref), timeout=5), gc.get_referrers(ref())
+
+
+@pytest.mark.parametrize("chunksize", [1, 2])
+def test_map_iterator_drops_what_it_yielded(ex, chunksize):
+    it = ex.map(u.make_thing, [10] * 4, chunksize=chunksize)
+    first = next(it)
+    ref = weakref.ref(first)
+    del first
+    assert _dead(ref)  # the suspended iterator does not hold the last result
+    second = next(it)
+    ref = weakref.ref(second)
+    del second
+    assert _dead(ref)
+    assert len(list(it)) == 2

@@ -702,7 +702,16 @@ def _inject(monkeypatch, step):
 
 @pytest.mark.parametrize(
     "step",
-    ["bind", "second worker", "dispatcher", "thread 1", "thread 2", "thread 3", "interrupt at thread 2", "finalize"],
+    [
+        "bind",
+        "second worker",
+        "dispatcher",
+        "thread 1",
+        "thread 2",
+        "thread 3",
+        "interrupt at thread 2",
+        "finalize",
+    ],
 )
 def test_failed_construction_leaves_nothing_behind(monkeypatch, step):
     from conftest import leftover_children
@@ -727,3 +736,36 @@ def test_failed_construction_leaves_nothing_behind(monkeypatch, step):
     with Pool(2) as p:  # and pools still work
         assert p.map(f.sqr, range(4)) == [0, 1, 4, 9]
     p.join()
+
+
+# --------------------------------------------------------------------------- references
+def _dead(ref) -> bool:
+    gc.collect()
+    return ref() is None
+
+
+def test_an_idle_pool_keeps_no_argument_or_result_alive(pool):
+    # Nothing of a completed call stays reachable from the dispatcher or the
+    # result thread once the caller dropped it.
+    import numpy as np
+
+    for make in (lambda: u.Thing(b"x" * 100), lambda: np.ones(2 << 20)):  # pickled; exported (16 MiB)
+        arg = make()
+        ref = weakref.ref(arg)
+        r = pool.apply_async(u.touch, (arg,))
+        assert r.get(DEADLINE) > 0
+        del arg, r
+        assert wait_for(lambda ref=ref: _dead(ref), timeout=5), gc.get_referrers(ref())
+        arg = make()
+        ref = weakref.ref(arg)
+        assert pool.map(u.touch, [arg, arg], chunksize=1) == [pool.apply(u.touch, (arg,))] * 2
+        del arg
+        assert wait_for(lambda ref=ref: _dead(ref), timeout=5), gc.get_referrers(ref())
+    r = pool.apply_async(u.make_thing, (10,))
+    ref = weakref.ref(r.get(DEADLINE))
+    del r
+    assert wait_for(lambda ref=ref: _dead(ref), timeout=5), gc.get_referrers(ref())
+    it = pool.imap(u.make_thing, [10] * 3)
+    ref = weakref.ref(next(it))
+    assert wait_for(lambda ref=ref: _dead(ref), timeout=5), gc.get_referrers(ref())
+    assert len(list(it)) == 2
