@@ -239,6 +239,7 @@ class Executor(_StdExecutor):
             mp_context,
             threshold=threshold,
             memory_budget=memory_budget,
+            _future_semantics=True,  # a task's BaseException and pickling errors as the stdlib's
         )
         self._max_workers = len(pool._pool)
         state = _State(pool, _INFLIGHT_PER_WORKER * self._max_workers)

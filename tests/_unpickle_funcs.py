@@ -66,3 +66,35 @@ def same(x):
 def touch(x) -> int:
     """Uses its argument, returns something small."""
     return len(getattr(x, "payload", b"")) if not hasattr(x, "nbytes") else int(x.nbytes)
+
+
+class ErrorAtPickle:
+    """Fails to pickle (in the worker, as a result): CPython's test_deadlock's."""
+
+    def __reduce__(self):
+        import pickle
+
+        raise pickle.PicklingError("Error in pickle")
+
+
+class ExitAtPickle:
+    def __reduce__(self):
+        sys.exit(1)
+
+
+def return_instance(cls):
+    return cls()
+
+
+def unpicklable_result():
+    import threading
+
+    return threading.Lock()
+
+
+def raise_interrupt():
+    raise KeyboardInterrupt
+
+
+def getpid():
+    return os.getpid()

@@ -307,3 +307,48 @@ def test_map_iterator_drops_what_it_yielded(ex, chunksize):
     del second
     assert _dead(ref)
     assert len(list(it)) == 2
+
+
+# --------------------------------------------------------------------------- errors as ProcessPoolExecutor's
+@pytest.fixture
+def ex1():
+    executor = lazyshare.Executor(max_workers=1)
+    try:
+        yield executor
+    finally:
+        assert _shut_down_within(executor)
+
+
+def test_error_while_pickling_the_result_is_delivered_itself(ex1):
+    # ProcessPoolExecutor sends the pickling error back (CPython's
+    # test_error_during_result_pickle_on_worker), not MaybeEncodingError.
+    import pickle
+
+    pid = ex1.submit(u.getpid).result(timeout=DEADLINE)
+    err = ex1.submit(u.return_instance, u.ErrorAtPickle).exception(timeout=DEADLINE)
+    assert type(err) is pickle.PicklingError and str(err) == "Error in pickle"
+    assert "Error in pickle" in str(err.__cause__)  # the worker's traceback
+    err = ex1.submit(u.unpicklable_result).exception(timeout=DEADLINE)
+    assert isinstance(err, TypeError) and "pickle" in str(err)
+    assert ex1.submit(u.getpid).result(timeout=DEADLINE) == pid  # the same worker went on
+
+
+@pytest.mark.parametrize(
+    "call, exc_type",
+    [
+        ((u.exit_now, 5), SystemExit),  # CPython's test_exit_during_func_exec_on_worker
+        ((u.return_instance, u.ExitAtPickle), SystemExit),  # ...test_exit_during_result_pickle_on_worker
+        ((u.raise_interrupt,), KeyboardInterrupt),
+    ],
+)
+def test_base_exception_in_a_task_is_its_exception(ex1, call, exc_type):
+    pid = ex1.submit(u.getpid).result(timeout=DEADLINE)
+    fut = ex1.submit(*call)
+    err = fut.exception(timeout=DEADLINE)
+    assert type(err) is exc_type
+    if call[0] is u.exit_now:
+        assert err.code == 5
+    with pytest.raises(exc_type):
+        fut.result()
+    assert ex1.submit(u.getpid).result(timeout=DEADLINE) == pid  # the worker was kept
+    assert list(ex1.map(f.mul, range(4), range(4))) == [0, 1, 4, 9]
