@@ -3,10 +3,12 @@
 Owner side (the pool's parent)::
 
     exports = CallExports(threshold)        # one per pool call (map, apply, ...)
-    frames = exports.dumps(obj)             # list of bytes-like, sent as one multipart
-    ...                                     # tasks run, results come back
-    exports.close()                         # the call is done: segments unpinned once
-                                            # the workers' mappings are gone too
+    frames = exports.dumps(obj, task=i)     # list of bytes-like, sent as one multipart
+    ...                                     # the task runs, its result comes back
+    exports.task_done(i)                    # segments no other task uses are released
+    exports.close()                         # the call is done: the rest are released
+                                            # (unpinned once the workers' mappings are
+                                            # gone too)
 
 Worker side::
 
@@ -18,9 +20,10 @@ next inline frame) or an :class:`~lazyshare.handler.ArrayDescriptor` (attach it)
 
 numpy arrays are caught by ``reducer_override`` before numpy reduces them, so a
 slice, a transposed or a strided view of a big array exports the *base*
-allocation once per call and is rebuilt as the same view in the worker. Other
-objects that pickle their data out-of-band (protocol 5 ``PickleBuffer``) go
-through ``buffer_callback``.
+allocation (one segment for a call's tasks while any of them using it is not
+done) and is rebuilt as the same view in the worker. Other objects that pickle
+their data out-of-band (protocol 5 ``PickleBuffer``) go through
+``buffer_callback``.
 
 Subclasses of ndarray go lazily too, and arrive as follows (numpy's own
 pickling is ``ndarray.__reduce__``, which copies the data with ``tobytes()``):
@@ -56,6 +59,7 @@ from __future__ import annotations
 import copyreg
 import io
 import pickle
+import threading
 import warnings
 from typing import Any
 
@@ -204,14 +208,28 @@ def _warn_pickled_whole(cls: type, nbytes: int) -> None:
 class CallExports:
     """The segments exported for one pool call, deduplicated by allocation.
 
-    Not thread-safe: one thread pickles a call's tasks.
+    ``dumps(obj, task=key)`` counts each segment ``obj`` uses once for that task
+    (views of one base: one segment); ``task_done(key)`` drops the task's counts
+    and releases the segments no other task of the call still uses, so a stream
+    of tasks keeps only the segments of the tasks not done yet. A ``dumps``
+    without ``task`` keeps its segments until ``close()``, which releases all.
+
+    One thread pickles a call's tasks; ``task_done`` and ``close`` may come from
+    another (the lookup and the count of a segment are one step under a lock, so
+    a segment is never released between being found and being counted).
     """
 
     def __init__(self, threshold: int | None = DEFAULT_THRESHOLD):
         # None disables lazy export: everything is pickled.
         self.threshold = float("inf") if threshold is None else int(threshold)
         self._segments: dict[tuple[int, int], Any] = {}
+        self._uses: dict[tuple[int, int], int] = {}  # segment -> tasks using it
+        self._tasks: dict[Any, tuple] = {}  # task -> the segments it uses
+        self._using: set | None = None  # those of the task being pickled
+        self._lock = threading.Lock()
         self.bytes_exported = 0  # bytes pinned and offered lazily (not moved)
+        self.bytes_live = 0  # of those, bytes still offered (not released yet)
+        self.bytes_new = 0  # bytes the last dumps exported anew
         self.bytes_pickled = 0  # bytes of frames produced by dumps
         self.closed = False
 
@@ -220,14 +238,34 @@ class CallExports:
             raise ValueError("CallExports is closed")
         h = _handler()
         pin, low, high = h.root_extent(arr)
-        seg = self._segments.get((low, high))
+        key = (low, high)
+        using = self._using
+        with self._lock:
+            seg = self._segments.get(key)
+            if seg is not None and (using is None or key not in using):
+                self._uses[key] += 1  # a use outside a task is never done: kept until close
+                if using is not None:
+                    using.add(key)
         if seg is None:
             seg = h.export_memory(pin, low, high - low)
-            self._segments[(low, high)] = seg
-            self.bytes_exported += high - low
+            with self._lock:
+                closed = self.closed
+                if not closed:
+                    self._segments[key] = seg
+                    self._uses[key] = 1
+                    if using is not None:
+                        using.add(key)
+                    self.bytes_exported += high - low
+                    self.bytes_live += high - low
+                    self.bytes_new += high - low
+            if closed:  # closed meanwhile (the pool was terminated)
+                h.release(seg)
+                raise ValueError("CallExports is closed")
         return h.ArrayDescriptor.for_view(seg, arr, low)
 
-    def dumps(self, obj) -> list:
+    def dumps(self, obj, task=None) -> list:
+        """Pickle ``obj``; its segments stay offered until ``task_done(task)``
+        (until ``close()`` without ``task``)."""
         buffers: list = []
         kinds: list = []
 
@@ -241,13 +279,50 @@ class CallExports:
             buffers.append(raw)
             return False
 
-        f = io.BytesIO()
-        _LazyPickler(f, self, callback).dump(obj)
+        self.bytes_new = 0
+        if task is not None:
+            self._using = set()
+        try:
+            f = io.BytesIO()
+            _LazyPickler(f, self, callback).dump(obj)
+        except BaseException:
+            if task is not None:  # the task will not run: what it counted goes
+                self._drop(self._using)
+            raise
+        finally:
+            using, self._using = self._using, None
+        if using:
+            self._tasks[task] = tuple(using)
         payload = f.getbuffer()
         head = pickle.dumps(kinds, _PROTOCOL)
         frames = [head, payload, *buffers]
         self.bytes_pickled += sum(memoryview(x).nbytes for x in frames)
         return frames
+
+    def task_done(self, task) -> None:
+        """The task ``dumps(obj, task)`` pickled is done: release the segments
+        no other task uses. Workers still mapping one keep it readable (the
+        page server keeps a released segment until its last mapping is gone)."""
+        keys = self._tasks.pop(task, None)
+        if keys:
+            self._drop(keys)
+
+    def _drop(self, keys) -> None:
+        gone = []
+        with self._lock:
+            for key in keys:
+                n = self._uses.get(key, 0) - 1
+                if n > 0:
+                    self._uses[key] = n
+                elif n == 0:
+                    del self._uses[key]
+                    seg = self._segments.pop(key)
+                    self.bytes_live -= seg.nbytes
+                    gone.append(seg)
+        if gone:
+            h = _handler()
+            for seg in gone:
+                h.release(seg)
 
     @property
     def segments(self) -> list:
@@ -255,13 +330,19 @@ class CallExports:
 
     def close(self) -> None:
         """Stop offering this call's segments (safe to call twice)."""
-        if self.closed:
-            return
-        self.closed = True
-        h = _handler() if self._segments else None
-        for seg in self._segments.values():
-            h.release(seg)
-        self._segments.clear()
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            gone = list(self._segments.values())
+            self._segments.clear()
+            self._uses.clear()
+            self._tasks.clear()
+            self.bytes_live = 0
+        if gone:
+            h = _handler()
+            for seg in gone:
+                h.release(seg)
 
     def __enter__(self):
         return self

@@ -164,3 +164,30 @@ def test_executor_takes_a_memory_budget_too():
         s1, s2, v, grew, dropped = ex.submit(f.budget_pass, a).result(timeout=DEADLINE)
     assert s1 == s2 == float(a.size) - 2.0 and v == -1.0
     assert dropped >= a.nbytes - 16 * MiB
+
+
+def test_call_exports_count_segments_per_task():
+    from lazyshare import serialization
+
+    a = np.arange(MiB, dtype=np.float64)  # 8 MiB
+    b = np.ones(MiB)
+    base = handler.pinned_segments()
+    ex = serialization.CallExports()
+    ex.dumps((a[1:], a[::2], a.reshape(-1, 8).T), task=0)  # views of one base: one segment
+    assert len(ex.segments) == 1 and ex.bytes_live == a.nbytes
+    ex.dumps((a[5:], b), task=1)  # a's segment, shared with task 0
+    assert len(ex.segments) == 2 and ex.bytes_live == a.nbytes + b.nbytes
+    ex.task_done(0)
+    assert len(ex.segments) == 2
+    ex.task_done(1)
+    assert ex.segments == [] and ex.bytes_live == 0
+    assert handler.pinned_segments() == base  # nobody mapped them: unpinned at once
+    with pytest.raises(RuntimeError, match="cannot pickle"):  # a task that fails keeps nothing
+        ex.dumps((b, f.CannotPickle()), task=2)
+    assert ex.segments == [] and handler.pinned_segments() == base
+    ex.dumps(a)  # without a task: kept until close
+    ex.dumps(a[3:], task=3)
+    ex.task_done(3)
+    assert len(ex.segments) == 1
+    ex.close()
+    assert ex.segments == [] and handler.pinned_segments() == base
