@@ -5,7 +5,8 @@ Data flow and who owns what::
   caller threads (Pool API)                     feeder thread "lazyshare-feeder"
   apply_async / map_async / starmap_async       imap / imap_unordered: walks the
     pickle in the caller (snapshot at             iterable lazily, pickles each task,
-    submission, CallExports per call)             waits while `pending` is full
+    submission, CallExports per call)             at most a window ahead of the
+                                                  results (see _FEED_LIMIT)
         │ append _Task                                  │ append _Task
         ▼                                               ▼
   ┌─ pending (deque, append: any thread, popleft/appendleft: dispatcher) ─┐
@@ -22,12 +23,16 @@ Data flow and who owns what::
         results and lost tasks ──► result queue (SimpleQueue)
                                      ▼
   result thread "lazyshare-results"  ── the only caller of ``_set`` on result objects:
-    loads_result, callbacks, event.set,     runs callbacks, so a slow callback never
-    fails what is left after terminate()     stalls dispatch
+    loads_result, task_done, callbacks,     runs callbacks, so a slow callback never
+    event.set, fails what is left after      stalls dispatch
+    terminate()
+        │ task_done: the segments only that task used are released (CallExports
+        │ counts tasks per segment), the feeder's window shrinks (and wakes it)
         ▼
   cache (dict job -> result, like the stdlib's): entries added by the API threads,
-  removed by whoever completes a job; removal closes that call's CallExports and,
-  when the cache empties, wakes the dispatcher (close() waits for an empty cache).
+  removed by whoever completes a job; removal closes that call's CallExports (what
+  is left of it) and, when the cache empties, wakes the dispatcher (close() waits
+  for an empty cache).
 
 Semantics follow CPython's ``Lib/multiprocessing/pool.py`` (the result classes *are*
 the stdlib's ``ApplyResult``/``MapResult``/``IMapIterator``, subclassed), with these
@@ -79,6 +84,16 @@ differences, all on paths where the stdlib hangs or crashes:
   native thread pools already loaded in the worker (numpy's BLAS is) are set to
   it with threadpoolctl if that is importable; without it they keep the count
   they read at load.
+
+``imap``/``imap_unordered``: the feeder pulls the next item of the iterable only
+while the call's tasks not done yet (waiting, sent, or their result not handled
+yet) fit a window: fewer than ``_FEED_AHEAD`` tasks, fewer than ``_FEED_LIMIT`` of
+them waiting to be sent, and less than ``_FEED_BYTES`` exported or pickled for
+them (but room for ``2 * processes`` tasks whatever their size). The stdlib's
+task handler is held back the same way by its pipe; as there, results that
+arrive before the caller reads them are kept: the window does not wait for a
+slow reader. Each task's segments go when its result is in (a map's chunks
+too), so a stream of fresh arrays runs in bounded memory.
 
 Results are pickled by the worker with multiprocessing's own ``ForkingPickler``
 (protocol 5, out-of-band buffers as separate frames, read back by
@@ -175,8 +190,20 @@ _TERM_GRACE = 1.0
 #: How long a retiring worker waits for the parent's acknowledgement of its last
 #: message (it must not exit before libzmq has delivered its results).
 _BYE_TIMEOUT = 5.0
-#: The feeder stops pulling from an imap iterable while this many tasks wait.
+#: The feeder stops pulling from an imap iterable while this many tasks wait to be
+#: sent (tasks go out in batches: it refills at half), and while the stream's
+#: tasks not done yet (sent, waiting, or their result not handled yet) reach
+#: ``_FEED_AHEAD`` (it refills at three quarters) or hold ``_FEED_BYTES`` (bytes
+#: exported and pickled for them): the window a stream runs ahead of its results.
+#: 10,000 tiny tasks keep 500-650 in the window (``_FEED_LIMIT`` binds); a stream
+#: of 2 MiB arrays holds ~32 of them. Below ``2 * processes`` tasks there is always
+#: room (a worker has one running and one queued), and a task that added less
+#: than ``_FEED_BYTES // _FEED_AHEAD`` makes room for the next (views of a base
+#: already exported add nothing), so the window holds at most ~2 * ``_FEED_BYTES``
+#: plus one task.
 _FEED_LIMIT = 256
+_FEED_AHEAD = 1024
+_FEED_BYTES = 64 << 20
 
 # --------------------------------------------------------------------------- protocol
 # parent -> worker: [wid, b"T", TASK_HDR, *frames] | [wid, b"S"] stop | [wid, b"A"] ack
@@ -412,7 +439,7 @@ class _Core:
         self.result_q: queue.SimpleQueue = queue.SimpleQueue()
         self.feed_q: queue.SimpleQueue = queue.SimpleQueue()
         self.feed_room = threading.Event()
-        self.feeding = 0  # imap calls whose iterable is not exhausted yet
+        self.feed: _Feed | None = None  # the window of the one the feeder walks
         self.pool_list: list = []  # Pool._pool: one Process per slot
         self.broken: BaseException | None = None
 
@@ -472,25 +499,59 @@ class _Core:
         if empty:
             self.wake()
 
+    def task_done(self, job: int, index: int) -> None:
+        """The result thread has a task's result: release the segments only it
+        used, and count it out of the feeder's window. Never raises."""
+        try:
+            exports = self.exports.get(job)
+            if exports is not None:
+                exports.task_done(index)
+            feed = self.feed
+            if feed is not None and feed.job == job:
+                nbytes = feed.sizes.pop(index, None)
+                if nbytes is not None:
+                    feed.done += 1
+                    feed.done_bytes += nbytes
+                    if feed.waiting and feed.room(self, True):
+                        self.feed_room.set()
+        except Exception:
+            traceback.print_exc()
+
     def enqueue(
-        self, job: int, index: int, mode: int, exports: serialization.CallExports | None, payload
+        self,
+        job: int,
+        index: int,
+        mode: int,
+        exports: serialization.CallExports | None,
+        payload,
+        feed: _Feed | None = None,
     ) -> None:
-        """Pickle one task and queue it (any API thread, or the feeder). ``exports``
-        None: created on demand, for an apply whose task turns out to need it."""
+        """Pickle one task and queue it (any API thread, or the feeder with its
+        ``feed``). ``exports`` None: created on demand, for an apply whose task
+        turns out to need it. The task's segments are released when its result
+        is in (``task_done``), the rest when the call completes (``job_done``)."""
+        new = 0
         try:
             frames = _dumps_small(self.threshold_value, payload)
             if frames is None:
                 if exports is None:
                     exports = serialization.CallExports(self.threshold)
                     self.exports[job] = exports
-                frames = exports.dumps(payload)
+                frames = exports.dumps(payload, index)
+                new = exports.bytes_new
         except Exception as e:  # the stdlib's task handler: cache[job]._set(idx, (False, e))
             self.result_q.put([(job, index, False, e, False)])
             return
         if job not in self.cache:  # failed meanwhile (terminate): nothing to run
             self.job_done(job, False)
             return
-        self.pending.append(_Task(job, index, mode, frames, sum(len(f) for f in frames)))
+        task = _Task(job, index, mode, frames, sum(len(f) for f in frames))
+        if feed is not None:  # counted before it can run: its result finds it
+            feed.sizes[index] = task.nbytes
+            feed.fed += 1
+            feed.fed_bytes += task.nbytes
+            feed.last = task.nbytes + new
+        self.pending.append(task)
         if self.hungry:
             self.wake()
 
@@ -970,7 +1031,8 @@ class _Dispatcher:
                 best.budget -= 1
                 if best.budget == 0:
                     ready.remove(best)
-        if core.feeding and len(pending) < _FEED_LIMIT // 2:
+        feed = core.feed
+        if feed is not None and feed.waiting and feed.room(core, True):
             core.feed_room.set()
 
     def _fail_pending(self, err: BaseException) -> None:
@@ -1064,6 +1126,7 @@ def _result_loop(core: _Core) -> None:
                     ok, payload = serialization.loads_result(payload)
                 except BaseException as e:  # SystemExit from a __reduce__ too: this thread must go on
                     ok, payload = False, _load_error(e, job, index)
+            core.task_done(job, index)  # its exports go before the caller sees it
             try:
                 cache[job]._set(index, (ok, payload))
             except KeyError:
@@ -1085,27 +1148,69 @@ def _result_loop(core: _Core) -> None:
 
 
 # --------------------------------------------------------------------------- feeder thread
+class _Feed:
+    """The window of the imap call the feeder walks. ``fed``/``fed_bytes``/``last``
+    are written by the feeder only, ``done``/``done_bytes`` by the result thread
+    only; ``sizes`` (index -> pickled bytes of a task not done) by both, one
+    atomic dict operation at a time."""
+
+    __slots__ = ("job", "exports", "sizes", "fed", "fed_bytes", "done", "done_bytes", "last", "waiting")
+
+    def __init__(self, job: int, exports: serialization.CallExports | None):
+        self.job = job
+        self.exports = exports
+        self.sizes: dict[int, int] = {}
+        self.fed = self.fed_bytes = self.done = self.done_bytes = self.last = 0
+        self.waiting = False
+
+    def room(self, core: _Core, refill: bool = False) -> bool:
+        """Whether the feeder may pull the next task (``refill``: whether a
+        waiting feeder should be woken, with hysteresis on the counts)."""
+        ahead = self.fed - self.done
+        if ahead >= (_FEED_AHEAD * 3 // 4 if refill else _FEED_AHEAD):
+            return False
+        if len(core.pending) >= (_FEED_LIMIT // 2 if refill else _FEED_LIMIT):
+            return False
+        if ahead < 2 * core.processes or self.last < _FEED_BYTES // _FEED_AHEAD:
+            return True
+        held = self.fed_bytes - self.done_bytes
+        if self.exports is not None:
+            held += self.exports.bytes_live
+        return held < _FEED_BYTES
+
+
 def _feed_loop(core: _Core) -> None:
     for item in iter(core.feed_q.get, None):
         job, mode, exports, tasks, set_length = item
+        feed = core.feed = _Feed(job, exports)
+        tasks = enumerate(tasks)
         i = -1
         try:
-            for i, payload in enumerate(tasks):
-                while len(core.pending) >= _FEED_LIMIT and core.state != TERMINATE and core.broken is None:
-                    core.feed_room.wait(0.1)
-                    core.feed_room.clear()
+            while True:
+                # Room first, then pull: the iterable is not consumed ahead of it.
+                if not feed.room(core):
+                    while core.state != TERMINATE and core.broken is None:
+                        feed.waiting = True  # then look: a result or the dispatcher wakes us
+                        core.feed_room.clear()
+                        if feed.room(core):
+                            break
+                        core.feed_room.wait(_POLL_MS / 1000)
+                    feed.waiting = False
                 if core.state == TERMINATE:
                     break
-                core.enqueue(job, i, mode, exports, payload)
-            else:
-                set_length(i + 1)
+                try:
+                    i, payload = next(tasks)
+                except StopIteration:
+                    set_length(i + 1)
+                    break
+                core.enqueue(job, i, mode, exports, payload, feed)
+                payload = None
         except Exception as e:  # the iterable raised: the stdlib's _guarded_task_generation
             core.result_q.put([(job, i + 1, False, e, False)])
             set_length(i + 2)
         finally:
-            with core.lock:
-                core.feeding -= 1
-            item = tasks = exports = payload = None
+            core.feed = None
+            item = tasks = exports = payload = feed = None
 
 
 def _terminate_pool(core: _Core) -> None:
@@ -1327,7 +1432,6 @@ class Pool:
             if exports is not None and result._job in core.cache:
                 core.exports[result._job] = exports
             if feed is not None:
-                core.feeding += 1
                 core.feed_q.put((result._job, feed[0], exports, feed[1], result._set_length))
             return result
 

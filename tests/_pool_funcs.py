@@ -179,3 +179,16 @@ def budget_pass(a):
     grew = rss() - before
     s2 = float(a.sum())
     return s1, s2, float(a[3]), grew, handler.stats()["bytes_dropped"]
+
+
+def head_tail(a, seconds=0.0):
+    """a[0] + a[-1] after ``seconds``: a task that touches two pages of its array."""
+    time.sleep(seconds)
+    return float(a[0]) + float(a[-1])
+
+
+def first_when(a, path):
+    """a[0], once ``path`` exists (None: at once): the test says when."""
+    while path is not None and not os.path.exists(path):
+        time.sleep(0.005)
+    return float(a.flat[0])

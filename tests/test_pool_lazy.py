@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
+import time
+
 import _pool_funcs as f
 import numpy as np
 import pytest
@@ -164,6 +168,180 @@ def test_executor_takes_a_memory_budget_too():
         s1, s2, v, grew, dropped = ex.submit(f.budget_pass, a).result(timeout=DEADLINE)
     assert s1 == s2 == float(a.size) - 2.0 and v == -1.0
     assert dropped >= a.nbytes - 16 * MiB
+
+
+# --------------------------------------------------------------------------- streams
+# imap over a generator of fresh arrays: each task's segments are released when its
+# result is in, and the feeder runs a bounded window ahead of the results (about
+# 64 MiB of exports: 32 arrays of 2 MiB). The bounds below are twice that: the pins
+# a worker's mapping still holds for a moment after its result, and one chunk of
+# overshoot. Without the window, the whole stream was pinned until the call ended.
+STREAM_MIB = 2
+STREAM_BOUND = 64
+
+
+class _Stream:
+    """Fresh (written) arrays; records how far it ran ahead of the tasks the pool
+    completed, in items."""
+
+    def __init__(self, pool, n, chunksize):
+        self.pool = pool
+        self.n = n
+        self.chunksize = chunksize
+        self.base = pool.stats()["totals"]["tasks"]
+        self.yielded = 0
+        self.ahead = 0
+
+    def __iter__(self):
+        for i in range(self.n):
+            a = np.full(STREAM_MIB * MiB // 8, float(i))
+            self.yielded += 1
+            done = (self.pool.stats()["totals"]["tasks"] - self.base) * self.chunksize
+            self.ahead = max(self.ahead, self.yielded - done)
+            yield a
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_stream_of_fresh_arrays_is_bounded(method, chunksize):
+    n = 320
+    base = handler.pinned_segments()
+    with Pool(2) as p:
+        stream = _Stream(p, n, chunksize)
+        func = functools.partial(f.head_tail, seconds=0.003)
+        got = []
+        pinned = 0
+        for v in getattr(p, method)(func, stream, chunksize):
+            got.append(v)
+            pinned = max(pinned, handler.pinned_segments() - base)
+            time.sleep(0.004)  # a slow reader: results wait for it, exports do not
+        assert stream.yielded == n
+        expect = [2.0 * i for i in range(n)]
+        assert (got if method == "imap" else sorted(got)) == expect
+        assert pinned <= STREAM_BOUND and stream.ahead <= STREAM_BOUND, (
+            f"{pinned} segments pinned at once, the generator ran {stream.ahead} items ahead"
+        )
+        assert wait_for(lambda: handler.pinned_segments() == base)
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(x.split()[1]) * 1024 for x in fh if x.startswith("VmRSS"))
+
+
+def test_stream_of_fresh_arrays_keeps_rss_bounded():
+    # 600 x 2 MiB: 1.2 GiB streamed; the stdlib's peak here is ~45 MiB. A generous
+    # bound (RSS is noisy): the structural bounds are asserted above.
+    n = 600
+    with Pool(2) as p:
+        p.map(f.sqr, range(4))  # workers up
+        before = peak = _rss()
+        total = 0.0
+        for v in p.imap(f.head_tail, (np.full(STREAM_MIB * MiB // 8, float(i)) for i in range(n))):
+            total += v
+            peak = max(peak, _rss())
+    assert total == sum(2.0 * i for i in range(n))
+    assert peak - before < 200 * MiB, f"RSS grew by {(peak - before) / MiB:.0f} MiB"
+
+
+def _arrays_then(n, when, bad):
+    """Fresh arrays, with ``bad`` at ``when``: "raise" raises there, "unpicklable"
+    yields an array beside an object that cannot be pickled."""
+    for i in range(n):
+        a = np.full(STREAM_MIB * MiB // 8, float(i))
+        if i == when:
+            if bad == "raise":
+                raise f.SayWhenError("Somebody said when")
+            yield (a, f.CannotPickle())
+        else:
+            yield a
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_stream_with_an_unpicklable_task_or_a_raising_generator(chunksize):
+    # As the stdlib: a task that cannot be pickled fails alone (its chunk with it)
+    # and the stream goes on; an iterable that raises ends it with its error.
+    base = handler.pinned_segments()
+    n, when = 60, 31
+    bad_chunk = when // chunksize
+    with Pool(2) as p:
+        it = p.imap(f.head_tail, _arrays_then(n, when, "unpicklable"), chunksize)
+        got = [next(it) for _ in range(bad_chunk * chunksize)]
+        with pytest.raises(RuntimeError, match="cannot pickle"):
+            next(it)
+        if chunksize == 1:
+            got += list(it)
+            assert got == [2.0 * i for i in range(n) if i != when]
+        else:  # like the stdlib's: the flattening generator ends with the error
+            assert list(it) == []
+            assert got == [2.0 * i for i in range(bad_chunk * chunksize)]
+
+        it = p.imap(f.head_tail, _arrays_then(n, when, "raise"), chunksize)
+        got = []
+        with pytest.raises(f.SayWhenError):
+            for v in it:
+                got.append(v)
+        assert got == [2.0 * i for i in range(bad_chunk * chunksize)]
+
+        got = []
+        with pytest.raises(f.SayWhenError):
+            for v in p.imap_unordered(f.head_tail, _arrays_then(n, when, "raise"), chunksize):
+                got.append(v)
+        assert set(got) <= {2.0 * i for i in range(when)}
+        assert wait_for(lambda: handler.pinned_segments() == base)
+        assert p.map(f.first, [np.ones(MiB)]) == [1.0]  # and the pool goes on
+
+
+def test_terminate_mid_stream_leaves_nothing_pinned():
+    from lazyshare.pool import PoolTerminatedError
+
+    base = handler.pinned_segments()
+    p = Pool(2)
+    try:
+        endless = (np.full(STREAM_MIB * MiB // 8, float(i)) for i in itertools.count())
+        it = p.imap(functools.partial(f.head_tail, seconds=0.02), endless)
+        assert [next(it) for _ in range(5)] == [0.0, 2.0, 4.0, 6.0, 8.0]
+        assert wait_for(lambda: handler.pinned_segments() > base)  # the window, in flight
+    finally:
+        p.terminate()
+        p.join()
+    with pytest.raises(PoolTerminatedError):
+        for _ in it:
+            pass
+    assert wait_for(lambda: handler.pinned_segments() == base)
+
+
+def test_map_releases_each_chunk_as_it_completes(tmp_path):
+    # The caller's list holds the arrays anyway, but each chunk's exports go as it
+    # completes, not when the whole map does.
+    go = str(tmp_path / "go")
+    n = 12
+    arrays = [np.full(STREAM_MIB * MiB // 8, float(i)) for i in range(n)]
+    base = handler.pinned_segments()
+    with Pool(2) as p:
+        r = p.starmap_async(f.first_when, [(a, None) for a in arrays[:-1]] + [(arrays[-1], go)], 1)
+        assert wait_for(lambda: handler.pinned_segments() - base == 1)  # the one still running
+        assert not r.ready()
+        open(go, "w").close()
+        assert r.get(DEADLINE) == [float(i) for i in range(n)]
+        assert wait_for(lambda: handler.pinned_segments() == base)
+
+
+def test_stream_of_views_of_one_base_exports_it_once_at_a_time():
+    a = np.arange(8 * MiB, dtype=np.float64)  # 64 MiB, more than the window's bytes
+    k = a.size // 200
+    base = handler.pinned_segments()
+    with Pool(2) as p:
+        pinned = 0
+        got = []
+        for v in p.imap(f.head_tail, (a[i * k : (i + 1) * k] for i in range(200))):
+            got.append(v)
+            pinned = max(pinned, handler.pinned_segments() - base)
+        assert got == [float(a[i * k] + a[(i + 1) * k - 1]) for i in range(200)]
+        # one segment while tasks using it are out; a new one only after all were
+        # done (and the old one's last mapping may still be going)
+        assert pinned <= 3
+        assert wait_for(lambda: handler.pinned_segments() == base)
 
 
 def test_call_exports_count_segments_per_task():
