@@ -74,7 +74,9 @@ differences, all on paths where the stdlib hangs or crashes:
   has its own copy of its globals. A script's (or ``python -m`` module's) own
   ``__main__`` functions and classes go by reference, as with the stdlib, so
   they share the worker's one ``__main__``: what an initializer sets with
-  ``global`` is what later tasks see.
+  ``global`` is what later tasks see. One defined under ``if __name__ ==
+  "__main__":`` is not in the worker's ``__main__`` and fails with
+  ``AttributeError``, as with the stdlib.
 * Each worker starts with the parent's ``os.environ`` as it is when that worker
   starts, under forkserver too (a fork server's children inherit its
   environment, frozen when the first pool started it), plus the private
