@@ -49,27 +49,42 @@ from typing import Any, Callable
 
 from . import serialization
 from .errors import BrokenWorkerError, WorkerLostError
-from .pool import Pool, _ResultLoadError
+from .pool import _QUEUED_WORK, Pool, _ResultLoadError
 
 __all__ = ["Executor"]
 
-#: Work items handed to the pool per worker. The rest wait in the executor, where
-#: ``Future.cancel()`` and ``shutdown(cancel_futures=True)`` can still cancel them
-#: (``ProcessPoolExecutor`` hands over one more than it has workers). Short tasks
-#: need a deeper pipe: 10,000 tiny submits on 2 workers took 3.2 s with 4 per
-#: worker, 1.6 s with 16 and 1.2-1.5 s with 64, against 2.8 s for
-#: ProcessPoolExecutor (2-vCPU VM).
+#: Work items in the pool at once (handed over, not done yet). The rest wait in
+#: the executor, where ``Future.cancel()`` and ``shutdown(cancel_futures=True)``
+#: still cancel them. ``ProcessPoolExecutor`` moves max_workers + 1 into its call
+#: queue, and so does the executor until the pool knows how long its tasks run
+#: (by the workers' moving average); when they are short it hands over up to
+#: ``_QUEUED_WORK`` seconds of work per worker beyond the running task, at most
+#: this many per worker. Tiny tasks need the deep pipe: 10,000 tiny submits on 2
+#: workers took 3.2 s with 4 per worker, 1.6 s with 16 and 1.2-1.5 s with 64,
+#: against 2.8 s for ProcessPoolExecutor (2-vCPU VM).
 _INFLIGHT_PER_WORKER = 16
 
 
 class _State:
-    def __init__(self, pool: Pool, limit: int):
+    def __init__(self, pool: Pool, workers: int):
         self.pool = pool
-        self.limit = limit
+        self.core = pool._core
+        self.workers = workers
         self.cond = threading.Condition(threading.Lock())
         self.pending: collections.deque = collections.deque()  # (future, fn, args, kwargs)
         self.inflight = 0
         self.shutdown = False
+        # Held by whoever moves items from `pending` into the pool (the manager, or
+        # a submit that finds room): one at a time keeps them in submission order.
+        self.handover = threading.Lock()
+
+    def limit(self) -> int:
+        """How many items may be in the pool now (see ``_INFLIGHT_PER_WORKER``)."""
+        seconds = self.core.task_seconds
+        if seconds is None:
+            return self.workers + 1
+        per_worker = 1 + min(_INFLIGHT_PER_WORKER - 1, int(_QUEUED_WORK / max(seconds, 1e-6)))
+        return max(self.workers + 1, per_worker * self.workers)
 
     def request_shutdown(self, cancel_futures: bool = False) -> None:
         with self.cond:
@@ -112,37 +127,47 @@ def _on_error(state: _State, fut: Future, exc: BaseException) -> None:
         state.task_done()
 
 
+def _hand_over(state: _State) -> None:
+    """Move pending items into the pool while there is room, oldest first. The
+    caller holds ``state.handover``."""
+    pool = state.pool
+    while True:
+        with state.cond:
+            room = state.limit() - state.inflight
+            if not state.pending or room <= 0:
+                return
+            batch = [state.pending.popleft() for _ in range(min(room, len(state.pending)))]
+            state.inflight += len(batch)
+        for fut, fn, args, kwargs in batch:
+            if not fut.set_running_or_notify_cancel():  # cancelled while pending
+                state.task_done()
+                continue
+            try:
+                pool.apply_async(
+                    fn,
+                    args,
+                    kwargs,
+                    callback=functools.partial(_on_result, state, fut),
+                    error_callback=functools.partial(_on_error, state, fut),
+                )
+            except BaseException as e:  # the pool stopped under us
+                fut.set_exception(e)
+                state.task_done()
+        # Hold nothing of the calls just handed over.
+        batch = fut = fn = args = kwargs = None
+
+
 def _manage(state: _State) -> None:
     pool = state.pool
     try:
         while True:
             with state.cond:
-                while True:
-                    room = state.limit - state.inflight
-                    if state.pending and room > 0:
-                        batch = [state.pending.popleft() for _ in range(min(room, len(state.pending)))]
-                        state.inflight += len(batch)
-                        break
+                while not (state.pending and state.inflight < state.limit()):
                     if state.shutdown and not state.pending and state.inflight == 0:
                         return
                     state.cond.wait()
-            for fut, fn, args, kwargs in batch:
-                if not fut.set_running_or_notify_cancel():  # cancelled while pending
-                    state.task_done()
-                    continue
-                try:
-                    pool.apply_async(
-                        fn,
-                        args,
-                        kwargs,
-                        callback=functools.partial(_on_result, state, fut),
-                        error_callback=functools.partial(_on_error, state, fut),
-                    )
-                except BaseException as e:  # the pool stopped under us
-                    fut.set_exception(e)
-                    state.task_done()
-            # Idle until the next wake-up: hold nothing of the calls just handed over.
-            batch = fut = fn = args = kwargs = None
+            with state.handover:
+                _hand_over(state)
     finally:
         with state.cond:
             for fut, *_ in state.pending:
@@ -242,7 +267,7 @@ class Executor(_StdExecutor):
             _future_semantics=True,  # a task's BaseException and pickling errors as the stdlib's
         )
         self._max_workers = len(pool._pool)
-        state = _State(pool, _INFLIGHT_PER_WORKER * self._max_workers)
+        state = _State(pool, self._max_workers)
         self._state = state
         _live.add(state)
         self._thread = threading.Thread(target=_manage, args=(state,), name="lazyshare-executor", daemon=True)
@@ -269,7 +294,17 @@ class Executor(_StdExecutor):
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             fut: Future = Future()
             state.pending.append((fut, fn, args, kwargs))
-            state.cond.notify_all()
+            room = state.inflight < state.limit()
+        if room:  # hand it over now, as ProcessPoolExecutor does with idle workers
+            if state.handover.acquire(blocking=False):
+                try:
+                    _hand_over(state)
+                finally:
+                    state.handover.release()
+            else:  # someone else is handing over and may just have looked: the manager will
+                with state.cond:
+                    state.cond.notify_all()
+        # else: a result makes room and wakes the manager
         return fut
 
     def map(

@@ -432,6 +432,7 @@ class _Core:
         self.future = future  # workers behave as ProcessPoolExecutor's (see _run_task)
         self.worker_env = worker_env  # applied on top of os.environ in every worker
         self.owner_pid = os.getpid()
+        self.task_seconds: float | None = None  # the dispatcher's moving average of run times
 
         self.lock = threading.Lock()  # state changes vs submissions
         self.state = INIT
@@ -861,6 +862,7 @@ class _Dispatcher:
         w.faults = faults
         ema = self.ema
         self.ema = ema = seconds if ema is None else 0.8 * ema + 0.2 * seconds
+        self.core.task_seconds = ema
         self.limit = 1 + min(_MAX_PREFETCH - 1, int(_QUEUED_WORK / max(ema, 1e-6)))
         results.append((job, index, None, [f.buffer for f in msg[3:]], True))
 

@@ -157,7 +157,7 @@ def test_cancel_futures_on_shutdown():
     fs = [ex.submit(f.sleep_return, 0.02, i) for i in range(200)]
     ex.shutdown(wait=True, cancel_futures=True)
     cancelled = [x for x in fs if x.cancelled()]
-    assert len(cancelled) >= 100  # at most 16 per worker were handed to the pool
+    assert len(cancelled) >= 100  # 20 ms tasks: max_workers + 1 were handed to the pool at a time
     for i, x in enumerate(fs):
         assert x.done()
         if not x.cancelled():
@@ -352,3 +352,56 @@ def test_base_exception_in_a_task_is_its_exception(ex1, call, exc_type):
         fut.result()
     assert ex1.submit(u.getpid).result(timeout=DEADLINE) == pid  # the worker was kept
     assert list(ex1.map(f.mul, range(4), range(4))) == [0, 1, 4, 9]
+
+
+# --------------------------------------------------------------------------- handing work over
+@pytest.mark.parametrize("workers", [2, 5])
+def test_cancel_futures_right_after_a_burst(workers):
+    # CPython's test_shutdown.test_cancel_futures, as it is: with few workers, many
+    # of 50 futures submitted at once are cancelled and the others complete.
+    ex = lazyshare.Executor(max_workers=workers)
+    fs = [ex.submit(time.sleep, 0.1) for _ in range(50)]
+    ex.shutdown(cancel_futures=True)
+    cancelled = [x for x in fs if x.cancelled()]
+    assert len(cancelled) > 20
+    others = [x for x in fs if not x.cancelled()]
+    for x in others:
+        assert x.done()
+        assert x.exception() is None
+    assert len(others) > 0
+
+
+def test_work_goes_to_idle_workers_at_submit(ex):
+    # As in ProcessPoolExecutor, up to max_workers + 1 items are handed over by
+    # submit itself while run times are unknown: running before the call returns.
+    fs = [ex.submit(f.sleep_return, 0.5, i) for i in range(6)]
+    assert [x.running() for x in fs] == [True] * 3 + [False] * 3
+    assert all(x.cancel() for x in fs[3:])
+    assert [x.result(timeout=DEADLINE) for x in fs[:3]] == [0, 1, 2]
+
+
+def test_many_tiny_submits_complete_in_order():
+    # Once run times are known to be short the pipe is deeper; order is kept
+    # (one worker counts its calls).
+    with lazyshare.Executor(max_workers=1) as ex:
+        fs = [ex.submit(u.call_number) for _ in range(10_000)]
+        out = [x.result(timeout=DEADLINE) for x in fs]
+        assert out == list(range(out[0], out[0] + 10_000))
+        assert ex._state.limit() > 2  # the pipe did deepen
+
+
+def test_tiny_submits_from_threads_all_complete(ex):
+    import threading
+
+    results: dict = {}
+
+    def submitter(k):
+        fs = [ex.submit(f.mul, k, i) for i in range(2000)]
+        results[k] = [x.result(timeout=DEADLINE) for x in fs]
+
+    threads = [threading.Thread(target=submitter, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE)
+    assert results == {k: [k * i for i in range(2000)] for k in range(4)}
