@@ -51,6 +51,13 @@ int ls_probe(struct ls_probe *out);
 /* ---- owner: the page server ---- */
 int ls_server_start(const char *endpoint);
 int ls_server_stop(void);
+/* Whether [addr, addr+len) of this process lies entirely in private
+ * anonymous memory (the heap, a stack, anonymous mappings, named or not), so
+ * that a page absent from its page table reads as zeros: 1 yes, 0 no (a gap,
+ * file-backed or shared memory), -ENOTTY/-EINVAL if this kernel has no
+ * PROCMAP_QUERY (Linux < 6.11: parse /proc/self/maps instead), other -errno.
+ * One ioctl per VMA of the range, each O(log n) in the mappings. */
+int ls_vma_anon(uint64_t addr, uint64_t len);
 /* anon: the memory is private anonymous memory, so a page the owner never
  * touched (absent from /proc/self/pagemap) reads as zeros and is answered as a
  * zero range without payload. Never set it for file-backed memory. */

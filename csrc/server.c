@@ -148,6 +148,86 @@ static int seg_maybe_free(struct seg *s, int notify)
     return 1;
 }
 
+/*
+ * PROCMAP_QUERY (Linux 6.11+, linux/fs.h): ask /proc/self/maps for the VMA
+ * covering an address (or the next one) in O(log n), instead of reading and
+ * parsing the whole map (0.7 ms with 350 mappings, 52 ms with 30,000). Defined
+ * here for headers older than the kernel.
+ */
+struct ls_procmap_query {
+    uint64_t size;
+    uint64_t query_flags;
+    uint64_t query_addr;
+    uint64_t vma_start;
+    uint64_t vma_end;
+    uint64_t vma_flags;
+    uint64_t vma_page_size;
+    uint64_t vma_offset;
+    uint64_t inode;
+    uint32_t dev_major;
+    uint32_t dev_minor;
+    uint32_t vma_name_size;
+    uint32_t build_id_size;
+    uint64_t vma_name_addr;
+    uint64_t build_id_addr;
+};
+_Static_assert(sizeof(struct ls_procmap_query) == 104, "struct procmap_query layout");
+#define LS_PROCMAP_QUERY _IOWR('f', 17, struct ls_procmap_query)
+#define LS_PROCMAP_VMA_SHARED 0x08
+#define LS_PROCMAP_COVERING_OR_NEXT_VMA 0x10
+
+static pthread_mutex_t maps_lock = PTHREAD_MUTEX_INITIALIZER;
+static int maps_fd = -1; /* /proc/self/maps of this process (reopened after fork) */
+
+int ls_vma_anon(uint64_t addr, uint64_t len)
+{
+    if (!len)
+        return 0;
+    if (addr + len < addr)
+        return -EOVERFLOW;
+    int rc = 1;
+    /* One query at a time: the ioctl's locking state lives with the open file. */
+    pthread_mutex_lock(&maps_lock);
+    if (maps_fd < 0 && (maps_fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC)) < 0) {
+        rc = -errno;
+        goto out;
+    }
+    for (uint64_t cur = addr, end = addr + len; cur < end;) {
+        char name[128];
+        struct ls_procmap_query q = {
+            .size = sizeof q,
+            .query_flags = LS_PROCMAP_COVERING_OR_NEXT_VMA,
+            .query_addr = cur,
+            .vma_name_size = sizeof name,
+            .vma_name_addr = (uintptr_t)name,
+        };
+        if (ioctl(maps_fd, LS_PROCMAP_QUERY, &q) < 0) {
+            if (errno == EINTR)
+                continue;
+            /* ENOENT: nothing mapped at or after cur; ENAMETOOLONG: a long name, a file's */
+            rc = errno == ENOENT || errno == ENAMETOOLONG ? 0 : -errno;
+            break;
+        }
+        if (q.vma_start > cur || q.vma_end <= cur) { /* a gap (or a nonsensical answer) */
+            rc = 0;
+            break;
+        }
+        if ((q.vma_flags & LS_PROCMAP_VMA_SHARED) || q.inode || q.dev_major || q.dev_minor) {
+            rc = 0; /* shared or file-backed: an absent page is not a zero page */
+            break;
+        }
+        name[sizeof name - 1] = 0;
+        if (q.vma_name_size > 1 && strcmp(name, "[heap]") && strcmp(name, "[stack]") && strncmp(name, "[anon:", 6)) {
+            rc = 0; /* [vdso], [vvar] and other special mappings */
+            break;
+        }
+        cur = q.vma_end;
+    }
+out:
+    pthread_mutex_unlock(&maps_lock);
+    return rc;
+}
+
 int ls_server_export(const uint8_t *id, uint64_t addr, uint64_t len, int anon)
 {
     if (!len)
@@ -1094,7 +1174,8 @@ void ls_server_reset_after_fork(void)
         loops[i] = (struct loop){.ep = -1};
     }
     nloops = 0;
-    int *fds[] = {&stop_fd, &freed_fd, &listen_fd, &pagemap_fd};
+    pthread_mutex_init(&maps_lock, NULL);
+    int *fds[] = {&stop_fd, &freed_fd, &listen_fd, &pagemap_fd, &maps_fd};
     for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++) {
         if (*fds[i] >= 0)
             close(*fds[i]);

@@ -264,10 +264,22 @@ def _untouched_pages_are_zero(address: int, nbytes: int) -> bool:
     process that is not itself a lazy mapping: there, a page absent from the page
     table was never written and reads as zeros, so the page server may answer it
     without payload. File-backed or shared memory, and regions attached from
-    another owner (absent pages there are not fetched yet), do not qualify."""
-    end = address + nbytes
+    another owner (absent pages there are not fetched yet), do not qualify.
+
+    Costs O(log n) in the mappings of this process (``PROCMAP_QUERY``, Linux
+    6.11+); older kernels read and parse the whole of ``/proc/self/maps``."""
     if lazy_overlap(address, nbytes):
         return False
+    rc = lib.ls_vma_anon(address, nbytes)
+    if rc in (-errno.ENOTTY, -errno.EINVAL):
+        return _anon_by_maps(address, nbytes)
+    return _check(rc, "querying this process's memory map") == 1
+
+
+def _anon_by_maps(address: int, nbytes: int) -> bool:
+    """``ls_vma_anon`` without ``PROCMAP_QUERY``: the same test on the text of
+    ``/proc/self/maps``."""
+    end = address + nbytes
     covered = address
     with open("/proc/self/maps") as f:
         for line in f:
@@ -276,7 +288,9 @@ def _untouched_pages_are_zero(address: int, nbytes: int) -> bool:
             if hi <= address or lo >= end:
                 continue
             path = fields[5].strip() if len(fields) > 5 else ""
-            if lo > covered or fields[1][3] != "p" or (path and path not in ("[heap]", "[stack]")):
+            inode = fields[4] if len(fields) > 4 else "0"
+            named_anon = path in ("[heap]", "[stack]") or path.startswith("[anon:")
+            if lo > covered or fields[1][3] != "p" or inode != "0" or (path and not named_anon):
                 return False
             covered = hi
     return covered >= end
