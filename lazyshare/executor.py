@@ -109,12 +109,16 @@ def _on_result(state: _State, fut: Future, value: Any) -> None:
         state.task_done()
 
 
+def _broken_worker(exc: WorkerLostError) -> BrokenWorkerError:
+    lost = BrokenWorkerError(str(exc), exc.exitcode, exc.pid)
+    lost.__cause__ = exc
+    return lost
+
+
 def _on_error(state: _State, fut: Future, exc: BaseException) -> None:
     try:
         if isinstance(exc, WorkerLostError) and not isinstance(exc, BrokenWorkerError):
-            lost = BrokenWorkerError(str(exc), exc.exitcode, exc.pid)
-            lost.__cause__ = exc
-            exc = lost
+            exc = _broken_worker(exc)
         elif isinstance(exc, _ResultLoadError):  # ProcessPoolExecutor: BrokenProcessPool
             cause = exc.__cause__
             broken = BrokenProcessPool(f"the result of this call could not be unpickled: {cause!r}")
@@ -292,6 +296,11 @@ class Executor(_StdExecutor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if _exiting:
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            broken = state.core.broken  # for good: no worker could start, or the pool crashed
+            if isinstance(broken, WorkerLostError):
+                raise _broken_worker(broken)
+            if broken is not None:
+                raise BrokenProcessPool(str(broken)) from broken
             fut: Future = Future()
             state.pending.append((fut, fn, args, kwargs))
             room = state.inflight < state.limit()

@@ -1,5 +1,6 @@
-"""Results that fail to unpickle in the parent only, and objects to weak-reference
-(run by pool workers in tests/test_pool.py and tests/test_executor.py)."""
+"""Worker functions for tests/test_executor.py and tests/test_pool.py: results that
+fail to unpickle in the parent only, arguments that fail to unpickle in the
+worker only, objects to weak-reference, errors ProcessPoolExecutor's tests use."""
 
 from __future__ import annotations
 
@@ -108,3 +109,24 @@ def call_number(_=None) -> int:
     global _calls
     _calls += 1
     return _calls
+
+
+class _RaisesInWorker:
+    """Pickles fine in the parent; unpickling raises ``exc`` anywhere else."""
+
+    def __init__(self, parent_pid: int, exc: BaseException):
+        self.parent_pid = parent_pid
+        self.exc = exc
+
+    def __reduce__(self):
+        return _rebuild_in_worker, (self.parent_pid, self.exc)
+
+
+def _rebuild_in_worker(parent_pid: int, exc: BaseException):
+    if os.getpid() != parent_pid:
+        raise exc
+    return _RaisesInWorker(parent_pid, exc)
+
+
+def failing_initializer():
+    raise RuntimeError("initializer failed on purpose")

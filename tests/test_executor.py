@@ -405,3 +405,28 @@ def test_tiny_submits_from_threads_all_complete(ex):
     for t in threads:
         t.join(DEADLINE)
     assert results == {k: [k * i for i in range(2000)] for k in range(4)}
+
+
+@pytest.mark.parametrize("exc", [SystemExit(4), ValueError("no")])
+def test_argument_that_cannot_be_unpickled_in_the_worker(ex1, exc):
+    # ProcessPoolExecutor's worker dies of it and the pool breaks; here that
+    # future fails with the error and the worker goes on.
+    pid = ex1.submit(u.getpid).result(timeout=DEADLINE)
+    err = ex1.submit(u.same, u._RaisesInWorker(os.getpid(), exc)).exception(timeout=DEADLINE)
+    assert type(err) is type(exc) and err.args == exc.args
+    assert ex1.submit(u.getpid).result(timeout=DEADLINE) == pid
+
+
+def test_a_broken_executor_refuses_new_work():
+    # The initializer failed max(3, max_workers) times in a row: the pool is
+    # broken for good, and, as in ProcessPoolExecutor, submit raises.
+    ex = lazyshare.Executor(max_workers=2, initializer=u.failing_initializer)
+    try:
+        with pytest.raises(BrokenProcessPool, match="initializer failed"):
+            ex.submit(pow, 2, 2).result(timeout=DEADLINE)
+        with pytest.raises(BrokenProcessPool, match="initializer failed") as info:
+            ex.submit(pow, 2, 3)
+        assert isinstance(info.value, BrokenWorkerError)
+        assert isinstance(info.value.__cause__, WorkerLostError)
+    finally:
+        assert _shut_down_within(ex)
