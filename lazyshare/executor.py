@@ -2,11 +2,14 @@
 
 Data flow and who owns what::
 
-  caller threads                          manager thread "lazyshare-executor"
-  submit(fn, *args) ─► _State.pending ──►  moves work items into the pool while
-  (a Future per item; cancel() works        fewer than `limit` are in flight:
-   while the item is still pending)         set_running_or_notify_cancel(), then
-                                            Pool.apply_async(fn, args, kwargs, callbacks)
+  caller threads                           _hand_over, by submit when there is room
+  submit(fn, *args) ─► _State.pending ──►  (an idle worker), else by the manager
+  (a Future per item; cancel() works        thread "lazyshare-executor" when a result
+   while the item is still pending)         makes room; one at a time (`handover`),
+                                            oldest first, while fewer than limit()
+                                            are in flight: set_running_or_notify_
+                                            cancel(), Pool.apply_async(fn, args,
+                                            kwargs, callbacks)
                                                      │
                                            lazyshare.Pool (dispatcher, workers)
                                                      ▼
@@ -16,20 +19,52 @@ Data flow and who owns what::
   nothing is pending or in flight (after cancelling what is pending, if asked).
 
 ``_State`` (a condition variable over ``pending``, ``inflight``, ``shutdown``) is
-shared by the caller threads, the manager and the pool's result thread; only the
-manager calls into the pool.
+shared by the caller threads, the manager and the pool's result thread. ``limit()``
+is ``max_workers + 1`` (``ProcessPoolExecutor``'s) until the pool's moving average
+of run times is known, deeper when the tasks are short (``_INFLIGHT_PER_WORKER``).
 
-Semantics follow ``concurrent.futures.ProcessPoolExecutor``, with these differences:
+Semantics follow ``concurrent.futures.ProcessPoolExecutor`` (a task's
+``SystemExit`` or ``KeyboardInterrupt`` is its future's exception and the worker
+goes on; an error while pickling a result is delivered itself), with these
+differences, on purpose:
 
 * Big buffers in the arguments are mapped lazily into the worker, as for
   :class:`lazyshare.Pool`; each submitted call exports its arguments afresh.
   As with ``ProcessPoolExecutor``, the arguments are pickled when the work item is
   handed to the pool, which may be after ``submit`` returns: do not write to an
-  array while a future that uses it is not done.
-* A worker that dies fails only the future it was running, with
-  :class:`~lazyshare.errors.BrokenWorkerError` (a ``BrokenProcessPool`` and a
-  ``WorkerLostError``); a replacement worker starts and the executor goes on.
-  ``ProcessPoolExecutor`` instead fails every pending future and refuses new ones.
+  array while a future that uses it is not done (pages are read lazily too).
+* Functions and arguments travel with cloudpickle: lambdas, closures and
+  interactive ``__main__`` functions work (``ProcessPoolExecutor`` refuses them).
+* One failure fails one future. ``ProcessPoolExecutor`` marks itself broken
+  (every pending future fails with ``BrokenProcessPool``, ``submit`` refuses)
+  whenever a worker dies, a result cannot be unpickled in the parent or an
+  argument cannot be unpickled in a worker; the pool knows which task each
+  failure belongs to, so the other futures need not pay for it:
+
+  - a worker that dies fails only the future it was running, with
+    :class:`~lazyshare.errors.BrokenWorkerError` (a ``BrokenProcessPool`` and a
+    ``WorkerLostError``); items queued behind it go to another worker, a
+    replacement starts and the executor goes on;
+  - a result that cannot be unpickled in the parent (even by ``SystemExit``)
+    fails its future with ``BrokenProcessPool``, the error as ``__cause__``;
+  - an argument that cannot be unpickled in the worker fails its future with
+    that error (``SystemExit`` included) and the worker goes on.
+
+  The executor is broken for good (outstanding futures fail, ``submit`` raises
+  ``BrokenWorkerError``) only when ``max(3, max_workers)`` workers in a row fail
+  to start (the initializer fails): one failed start is retried.
+* Up to ``max_workers + 1`` items are handed to the pool at a time, as by
+  ``ProcessPoolExecutor``, but once the pool's tasks are known to be short (by
+  the workers' moving average of run time), up to ~10 ms of work per worker
+  beyond the running task, at most 16 per worker: tiny tasks would otherwise be
+  paced by thread switches. Handed-over items are running and cannot be
+  cancelled; after a run of tiny tasks, a burst of long ones is handed over that
+  deep until their run times show.
+* A done-callback that raises ``SystemExit`` or ``KeyboardInterrupt`` is logged
+  like any exception (``Future`` lets them through, which would end the pool's
+  result thread).
+* ``mp_context`` ``fork`` is replaced by forkserver with a warning, as for
+  :class:`lazyshare.Pool` (the parent runs native threads ``fork()`` cannot copy).
 """
 
 from __future__ import annotations
@@ -243,7 +278,8 @@ class Executor(_StdExecutor):
 
     A worker that dies fails only the future it was running, with
     :class:`lazyshare.BrokenWorkerError` (a
-    ``concurrent.futures.process.BrokenProcessPool``); the executor goes on.
+    ``concurrent.futures.process.BrokenProcessPool``); the executor goes on. The
+    module docstring lists every difference from ``ProcessPoolExecutor``.
     """
 
     def __init__(
