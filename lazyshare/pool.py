@@ -1669,8 +1669,21 @@ def _explain_efault(e: BaseException) -> None:
             "fetch a lazy page: call lazyshare.materialize(arr) before handing a lazily attached "
             "array to os.write/socket.send/tofile (see `python -m lazyshare doctor`)"
         )
-        if hasattr(e, "add_note"):
-            e.add_note(note)
+        _add_note(e, note)
+
+
+def _add_note(e: BaseException, note: str) -> None:
+    """``e.add_note(note)``; before Python 3.11, which neither has it nor prints
+    ``__notes__``, the note is also appended to the message, so that it shows in
+    the traceback the parent prints (and survives pickling: ``args`` does)."""
+    if hasattr(e, "add_note"):
+        e.add_note(note)
+        return
+    e.__notes__ = [*getattr(e, "__notes__", ()), note]
+    if e.args and isinstance(e.args[-1], str):
+        e.args = (*e.args[:-1], f"{e.args[-1]} ({note})")
+        if isinstance(e, OSError) and e.strerror is not None:
+            e.strerror = e.args[-1]
 
 
 # =========================================================================== worker side
