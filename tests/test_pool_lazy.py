@@ -344,6 +344,19 @@ def test_stream_of_views_of_one_base_exports_it_once_at_a_time():
         assert wait_for(lambda: handler.pinned_segments() == base)
 
 
+def test_released_segment_stays_readable_while_a_worker_maps_it():
+    # A task's exports go when its result is in; a worker that still maps one
+    # (here it kept its argument) holds it: its pages are still served.
+    a = np.arange(4 * MiB, dtype=np.float64)  # 32 MiB, one page touched by the first task
+    base = handler.pinned_segments()
+    with Pool(1) as p:
+        assert list(p.imap(f.stash, [a])) == [0.0]
+        assert handler.pinned_segments() - base == 1  # released, but mapped: pinned
+        assert p.apply(f.stash_sum) == float(a.sum())
+        assert p.apply(f.stash_drop)
+        assert wait_for(lambda: handler.pinned_segments() == base)
+
+
 def test_call_exports_count_segments_per_task():
     from lazyshare import serialization
 
