@@ -23,13 +23,16 @@ task messages from ``LazyshareBackend.stats()``), with the workers it started fo
 the call; loky's computed (the arrays over ``max_nbytes`` it dumps once per
 ``Parallel`` call; workers then read the memmap from the page cache). For cv, the
 median time of one fold inside a worker (fit + score, page faults included) is
-printed per backend. Figures are medians; the ratio is loky's time / lazyshare's
+printed per backend, and the CPU seconds of the whole process tree per call (the
+parent's page server and loky's dump included; less sensitive than wall time to
+other load on the machine). Figures are medians; the ratio is loky's time / lazyshare's
 (above 1: lazyshare is faster).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -86,6 +89,34 @@ def blas_threads():
 
 #: arrays a workload hands to its Parallel call(s): what loky dumps per call
 DUMPED = {"cv": ("X", "y"), "grid": ("X", "y"), "perm": ("X", "y")}
+
+
+def _descendants(pid: int) -> list[int]:
+    out = []
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(x) for x in f.read().split()]
+    except OSError:
+        return out
+    for k in kids:
+        out.append(k)
+        out.extend(_descendants(k))
+    return out
+
+
+def tree_cpu() -> float:
+    """CPU seconds (user + system) of this process and its live descendants: the
+    parent's page server and loky's dump included. Less sensitive to other load
+    on the machine than wall time."""
+    total = 0
+    for pid in [os.getpid(), *_descendants(os.getpid())]:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def agree(a: np.ndarray, b: np.ndarray) -> str:
@@ -155,6 +186,7 @@ def main() -> int:
     print()
 
     times: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
     moved: dict[str, list[tuple[int, int]]] = {}
     started: dict[str, list[int]] = {}
     fold: dict[str, list[float]] = {}
@@ -167,10 +199,13 @@ def main() -> int:
             for peer in order:
                 served = lazyshare.stats()["bytes_served"]
                 with parallel_config(backend=peers[peer], n_jobs=args.jobs):
+                    c = tree_cpu()
                     t = time.perf_counter()
                     out = workloads[name](X, y)
                     dt = time.perf_counter() - t
+                    dc = tree_cpu() - c
                 times.setdefault((name, peer), []).append(dt)
+                cpu.setdefault((name, peer), []).append(dc)
                 if peer == "lazyshare":
                     totals = (backend.stats() or {"totals": {}})["totals"]
                     lazy = lazyshare.stats()["bytes_served"] - served
@@ -184,14 +219,14 @@ def main() -> int:
                     expect = out
                 else:
                     notes[name] = agree(out, expect)
-                print(f"  {name:5} {peer:10} run {run + 1}: {dt:7.3f} s", flush=True)
+                print(f"  {name:5} {peer:10} run {run + 1}: {dt:7.3f} s  ({dc:6.2f} CPU s)", flush=True)
 
     print()
     print(
-        "| workload | lazyshare | loky | loky / lazyshare | lazyshare: fetched lazily, pickled "
-        "| workers started per call | loky: dumped |"
+        "| workload | lazyshare | loky | loky / lazyshare | CPU s, lazyshare / loky "
+        "| lazyshare: fetched lazily, pickled | workers started per call | loky: dumped |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in names:
         lz = statistics.median(times[(name, "lazyshare")])
         lk = statistics.median(times[(name, "loky")])
@@ -199,7 +234,9 @@ def main() -> int:
         pickled = statistics.median(m[1] for m in moved[name])
         dumped = sum(arrays[a].nbytes for a in DUMPED[name] if arrays[a].nbytes >= 1 << 20)
         print(
-            f"| {name} | {lz:.2f} s | {lk:.2f} s | {lk / lz:.2f}x | {fmt_mib(lazy)}, {fmt_mib(pickled)} "
+            f"| {name} | {lz:.2f} s | {lk:.2f} s | {lk / lz:.2f}x "
+            f"| {statistics.median(cpu[(name, 'lazyshare')]):.1f} / {statistics.median(cpu[(name, 'loky')]):.1f} "
+            f"| {fmt_mib(lazy)}, {fmt_mib(pickled)} "
             f"| {statistics.median(started[name]):g} | {fmt_mib(dumped)} |"
         )
     print()
