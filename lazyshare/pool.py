@@ -513,7 +513,6 @@ class _Core:
             if feed is not None and feed.job == job:
                 nbytes = feed.sizes.pop(index, None)
                 if nbytes is not None:
-                    feed.done += 1
                     feed.done_bytes += nbytes
                     if feed.waiting and feed.room(self, True):
                         self.feed_room.set()
@@ -551,7 +550,6 @@ class _Core:
         task = _Task(job, index, mode, frames, sum(len(f) for f in frames))
         if feed is not None:  # counted before it can run: its result finds it
             feed.sizes[index] = task.nbytes
-            feed.fed += 1
             feed.fed_bytes += task.nbytes
             feed.last = task.nbytes + new
         self.pending.append(task)
@@ -1153,24 +1151,25 @@ def _result_loop(core: _Core) -> None:
 
 # --------------------------------------------------------------------------- feeder thread
 class _Feed:
-    """The window of the imap call the feeder walks. ``fed``/``fed_bytes``/``last``
-    are written by the feeder only, ``done``/``done_bytes`` by the result thread
-    only; ``sizes`` (index -> pickled bytes of a task not done) by both, one
-    atomic dict operation at a time."""
+    """The window of the imap call the feeder walks: ``sizes`` (index -> pickled
+    bytes of each task not done, so its length is the window's count) is filled
+    by the feeder and emptied by the result thread, one atomic dict operation at
+    a time; ``fed_bytes``/``last`` are written by the feeder only, ``done_bytes``
+    by the result thread only."""
 
-    __slots__ = ("job", "exports", "sizes", "fed", "fed_bytes", "done", "done_bytes", "last", "waiting")
+    __slots__ = ("job", "exports", "sizes", "fed_bytes", "done_bytes", "last", "waiting")
 
     def __init__(self, job: int, exports: serialization.CallExports | None):
         self.job = job
         self.exports = exports
         self.sizes: dict[int, int] = {}
-        self.fed = self.fed_bytes = self.done = self.done_bytes = self.last = 0
+        self.fed_bytes = self.done_bytes = self.last = 0
         self.waiting = False
 
     def room(self, core: _Core, refill: bool = False) -> bool:
         """Whether the feeder may pull the next task (``refill``: whether a
         waiting feeder should be woken, with hysteresis on the counts)."""
-        ahead = self.fed - self.done
+        ahead = len(self.sizes)
         if ahead >= (_FEED_AHEAD * 3 // 4 if refill else _FEED_AHEAD):
             return False
         if len(core.pending) >= (_FEED_LIMIT // 2 if refill else _FEED_LIMIT):
