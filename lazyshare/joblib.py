@@ -377,13 +377,11 @@ class LazyshareBackend(MultiprocessingBackend):
         entry = self._shared
         with self._count_lock:
             busy = self._outstanding > 0
-        if entry is not None and busy and _retire_and_kill(entry):
-            with self._count_lock:
-                self._outstanding = 0  # terminate() failed them all
-            if ensure_ready:
-                self.configure(
-                    n_jobs=self.parallel.n_jobs, parallel=self.parallel, **self.parallel._backend_kwargs
-                )
+        # terminate() fails the tasks it kills: their callbacks bring the count down
+        if entry is not None and busy and _retire_and_kill(entry) and ensure_ready:
+            self.configure(
+                n_jobs=self.parallel.n_jobs, parallel=self.parallel, **self.parallel._backend_kwargs
+            )
 
     def _call_stats(self) -> dict:
         now = self._shared.pool.stats()
