@@ -105,15 +105,16 @@ def _descendants(pid: int) -> list[int]:
 
 
 def tree_cpu() -> float:
-    """CPU seconds (user + system) of this process and its live descendants: the
-    parent's page server and loky's dump included. Less sensitive to other load
-    on the machine than wall time."""
+    """CPU seconds (user + system) of this process and its live descendants, with
+    those of the children they reaped (a worker that exited counts through its
+    parent, the fork server for lazyshare's): the parent's page server and loky's
+    dump included. Less sensitive to other load on the machine than wall time."""
     total = 0
     for pid in [os.getpid(), *_descendants(os.getpid())]:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
         except (OSError, IndexError, ValueError):
             pass
     return total / os.sysconf("SC_CLK_TCK")
