@@ -541,7 +541,7 @@ class _Core:
                     self.exports[job] = exports
                 frames = exports.dumps(payload, index)
                 new = exports.bytes_new
-        except Exception as e:  # the stdlib's task handler: cache[job]._set(idx, (False, e))
+        except BaseException as e:  # SystemExit too (a hang otherwise); the stdlib's task handler: cache[job]._set(idx, (False, e))
             self.result_q.put([(job, index, False, e, False)])
             return
         if job not in self.cache:  # failed meanwhile (terminate): nothing to run

@@ -282,14 +282,14 @@ def test_an_idle_executor_keeps_no_argument_alive(ex):
         arg = make()
         ref = weakref.ref(arg)
         fut = ex.submit(u.touch, arg)
-        assert fut.result(timeout=DEADLINE) > 0
+        assert fut.result(timeout=60) > 0
         del arg, fut
         assert wait_for(lambda ref=ref: _dead(ref), timeout=5), gc.get_referrers(ref())
 
 
 def test_a_done_future_is_all_that_holds_its_result(ex):
     fut = ex.submit(u.make_thing, 10)
-    ref = weakref.ref(fut.result(timeout=DEADLINE))
+    ref = weakref.ref(fut.result(timeout=60))
     assert ref() is not None  # the future holds it
     del fut
     assert wait_for(lambda ref=ref: _dead(ref), timeout=5), gc.get_referrers(ref())
@@ -430,3 +430,14 @@ def test_a_broken_executor_refuses_new_work():
         assert isinstance(info.value.__cause__, WorkerLostError)
     finally:
         assert _shut_down_within(ex)
+
+
+def test_argument_whose_pickling_exits_fails_its_future_and_shutdown_returns():
+    ex = lazyshare.Executor(2)
+    try:
+        fut = ex.submit(u.same, u.ExitAtPickle())
+        with pytest.raises(SystemExit):
+            fut.result(timeout=60)
+        assert ex.submit(u.same, 3).result(timeout=60) == 3
+    finally:
+        ex.shutdown()
