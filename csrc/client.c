@@ -16,8 +16,24 @@
  *
  * Only this thread touches the regions, the in-flight table and the sockets;
  * Python threads reach it through the command queue (cmd_lock). A region is
- * unmapped by this thread only, after it is removed from the table, so a late
+ * unmapped by this thread only, after it is removed from the tables, so a late
  * reply can never be copied into memory that was reused for something else.
+ *
+ * No per-attach, per-fault or per-reply cost grows with the number of live
+ * regions or requests:
+ *   regions by id       hash table (region ids are pure keys: detach, HOLD
+ *                       replies, the budget's FIFO)
+ *   regions by address  ordered tree (glibc's tsearch, a red-black tree): a
+ *                       fault gives an address *inside* a region, a
+ *                       containing-range lookup that a hash cannot answer;
+ *                       O(log n). Python threads ask it too
+ *                       (ls_client_overlaps), so changes take tree_lock.
+ *   requests by tag     hash table; also one list in tag order (= send order:
+ *                       the oldest is its head, overdue ones are found from
+ *                       there) and one list per region (a fault on a page
+ *                       already requested looks only at its region's requests)
+ *   attaching, dying    lists of the regions in those states: deadlines and
+ *                       unmapping look at nothing else
  *
  * Read-ahead (as CRIU's lazy-pages and the kernel's readahead): a region keeps a
  * window that starts at min_block, doubles while faults move forward within two
@@ -36,6 +52,7 @@
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
+#include <search.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -69,12 +86,16 @@ struct peer {
     int direct;          /* the owner holds our userfaultfd: INSTALL instead of READ */
 };
 
+/* One attach call: its regions' HOLDs are all sent at once; the caller wakes
+ * when the last one is answered. */
 struct waiter {
     pthread_mutex_t lock;
     pthread_cond_t cond;
-    int done;
-    int status;
+    uint32_t pending; /* regions not answered yet */
+    int status;       /* the first error */
 };
+
+struct inflight;
 
 /* R_DYING: detached (unregistered, the owner told). It is unmapped at the end
  * of a loop iteration, after the progress that ls_client_sync waits for is
@@ -85,9 +106,11 @@ struct waiter {
 enum { R_HOLDING, R_EAGER, R_ACTIVE, R_DYING };
 
 struct region {
+    struct ls_hnode h; /* key: id */
     uint64_t id;
     uintptr_t base;
     uint64_t maplen; /* page-rounded */
+    uint64_t segoff; /* the segment's byte mapped at base (page-aligned) */
     uint64_t seglen;
     uint64_t npages;
     uint8_t seg[LS_ID_BYTES];
@@ -95,23 +118,27 @@ struct region {
     uint8_t *requested; /* bitmap, one bit per page */
     int state;
     struct waiter *waiter; /* attach in progress */
+    int *status_out;       /* while attaching: where the caller reads its outcome */
     uint64_t deadline;     /* attach deadline, ns */
     uint64_t timeout;      /* attach timeout, ns: eager progress pushes the deadline */
     uint64_t last_fault;   /* page index */
     int have_last;
     uint32_t window;       /* pages */
     uint64_t eager_next;   /* next page to request in eager mode */
-    uint64_t ra_lo, ra_hi; /* pages the view reaches: read-ahead stays inside */
     int wp;                /* registered write-protect too: clean pages can be dropped */
     uint8_t *dirty;        /* with wp: pages this process wrote (never dropped) */
     uint64_t resident;     /* bytes installed from payload and not dropped */
     int inflight;
-    struct region *next;
+    struct inflight *ihead;       /* its requests on the wire */
+    struct region *aprev, *anext; /* the attaching list (waiter set) */
+    struct region *dprev, *dnext; /* the dying list (R_DYING) */
+    int in_ids, in_tree;
 };
 
 struct inflight {
+    struct ls_hnode h; /* key: tag */
     uint64_t tag;
-    uint64_t region;
+    struct region *region;
     uint64_t page, npages;
     uint64_t sent;   /* ns */
     uint64_t fault;  /* ns of the oldest fault waiting on it, 0 if none */
@@ -119,16 +146,19 @@ struct inflight {
     int dontwake;    /* an INSTALL sent with LS_INSTALL_DONTWAKE */
     int dying;       /* its region was detached: nobody waits for it */
     struct peer *peer;
+    struct inflight *prev, *next;   /* every request, oldest first */
+    struct inflight *rprev, *rnext; /* its region's */
 };
 
 enum { CMD_ATTACH, CMD_DETACH };
 
 struct cmd {
     int kind;
-    struct region *region; /* ATTACH */
-    char endpoint[256];    /* ATTACH: resolved to a peer by the handler thread */
-    int pid;               /* ATTACH: the owner */
-    uint64_t region_id;    /* DETACH */
+    struct region **regions; /* ATTACH: one attach call's */
+    uint32_t nregions;
+    char endpoint[256];      /* ATTACH: resolved to a peer by the handler thread */
+    int pid;                 /* ATTACH: the owner */
+    uint64_t region_id;      /* DETACH */
     struct cmd *next;
 };
 
@@ -142,11 +172,18 @@ static int uffd = -1;
 static _Atomic uint64_t next_region_id = 1;
 static pthread_t client_thread;
 
+/* ---- the region tree: written by the handler thread, read by any under tree_lock ---- */
+static pthread_mutex_t tree_lock = PTHREAD_MUTEX_INITIALIZER;
+static void *region_tree;
+
 /* ---- the handler thread's own ---- */
-static struct region *regions;
+static struct ls_htab region_ids;
+static size_t nregions;
+static struct region *attaching, *dying;
 static struct peer peers[MAX_PEERS];
-static struct inflight *infl;
-static int ninfl, capinfl;
+static struct ls_htab infl_tags;
+static struct inflight *infl_oldest, *infl_newest, *infl_spare;
+static int ninfl;
 static _Atomic uint64_t next_tag = 1; /* written by the handler only; read by ls_client_sync */
 static _Atomic uint64_t oldest_tag = 1; /* published: every request below it is answered */
 static uint64_t min_pages = 4, max_pages = 1024;
@@ -173,29 +210,111 @@ static pthread_t watch_thread;
 static inline int bit_get(const uint8_t *b, uint64_t i) { return (b[i >> 3] >> (i & 7)) & 1; }
 static inline void bit_set(uint8_t *b, uint64_t i) { b[i >> 3] |= (uint8_t)(1u << (i & 7)); }
 
-static void waiter_done(struct waiter *w, int status)
+static void waiter_done(struct waiter *w, int *status_out, int status)
 {
     pthread_mutex_lock(&w->lock);
-    w->status = status;
-    w->done = 1;
-    pthread_cond_signal(&w->cond);
+    if (status < 0 && !w->status)
+        w->status = status;
+    *status_out = status;
+    if (--w->pending == 0)
+        pthread_cond_signal(&w->cond);
     pthread_mutex_unlock(&w->lock);
 }
 
 static struct region *region_by_id(uint64_t id)
 {
-    for (struct region *r = regions; r; r = r->next)
-        if (r->id == id)
-            return r;
-    return NULL;
+    return (struct region *)ls_htab_find(&region_ids, id); /* h is the first member */
+}
+
+/* Regions never overlap (each is its own mapping), so "overlaps" orders them:
+ * a key range compares equal to the one region it meets. */
+static int range_cmp(const void *a, const void *b)
+{
+    const struct region *x = a, *y = b;
+    if (x->base + x->maplen <= y->base)
+        return -1;
+    if (x->base >= y->base + y->maplen)
+        return 1;
+    return 0;
 }
 
 static struct region *region_by_addr(uintptr_t a)
 {
-    for (struct region *r = regions; r; r = r->next)
-        if (a >= r->base && a < r->base + r->maplen)
-            return r;
-    return NULL;
+    struct region key = {.base = a, .maplen = 1};
+    void *n = tfind(&key, &region_tree, range_cmp); /* the handler thread is the only writer */
+    return n ? *(struct region **)n : NULL;
+}
+
+/* Enter r in the id table and the address tree: 0 or -ENOMEM. */
+static int region_index(struct region *r)
+{
+    r->h.key = r->id;
+    if (ls_htab_insert(&region_ids, &r->h) < 0)
+        return -ENOMEM;
+    r->in_ids = 1;
+    pthread_mutex_lock(&tree_lock);
+    void *n = tsearch(r, &region_tree, range_cmp);
+    pthread_mutex_unlock(&tree_lock);
+    if (!n)
+        return -ENOMEM;
+    if (*(struct region **)n != r)
+        return -EEXIST; /* an overlapping region: cannot happen while mappings are distinct */
+    r->in_tree = 1;
+    nregions++;
+    return 0;
+}
+
+static void region_unindex(struct region *r)
+{
+    if (r->in_ids)
+        ls_htab_remove(&region_ids, &r->h);
+    if (r->in_tree) {
+        pthread_mutex_lock(&tree_lock);
+        tdelete(r, &region_tree, range_cmp);
+        pthread_mutex_unlock(&tree_lock);
+        nregions--;
+    }
+    r->in_ids = r->in_tree = 0;
+}
+
+static void attaching_add(struct region *r)
+{
+    r->aprev = NULL;
+    r->anext = attaching;
+    if (attaching)
+        attaching->aprev = r;
+    attaching = r;
+}
+
+static void attaching_remove(struct region *r)
+{
+    if (r->aprev)
+        r->aprev->anext = r->anext;
+    else if (attaching == r)
+        attaching = r->anext;
+    if (r->anext)
+        r->anext->aprev = r->aprev;
+    r->aprev = r->anext = NULL;
+}
+
+static void dying_add(struct region *r)
+{
+    r->dprev = NULL;
+    r->dnext = dying;
+    if (dying)
+        dying->dprev = r;
+    dying = r;
+}
+
+static void dying_remove(struct region *r)
+{
+    if (r->dprev)
+        r->dprev->dnext = r->dnext;
+    else if (dying == r)
+        dying = r->dnext;
+    if (r->dnext)
+        r->dnext->dprev = r->dprev;
+    r->dprev = r->dnext = NULL;
 }
 
 static void peer_close(struct peer *p)
@@ -464,54 +583,82 @@ static int send_req(struct peer *p, uint16_t op, const uint8_t *seg, uint64_t ta
     return peer_flush(p);
 }
 
-static struct inflight *infl_find_page(uint64_t region, uint64_t page)
+/* The region's request covering page, if one is on the wire (a few at most:
+ * the demand block and the read-ahead behind it). */
+static struct inflight *infl_find_page(const struct region *r, uint64_t page)
 {
-    for (int i = 0; i < ninfl; i++)
-        if (infl[i].region == region && page >= infl[i].page && page < infl[i].page + infl[i].npages)
-            return &infl[i];
+    for (struct inflight *f = r->ihead; f; f = f->rnext)
+        if (page >= f->page && page < f->page + f->npages)
+            return f;
     return NULL;
 }
 
 static struct inflight *infl_find_tag(uint64_t tag)
 {
-    for (int i = 0; i < ninfl; i++)
-        if (infl[i].tag == tag)
-            return &infl[i];
-    return NULL;
+    return (struct inflight *)ls_htab_find(&infl_tags, tag); /* h is the first member */
 }
 
 static void infl_remove(struct inflight *f)
 {
+    ls_htab_remove(&infl_tags, &f->h);
+    if (f->prev)
+        f->prev->next = f->next;
+    else
+        infl_oldest = f->next;
+    if (f->next)
+        f->next->prev = f->prev;
+    else
+        infl_newest = f->prev;
+    struct region *r = f->region;
+    if (f->rprev)
+        f->rprev->rnext = f->rnext;
+    else
+        r->ihead = f->rnext;
+    if (f->rnext)
+        f->rnext->rprev = f->rprev;
+    r->inflight--;
+    ninfl--;
     peer_put(f->peer);
-    *f = infl[--ninfl];
+    f->next = infl_spare; /* kept for the next request: no malloc per request */
+    infl_spare = f;
 }
 
 /* Request pages [page, page+n) of r, which none requested yet. */
 static void request_run(struct region *r, uint64_t page, uint64_t n, uint64_t fault_ns)
 {
     const uint64_t ps = ls_page_size();
-    if (ninfl == capinfl) {
-        int cap = capinfl ? capinfl * 2 : 64;
-        struct inflight *p = realloc(infl, (size_t)cap * sizeof *p);
-        if (!p)
-            ls_fatal("out of memory for in-flight requests");
-        infl = p;
-        capinfl = cap;
-    }
+    struct inflight *f = infl_spare;
+    if (f)
+        infl_spare = f->next;
+    else if (!(f = malloc(sizeof *f)))
+        ls_fatal("out of memory for in-flight requests");
     uint64_t tag = next_tag++;
     int direct = r->peer->direct && r->state == R_ACTIVE;
     uint32_t flags = (r->wp ? LS_INSTALL_WP : 0) | (fault_ns ? 0 : LS_INSTALL_DONTWAKE);
-    int rc = send_req(r->peer, direct ? LS_OP_INSTALL : LS_OP_READ, r->seg, tag, page * ps, n * ps,
+    int rc = send_req(r->peer, direct ? LS_OP_INSTALL : LS_OP_READ, r->seg, tag, r->segoff + page * ps, n * ps,
                       r->base + page * ps, flags);
     if (rc < 0)
         ls_fatal("cannot send a page request to %s: errno %d", r->peer->endpoint, -rc);
     for (uint64_t i = page; i < page + n; i++)
         bit_set(r->requested, i);
-    infl[ninfl++] = (struct inflight){
-        .tag = tag, .region = r->id, .page = page, .npages = n, .sent = ls_now_ns(),
+    *f = (struct inflight){
+        .h = {.key = tag}, .tag = tag, .region = r, .page = page, .npages = n, .sent = ls_now_ns(),
         .fault = fault_ns, .nfaults = fault_ns ? 1 : 0, .peer = r->peer,
         .dontwake = direct && !fault_ns,
     };
+    if (ls_htab_insert(&infl_tags, &f->h) < 0)
+        ls_fatal("out of memory for in-flight requests");
+    f->prev = infl_newest; /* tags only grow: the list stays in tag order */
+    if (infl_newest)
+        infl_newest->next = f;
+    else
+        infl_oldest = f;
+    infl_newest = f;
+    f->rnext = r->ihead;
+    if (r->ihead)
+        r->ihead->rprev = f;
+    r->ihead = f;
+    ninfl++;
     r->peer->refs++;
     r->inflight++;
     CTR_ADD(requests, 1);
@@ -563,19 +710,11 @@ static void on_fault(uintptr_t addr, uint64_t now)
     r->last_fault = page;
     r->have_last = 1;
 
-    /* Read-ahead stops at the end of what the view can reach (the demand page
-     * itself is always fetched). */
+    /* Read-ahead stops at the end of the region, which maps only what the
+     * views in it can reach (request_range clips). */
     uint64_t end = page + r->window, end2 = page + 2 * (uint64_t)r->window;
-    if (page < r->ra_hi) {
-        if (end > r->ra_hi)
-            end = r->ra_hi;
-        if (end2 > r->ra_hi)
-            end2 = r->ra_hi;
-    }
-    if (end <= page)
-        end = page + 1;
     if (bit_get(r->requested, page)) {
-        struct inflight *f = infl_find_page(r->id, page);
+        struct inflight *f = infl_find_page(r, page);
         if (f) {
             if (!f->fault)
                 f->fault = now;
@@ -617,18 +756,12 @@ static void eager_pump(struct region *r)
 /* Unlink, unmap and free a detached region (its range may be reused from now on). */
 static void region_free(struct region *r)
 {
-    struct region **pp = &regions;
-    while (*pp && *pp != r)
-        pp = &(*pp)->next;
-    if (*pp)
-        *pp = r->next;
+    region_unindex(r); /* before munmap: no lookup may find a range that is gone */
+    dying_remove(r);
     munmap((void *)r->base, r->maplen);
-    /* Replies still on the wire find no region and are dropped. */
-    for (int i = 0; i < ninfl;)
-        if (infl[i].region == r->id)
-            infl_remove(&infl[i]);
-        else
-            i++;
+    /* Replies still on the wire find no request and are dropped. */
+    while (r->ihead)
+        infl_remove(r->ihead);
     if (r->peer)
         peer_put(r->peer);
     resident_total -= r->resident; /* its blocks in the FIFO are skipped when reached */
@@ -646,22 +779,20 @@ static void region_destroy(struct region *r, int tell_owner)
     }
     if (tell_owner && r->peer)
         send_req(r->peer, LS_OP_RELEASE, r->seg, 0, 0, 0, 0, 0);
-    for (int i = 0; i < ninfl; i++)
-        if (infl[i].region == r->id)
-            infl[i].dying = 1;
+    for (struct inflight *f = r->ihead; f; f = f->rnext)
+        f->dying = 1;
     resident_total -= r->resident;
     r->resident = 0;
     r->state = R_DYING;
+    dying_add(r);
     CTR_SUB(regions_attached, 1);
 }
 
 /* End of a loop iteration: unmap detached regions (see R_DYING). */
 static void reap_dying(void)
 {
-    for (struct region *r = regions, *next; r; r = next) {
-        next = r->next;
-        if (r->state != R_DYING)
-            continue;
+    for (struct region *r = dying, *next; r; r = next) {
+        next = r->dnext;
         if (!r->inflight || !r->peer || !r->peer->direct)
             region_free(r); /* late READ payloads are dropped, never copied */
     }
@@ -670,13 +801,16 @@ static void reap_dying(void)
 static void attach_finish(struct region *r, int status)
 {
     struct waiter *w = r->waiter;
+    int *out = r->status_out;
     r->waiter = NULL;
+    r->status_out = NULL;
+    attaching_remove(r);
     if (status < 0) {
         /* The region dies here (the caller unmaps nothing). The owner is told
          * unless it refused the hold: after a timeout its HOLD may still land. */
         region_destroy(r, status == -ETIMEDOUT || r->state != R_HOLDING);
     }
-    waiter_done(w, status);
+    waiter_done(w, out, status); /* the caller may free its side from here on */
 }
 
 static void fifo_push(uint64_t region, uint64_t page, uint64_t npages)
@@ -802,14 +936,11 @@ static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *sr
         return; /* RELEASE/PING acknowledgements */
     struct inflight *f = infl_find_tag(rep->tag);
     if (!f || f->peer != p)
-        return; /* its region was detached */
-    struct region *r = region_by_id(f->region);
+        return; /* its region was freed */
+    struct region *r = f->region;
     uint64_t page = f->page, npages = f->npages, fault = f->fault;
     int nfaults = f->nfaults, dontwake = f->dontwake;
     infl_remove(f);
-    if (!r)
-        return;
-    r->inflight--;
     if (rep->op == LS_OP_INSTALL && !rep->status && rep->seglen <= npages * ps) {
         /* Counted even for a region detached meanwhile: its reader may have
          * been woken by this very install, done its work and let go. */
@@ -827,7 +958,7 @@ static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *sr
                      (unsigned long long)(page + npages - 1), (unsigned long long)r->seglen,
                      rep->status == -ENOENT ? "the segment was released while this process still maps it"
                                             : strerror(-rep->status));
-        if (rep->offset != page * ps || rep->length != npages * ps || rep->seglen > npages * ps)
+        if (rep->offset != r->segoff + page * ps || rep->length != npages * ps || rep->seglen > npages * ps)
             ls_fatal("malformed install reply from %s", r->peer->endpoint);
         if (dontwake && nfaults) { /* faults arrived after the read-ahead was asked for */
             struct uffdio_range rg = {.start = r->base + page * ps, .len = npages * ps};
@@ -839,7 +970,7 @@ static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *sr
         return;
     }
     if (!rep->status && (rep->flags & LS_REP_ZERO) && !has_data && rep->length == npages * ps &&
-        rep->offset == page * ps) {
+        rep->offset == r->segoff + page * ps) {
         CTR_ADD(bytes_zero, npages * ps);
         if (r->state == R_EAGER) { /* fresh anonymous memory is already zero */
             eager_pump(r);
@@ -863,7 +994,7 @@ static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *sr
                  (unsigned long long)(page + npages - 1), (unsigned long long)r->seglen,
                  rep->status == -ENOENT ? "the segment was released while this process still maps it"
                                         : "error reply");
-    if (!has_data || srclen != npages * ps || rep->offset != page * ps)
+    if (!has_data || srclen != npages * ps || rep->offset != r->segoff + page * ps)
         ls_fatal("malformed page reply from %s", r->peer->endpoint);
     if (r->state == R_EAGER) {
         memcpy((uint8_t *)r->base + page * ps, src, npages * ps);
@@ -888,9 +1019,9 @@ static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *sr
 static void peer_lost(struct peer *p, int err)
 {
     /* Detached regions waiting only for this owner's last answers need none. */
-    for (struct region *r = regions, *next; r; r = next) {
-        next = r->next;
-        if (r->state == R_DYING && r->peer == p)
+    for (struct region *r = dying, *next; r; r = next) {
+        next = r->dnext;
+        if (r->peer == p)
             region_free(r);
     }
     if (p->fd < 0)
@@ -1000,20 +1131,29 @@ static void handle_commands(void)
         if (!c)
             return;
         if (c->kind == CMD_ATTACH) {
-            struct region *r = c->region;
-            r->next = regions;
-            regions = r;
-            CTR_ADD(regions_attached, 1);
-            int rc = peer_get(c->endpoint, c->pid, &r->peer);
-            if (rc < 0) {
-                r->peer = NULL;
-                attach_finish(r, rc == -ESRCH || !ls_pid_alive(c->pid) ? -ESRCH : rc);
-            } else {
-                r->peer->refs++;
-                rc = send_req(r->peer, LS_OP_HOLD, r->seg, r->id, 0, 0, 0, 0);
-                if (rc < 0)
-                    attach_finish(r, rc);
+            struct peer *p = NULL;
+            int rc = peer_get(c->endpoint, c->pid, &p);
+            if (rc < 0)
+                rc = rc == -ESRCH || !ls_pid_alive(c->pid) ? -ESRCH : rc;
+            for (uint32_t i = 0; i < c->nregions; i++) {
+                struct region *r = c->regions[i];
+                attaching_add(r);
+                CTR_ADD(regions_attached, 1);
+                int e = rc < 0 ? rc : region_index(r);
+                if (e < 0) {
+                    r->peer = NULL;
+                    attach_finish(r, e);
+                    continue;
+                }
+                r->peer = p;
+                p->refs++;
+                e = send_req(p, LS_OP_HOLD, r->seg, r->id, 0, 0, 0, 0);
+                if (e < 0)
+                    attach_finish(r, e);
             }
+            if (p && p->fd >= 0 && !p->refs)
+                peer_close(p); /* opened for regions that all failed */
+            free(c->regions);
         } else {
             struct region *r = region_by_id(c->region_id);
             if (r && r->state != R_DYING)
@@ -1025,18 +1165,18 @@ static void handle_commands(void)
 
 static void check_deadlines(uint64_t now)
 {
-    for (struct region *r = regions, *next; r; r = next) {
-        next = r->next;
-        if (r->waiter && now > r->deadline) {
+    for (struct region *r = attaching, *next; r; r = next) {
+        next = r->anext;
+        if (now > r->deadline) {
             int alive = ls_pid_alive(r->peer->pid);
             attach_finish(r, alive ? -ETIMEDOUT : -ESRCH);
         }
     }
-    for (int i = 0; i < ninfl; i++) {
-        struct inflight *f = &infl[i];
+    /* Oldest first: the first request younger than 200 ms ends the walk. */
+    for (struct inflight *f = infl_oldest; f; f = f->next) {
         uint64_t age = now - f->sent;
         if (age < 200000000ull)
-            continue;
+            break;
         if (f->dying)
             continue; /* nobody waits: its peer's loss or answer frees it */
         struct peer *p = f->peer;
@@ -1071,7 +1211,7 @@ static void *client_main(void *arg)
                 fds[n++] = (struct pollfd){.fd = peers[i].fd,
                                            .events = (short)(POLLIN | (peers[i].txlen ? POLLOUT : 0))};
             }
-        int timeout = (ninfl || regions) ? 100 : -1;
+        int timeout = (ninfl || nregions) ? 100 : -1;
         /* Spin briefly before sleeping while a reply or the next fault is likely:
          * on an idle VM each sleep/wake-up costs tens of microseconds, as much as
          * the fault itself. Bounded, so an idle handler sleeps. */
@@ -1126,10 +1266,7 @@ static void *client_main(void *arg)
             handle_commands();
         check_deadlines(ls_now_ns());
         atomic_store_explicit(&inflight_published, ninfl, memory_order_relaxed);
-        uint64_t oldest = atomic_load_explicit(&next_tag, memory_order_relaxed);
-        for (int i = 0; i < ninfl; i++)
-            if (infl[i].tag < oldest)
-                oldest = infl[i].tag;
+        uint64_t oldest = infl_oldest ? infl_oldest->tag : atomic_load_explicit(&next_tag, memory_order_relaxed);
         atomic_store_explicit(&oldest_tag, oldest, memory_order_release);
         reap_dying();
         atomic_fetch_add_explicit(&heartbeat, 1, memory_order_relaxed);
@@ -1223,17 +1360,15 @@ int ls_client_start(int mode, uint32_t min_block, uint32_t max_block, uint32_t f
     return 0;
 }
 
-int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uint64_t len,
-                     uint64_t view_lo, uint64_t view_hi, uint32_t timeout_ms, uint64_t *addr_out,
-                     uint64_t *region_out)
+/* Map and register the region for one ls_attach entry (in the caller's thread). */
+static int region_new(const struct ls_attach *a, uint64_t timeout_ns, struct region **out)
 {
-    if (!client_running)
-        return -ENOTCONN;
-    if (!len)
-        return -EINVAL;
     const uint64_t ps = ls_page_size();
-    uint64_t maplen = (len + ps - 1) / ps * ps;
-    if (maplen < len)
+    if (!a->seglen || !a->map_len || a->map_off >= a->seglen || a->map_len > a->seglen - a->map_off)
+        return -EINVAL;
+    uint64_t off = a->map_off / ps * ps, end = a->map_off + a->map_len;
+    uint64_t maplen = (end - off + ps - 1) / ps * ps;
+    if (maplen < end - off)
         return -EOVERFLOW;
     void *base = mmap(NULL, maplen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                       -1, 0);
@@ -1242,7 +1377,11 @@ int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uin
         return -errno;
     /* A forked child never sees these pages: its registration would be gone and
      * it would read zeros; with DONTFORK the child's access faults loudly. */
-    madvise(base, maplen, MADV_DONTFORK);
+    if (madvise(base, maplen, MADV_DONTFORK) < 0) {
+        int e = errno;
+        munmap(base, maplen);
+        return -e;
+    }
     if (client_mode != LS_MODE_EAGER) {
         struct uffdio_register reg = {
             .range = {.start = (uintptr_t)base, .len = maplen},
@@ -1271,13 +1410,10 @@ int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uin
     uint64_t npages = maplen / ps;
     uint8_t *bits = calloc((size_t)(npages + 7) / 8, 1);
     uint8_t *dirty = want_wp ? calloc((size_t)(npages + 7) / 8, 1) : NULL;
-    struct cmd *c = calloc(1, sizeof *c);
-    struct waiter w = {.done = 0};
-    if (!r || !bits || !c || (want_wp && !dirty)) {
+    if (!r || !bits || (want_wp && !dirty)) {
         free(r);
         free(bits);
         free(dirty);
-        free(c);
         if (client_mode != LS_MODE_EAGER) {
             struct uffdio_range rg = {.start = (uintptr_t)base, .len = maplen};
             ioctl(uffd, UFFDIO_UNREGISTER, &rg);
@@ -1285,36 +1421,39 @@ int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uin
         munmap(base, maplen);
         return -ENOMEM;
     }
-    pthread_mutex_init(&w.lock, NULL);
-    pthread_cond_init(&w.cond, NULL);
     r->id = atomic_fetch_add(&next_region_id, 1);
     r->base = (uintptr_t)base;
     r->maplen = maplen;
-    r->seglen = len;
+    r->segoff = off;
+    r->seglen = a->seglen;
     r->npages = npages;
-    if (view_hi > len || view_lo >= view_hi) {
-        view_lo = 0;
-        view_hi = len;
-    }
-    r->ra_lo = view_lo / ps;
-    r->ra_hi = (view_hi + ps - 1) / ps;
-    memcpy(r->seg, id, LS_ID_BYTES);
+    memcpy(r->seg, a->id, LS_ID_BYTES);
     r->requested = bits;
     r->dirty = dirty;
     r->wp = want_wp;
     r->state = R_HOLDING;
     r->window = (uint32_t)min_pages;
-    r->waiter = &w;
-    r->timeout = (uint64_t)timeout_ms * 1000000ull;
-    r->deadline = ls_now_ns() + r->timeout;
+    r->timeout = timeout_ns;
+    r->deadline = ls_now_ns() + timeout_ns;
+    *out = r;
+    return 0;
+}
 
-    /* The peer table belongs to the handler thread: the endpoint rides along
-     * in the command and is resolved there. */
-    c->kind = CMD_ATTACH;
-    c->region = r;
-    c->pid = owner_pid;
-    snprintf(c->endpoint, sizeof c->endpoint, "%s", endpoint);
+/* Undo region_new for a region the handler never saw. */
+static void region_undo(struct region *r)
+{
+    if (client_mode != LS_MODE_EAGER) {
+        struct uffdio_range rg = {.start = r->base, .len = r->maplen};
+        ioctl(uffd, UFFDIO_UNREGISTER, &rg); /* EINVAL/ENOENT only: it is ours and registered */
+    }
+    munmap((void *)r->base, r->maplen);
+    free(r->requested);
+    free(r->dirty);
+    free(r);
+}
 
+static void cmd_push(struct cmd *c)
+{
     pthread_mutex_lock(&cmd_lock);
     if (cmd_tail)
         cmd_tail->next = c;
@@ -1322,19 +1461,107 @@ int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uin
         cmd_head = c;
     cmd_tail = c;
     pthread_mutex_unlock(&cmd_lock);
-    ls_eventfd_signal(cmd_fd);
+}
+
+int ls_client_attach(const char *endpoint, int owner_pid, struct ls_attach *a, uint32_t n, uint32_t timeout_ms)
+{
+    if (!client_running)
+        return -ENOTCONN;
+    if (!n)
+        return 0;
+    struct cmd *c = calloc(1, sizeof *c);
+    if (!c)
+        return -ENOMEM;
+    if (strlen(endpoint) >= sizeof c->endpoint) {
+        free(c);
+        return -ENAMETOOLONG;
+    }
+    struct region **rs = calloc(n, sizeof *rs);
+    int *status = calloc(n, sizeof *status);
+    struct cmd **undo = calloc(n, sizeof *undo); /* DETACH commands, ready for an error */
+    int rc = rs && status && undo ? 0 : -ENOMEM;
+    uint32_t made = 0, prepared = 0;
+    for (; !rc && prepared < n; prepared++)
+        if (!(undo[prepared] = calloc(1, sizeof **undo)))
+            rc = -ENOMEM;
+    for (; !rc && made < n; made++) {
+        rc = region_new(&a[made], (uint64_t)timeout_ms * 1000000ull, &rs[made]);
+        if (rc < 0)
+            break;
+    }
+    if (rc < 0) {
+        for (uint32_t i = 0; i < made; i++)
+            region_undo(rs[i]);
+        for (uint32_t i = 0; undo && i < prepared; i++)
+            free(undo[i]);
+        free(rs);
+        free(status);
+        free(undo);
+        free(c);
+        return rc;
+    }
+    struct waiter w = {.pending = n};
+    pthread_mutex_init(&w.lock, NULL);
+    pthread_cond_init(&w.cond, NULL);
+    for (uint32_t i = 0; i < n; i++) {
+        struct region *r = rs[i];
+        r->waiter = &w;
+        r->status_out = &status[i];
+        status[i] = 1; /* not answered yet */
+        a[i].addr = r->base;
+        a[i].off = r->segoff;
+        a[i].map_len = r->maplen;
+        a[i].region = r->id;
+    }
+    /* The peer table belongs to the handler thread: the endpoint rides along
+     * in the command and is resolved there. From here on the regions (and rs)
+     * are the handler's. */
+    c->kind = CMD_ATTACH;
+    c->regions = rs;
+    c->nregions = n;
+    c->pid = owner_pid;
+    memcpy(c->endpoint, endpoint, strlen(endpoint) + 1);
+    cmd_push(c);
+    ls_eventfd_signal(cmd_fd); /* fails only if the counter is full, which wakes the handler too */
 
     pthread_mutex_lock(&w.lock);
-    while (!w.done)
+    while (w.pending)
         pthread_cond_wait(&w.cond, &w.lock);
+    rc = w.status;
     pthread_mutex_unlock(&w.lock);
     pthread_cond_destroy(&w.cond);
     pthread_mutex_destroy(&w.lock);
-    if (w.status < 0)
-        return w.status; /* the handler destroyed the region */
-    *addr_out = (uint64_t)(uintptr_t)base;
-    *region_out = r->id;
-    return 0;
+    /* All or nothing: the regions that failed were destroyed by the handler;
+     * the others are detached again. */
+    int detached = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (rc < 0 && status[i] == 0) {
+            undo[i]->kind = CMD_DETACH;
+            undo[i]->region_id = a[i].region;
+            cmd_push(undo[i]);
+            detached = 1;
+        } else {
+            free(undo[i]);
+        }
+    }
+    if (detached)
+        ls_eventfd_signal(cmd_fd);
+    free(undo);
+    free(status);
+    return rc;
+}
+
+int ls_client_overlaps(uint64_t addr, uint64_t len)
+{
+    if (addr + len < addr)
+        len = UINT64_MAX - addr;
+    if (!len)
+        return 0;
+    struct region key = {.base = addr, .maplen = len};
+    pthread_mutex_lock(&tree_lock);
+    void *n = tfind(&key, &region_tree, range_cmp);
+    pthread_mutex_unlock(&tree_lock);
+    return n != NULL;
 }
 
 int ls_client_set_budget(uint64_t bytes)
@@ -1352,13 +1579,7 @@ int ls_client_detach(uint64_t region)
         return -ENOMEM;
     c->kind = CMD_DETACH;
     c->region_id = region;
-    pthread_mutex_lock(&cmd_lock);
-    if (cmd_tail)
-        cmd_tail->next = c;
-    else
-        cmd_head = c;
-    cmd_tail = c;
-    pthread_mutex_unlock(&cmd_lock);
+    cmd_push(c);
     return ls_eventfd_signal(cmd_fd);
 }
 
@@ -1406,12 +1627,19 @@ void ls_client_reset_after_fork(void)
     cmd_fd = uffd = -1;
     client_running = 0;
     client_mode = -1;
-    regions = NULL;
+    /* The parent's tables are left as they are (their memory is the child's
+     * copy, never reached again). */
+    pthread_mutex_init(&tree_lock, NULL);
+    region_tree = NULL;
+    region_ids = (struct ls_htab){0};
+    nregions = 0;
+    attaching = dying = NULL;
     memset(peers, 0, sizeof peers);
     for (int i = 0; i < MAX_PEERS; i++)
         peers[i].fd = -1;
-    infl = NULL;
-    ninfl = capinfl = 0;
+    infl_tags = (struct ls_htab){0};
+    infl_oldest = infl_newest = infl_spare = NULL;
+    ninfl = 0;
     fifo = NULL;
     fifo_head = fifo_len = fifo_cap = 0;
     resident_total = 0;

@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
@@ -320,4 +321,86 @@ int ls_uffd_fill(int fd, uint64_t dst, const uint8_t *src, uint64_t len, int wp,
         return -e; /* ENOENT/ESRCH/EFAULT: the mapping or the process is going away */
     }
     return 0;
+}
+
+/* ---- the hash table (see internal.h) ---- */
+
+static size_t htab_slot(uint64_t key, unsigned bits)
+{
+    return (size_t)((key * 0x9E3779B97F4A7C15ull) >> (64 - bits)); /* Fibonacci hashing */
+}
+
+static void htab_grow(struct ls_htab *t, unsigned bits)
+{
+    struct ls_hnode **nb = calloc((size_t)1 << bits, sizeof *nb);
+    if (!nb)
+        return; /* keep the current buckets */
+    if (t->b)
+        for (size_t i = 0; i < (size_t)1 << t->bits; i++)
+            for (struct ls_hnode *e = t->b[i], *next; e; e = next) {
+                next = e->next;
+                size_t j = htab_slot(e->key, bits);
+                e->next = nb[j];
+                nb[j] = e;
+            }
+    free(t->b);
+    t->b = nb;
+    t->bits = bits;
+}
+
+int ls_htab_insert(struct ls_htab *t, struct ls_hnode *e)
+{
+    if (!t->b)
+        htab_grow(t, 6);
+    if (!t->b)
+        return -ENOMEM;
+    if (t->n >= (size_t)1 << t->bits && t->bits < 40)
+        htab_grow(t, t->bits + 1);
+    size_t i = htab_slot(e->key, t->bits);
+    e->next = t->b[i];
+    t->b[i] = e;
+    t->n++;
+    return 0;
+}
+
+struct ls_hnode *ls_htab_find(const struct ls_htab *t, uint64_t key)
+{
+    if (!t->b)
+        return NULL;
+    struct ls_hnode *e = t->b[htab_slot(key, t->bits)];
+    while (e && e->key != key)
+        e = e->next;
+    return e;
+}
+
+struct ls_hnode *ls_htab_next(const struct ls_hnode *e)
+{
+    struct ls_hnode *n = e->next;
+    while (n && n->key != e->key)
+        n = n->next;
+    return n;
+}
+
+void ls_htab_remove(struct ls_htab *t, struct ls_hnode *e)
+{
+    if (!t->b)
+        return;
+    struct ls_hnode **pp = &t->b[htab_slot(e->key, t->bits)];
+    while (*pp && *pp != e)
+        pp = &(*pp)->next;
+    if (*pp) {
+        *pp = e->next;
+        t->n--;
+    }
+}
+
+void ls_htab_each(struct ls_htab *t, void (*fn)(struct ls_hnode *, void *), void *arg)
+{
+    if (!t->b)
+        return;
+    for (size_t i = 0; i < (size_t)1 << t->bits; i++)
+        for (struct ls_hnode *e = t->b[i], *next; e; e = next) {
+            next = e->next;
+            fn(e, arg);
+        }
 }

@@ -100,6 +100,32 @@ int ls_uffd_open(int mode);
  * already present (skipped and woken; counted in *eexist if not NULL) and
  * layout changes (EAGAIN). 0, or -errno (the mapping or process is gone...). */
 int ls_uffd_fill(int fd, uint64_t dst, const uint8_t *src, uint64_t len, int wp, int dontwake, uint64_t *eexist);
+/*
+ * An intrusive chained hash table keyed by a 64-bit integer (O(1) per lookup,
+ * insert and remove; the caller embeds a struct ls_hnode and compares any
+ * further key bytes itself). Used where the key is an id: regions and
+ * in-flight requests in the consumer, segments in the owner. It doubles when
+ * the load passes 1; if that allocation fails it keeps its size (longer
+ * chains, still correct). Not locked: each table has one owner (or lock).
+ */
+struct ls_hnode {
+    struct ls_hnode *next;
+    uint64_t key;
+};
+struct ls_htab {
+    struct ls_hnode **b;
+    size_t n;
+    unsigned bits; /* 2^bits buckets; 0: none yet */
+};
+/* 0, or -ENOMEM if the table has no buckets and cannot get any. */
+int ls_htab_insert(struct ls_htab *t, struct ls_hnode *e);
+/* The first entry with this key, then the next one with it, or NULL. */
+struct ls_hnode *ls_htab_find(const struct ls_htab *t, uint64_t key);
+struct ls_hnode *ls_htab_next(const struct ls_hnode *e);
+void ls_htab_remove(struct ls_htab *t, struct ls_hnode *e);
+/* Call fn on every entry (fn may remove that entry, and only that one). */
+void ls_htab_each(struct ls_htab *t, void (*fn)(struct ls_hnode *, void *), void *arg);
+
 void ls_server_reset_after_fork(void);
 void ls_client_reset_after_fork(void);
 

@@ -75,13 +75,24 @@ int ls_server_holders(const uint8_t *id);
 /* ---- consumer: the fault handler ---- */
 /* Start the handler at the given rung (its userfaultfd is opened here). */
 int ls_client_start(int mode, uint32_t min_block, uint32_t max_block, uint32_t fault_timeout_ms);
-/* Map len bytes of segment id served at endpoint; blocks until the owner
- * confirms (or timeout_ms passes); in eager mode until every byte arrived.
- * [view_lo, view_hi) are the bytes the caller's view can reach: read-ahead
- * stays inside them (a page outside is still served when touched). */
-int ls_client_attach(const char *endpoint, int owner_pid, const uint8_t *id, uint64_t len,
-                     uint64_t view_lo, uint64_t view_hi, uint32_t timeout_ms, uint64_t *addr_out,
-                     uint64_t *region_out);
+/* One region to attach: bytes [map_off, map_off+map_len) of a segment of
+ * seglen bytes, widened to whole pages (read-ahead stays inside them). */
+struct ls_attach {
+    uint8_t id[LS_ID_BYTES]; /* in: the segment */
+    uint64_t seglen;         /* in: its length, as the owner must confirm it */
+    uint64_t map_off;        /* in */
+    uint64_t map_len;        /* in: > 0; out: the bytes mapped at addr (whole pages) */
+    uint64_t off;            /* out: the segment offset mapped at addr (map_off rounded down) */
+    uint64_t addr;           /* out */
+    uint64_t region;         /* out: for ls_client_detach */
+};
+/* Map n regions of segments served at endpoint by owner_pid; blocks until the
+ * owner confirms every one (or timeout_ms passes); in eager mode until every
+ * byte arrived. All or nothing: on an error none stays attached. */
+int ls_client_attach(const char *endpoint, int owner_pid, struct ls_attach *a, uint32_t n, uint32_t timeout_ms);
+/* Whether [addr, addr+len) overlaps a region attached here (1) or not (0):
+ * O(log n) in the live regions. Any thread. */
+int ls_client_overlaps(uint64_t addr, uint64_t len);
 /* Keep at most this many bytes of fetched pages in this process (0: no limit):
  * older clean pages are dropped and fetched again if touched. Applies to
  * regions attached afterwards (they are registered write-protected, so that

@@ -13,10 +13,14 @@
  *   freed ids <----------+---------------+-> HOLD/RELEASE: holders per connection;
  *   (eventfd wakes Python's reaper)          a closed connection drops its holds
  *
- * Segments live in malloc'd nodes (stable addresses). A node is freed only when
- * it is neither exported, held, nor being sent ("busy": a reply still streaming
- * from its memory); then its id is queued for Python, which drops its pin. So
- * no byte is read from a buffer Python may have let go.
+ * Segments live in malloc'd nodes (stable addresses), found by id in a hash
+ * table (O(1): a segment is only ever looked up by its id). A node is freed
+ * only when it is neither exported, held, nor being sent ("busy": a reply
+ * still streaming from its memory); then its id is queued for Python, which
+ * drops its pin. So no byte is read from a buffer Python may have let go.
+ * Holds are counted per connection (one entry per consumer process, however
+ * many mappings it holds), so HOLD and RELEASE cost O(consumers), not
+ * O(mappings).
  *
  * A request is never trusted: a frame that is not one 56-byte message gets
  * -EPROTO, an unknown or released segment -ENOENT, a range outside the
@@ -44,15 +48,22 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+struct holder {
+    uint64_t conn;  /* connection id */
+    uint64_t count; /* mappings it holds */
+};
+
 struct seg {
+    struct ls_hnode h; /* key: the id's first 8 bytes (random) */
     uint8_t id[LS_ID_BYTES];
     const uint8_t *addr;
     uint64_t len;
     int exported;
     int anon;   /* untouched pages are known zeros (see ls_server_export) */
     int busy;   /* replies streaming from it */
-    int nholders, capholders;
-    uint64_t *holders; /* connection ids, one entry per held mapping */
+    int nholders;             /* mappings held, all connections together */
+    int nconns, capconns;
+    struct holder *holders;   /* one entry per connection holding it */
 };
 
 /* A run of payload bytes: the owner's memory, or zeros (src NULL). */
@@ -94,8 +105,7 @@ struct conn {
 };
 
 static pthread_mutex_t seg_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct seg **segs;
-static int nsegs, capsegs;
+static struct ls_htab segs; /* under seg_lock */
 static uint8_t *freed; /* ids freed but not yet popped by Python */
 static int nfreed, capfreed;
 static int freed_fd = -1;
@@ -113,12 +123,49 @@ static pthread_mutex_t conns_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct conn *conns; /* every connection (a forked child closes them) */
 static uint64_t spin_ns = 50000; /* LAZYSHARE_SPIN_US; 0 disables */
 
+static uint64_t seg_key(const uint8_t *id)
+{
+    uint64_t k;
+    memcpy(&k, id, sizeof k);
+    return k;
+}
+
+/* seg_lock held. */
 static struct seg *seg_find(const uint8_t *id)
 {
-    for (int i = 0; i < nsegs; i++)
-        if (!memcmp(segs[i]->id, id, LS_ID_BYTES))
-            return segs[i];
+    for (struct ls_hnode *e = ls_htab_find(&segs, seg_key(id)); e; e = ls_htab_next(e))
+        if (!memcmp(((struct seg *)e)->id, id, LS_ID_BYTES)) /* h is the first member */
+            return (struct seg *)e;
     return NULL;
+}
+
+/* seg_lock held: the mappings connection conn holds of s change by delta
+ * (+1 or -1; -1 of nothing is ignored). 0, or -ENOMEM. */
+static int seg_hold(struct seg *s, uint64_t conn, int delta)
+{
+    for (int i = 0; i < s->nconns; i++) {
+        struct holder *h = &s->holders[i];
+        if (h->conn != conn)
+            continue;
+        h->count += (uint64_t)(int64_t)delta;
+        s->nholders += delta;
+        if (!h->count)
+            *h = s->holders[--s->nconns];
+        return 0;
+    }
+    if (delta < 0)
+        return 0;
+    if (s->nconns == s->capconns) {
+        int cap = s->capconns ? s->capconns * 2 : 4;
+        struct holder *p = realloc(s->holders, (size_t)cap * sizeof *p);
+        if (!p)
+            return -ENOMEM;
+        s->holders = p;
+        s->capconns = cap;
+    }
+    s->holders[s->nconns++] = (struct holder){conn, 1};
+    s->nholders++;
+    return 0;
 }
 
 /* seg_lock held: free s if nothing needs it any more. Returns 1 if freed. */
@@ -137,11 +184,7 @@ static int seg_maybe_free(struct seg *s, int notify)
         }
         memcpy(freed + (size_t)nfreed++ * LS_ID_BYTES, s->id, LS_ID_BYTES);
     }
-    for (int i = 0; i < nsegs; i++)
-        if (segs[i] == s) {
-            segs[i] = segs[--nsegs];
-            break;
-        }
+    ls_htab_remove(&segs, &s->h);
     free(s->holders);
     free(s);
     CTR_SUB(segments_exported, 1);
@@ -238,27 +281,22 @@ int ls_server_export(const uint8_t *id, uint64_t addr, uint64_t len, int anon)
         rc = -EEXIST;
         goto out;
     }
-    if (nsegs == capsegs) {
-        int cap = capsegs ? capsegs * 2 : 64;
-        struct seg **p = realloc(segs, (size_t)cap * sizeof *p);
-        if (!p) {
-            rc = -ENOMEM;
-            goto out;
-        }
-        segs = p;
-        capsegs = cap;
-    }
     struct seg *s = calloc(1, sizeof *s);
     if (!s) {
         rc = -ENOMEM;
         goto out;
     }
     memcpy(s->id, id, LS_ID_BYTES);
+    s->h.key = seg_key(id);
     s->addr = (const uint8_t *)(uintptr_t)addr;
     s->len = len;
     s->exported = 1;
     s->anon = anon && pagemap_fd >= 0;
-    segs[nsegs++] = s;
+    if (ls_htab_insert(&segs, &s->h) < 0) {
+        free(s);
+        rc = -ENOMEM;
+        goto out;
+    }
     CTR_ADD(segments_exported, 1);
 out:
     pthread_mutex_unlock(&seg_lock);
@@ -309,6 +347,25 @@ int ls_server_freed_fd(void)
 
 /* ---- the server thread ---- */
 
+struct drop_conn {
+    uint64_t conn;
+    int freed_any;
+};
+
+/* seg_lock held: ls_htab_each callback, may free e (and only e). */
+static void drop_conn_holds(struct ls_hnode *e, void *arg)
+{
+    struct drop_conn *d = arg;
+    struct seg *s = (struct seg *)e;
+    for (int i = 0; i < s->nconns; i++)
+        if (s->holders[i].conn == d->conn) {
+            s->nholders -= (int)s->holders[i].count;
+            s->holders[i] = s->holders[--s->nconns];
+            break;
+        }
+    d->freed_any |= seg_maybe_free(s, 1);
+}
+
 static void conn_close(struct conn *c)
 {
     int freed_any = 0;
@@ -318,19 +375,11 @@ static void conn_close(struct conn *c)
         freed_any |= seg_maybe_free(c->dseg, 1);
         c->dseg = NULL;
     }
-    /* The peer's mappings die with its connection (a killed worker too). */
-    for (int i = 0; i < nsegs;) {
-        struct seg *s = segs[i];
-        for (int j = 0; j < s->nholders;)
-            if (s->holders[j] == c->id)
-                s->holders[j] = s->holders[--s->nholders];
-            else
-                j++;
-        if (seg_maybe_free(s, 1))
-            freed_any = 1; /* segs[i] is now another segment */
-        else
-            i++;
-    }
+    /* The peer's mappings die with its connection (a killed worker too): one
+     * pass over the segments, once per connection's life. */
+    struct drop_conn d = {c->id, 0};
+    ls_htab_each(&segs, drop_conn_holds, &d);
+    freed_any |= d.freed_any;
     pthread_mutex_unlock(&seg_lock);
     if (freed_any)
         ls_eventfd_signal(freed_fd);
@@ -504,7 +553,9 @@ static void reply_header(struct conn *c, const struct ls_req *rq, int status, ui
     tx_put(c, &rep, sizeof rep);
 }
 
-/* Queue a reply: [header], or for a READ of s [header][payload]. seg_lock held if s. */
+/* Queue a reply: [header], or for a READ of s [header][payload]. With s, the
+ * caller holds a busy reference on it (not seg_lock): a reply with payload
+ * keeps it (c->dseg), until the payload is out. */
 static void reply(struct conn *c, const struct ls_req *rq, int status, uint64_t seglen, struct seg *s,
                   uint64_t have, uint64_t length)
 {
@@ -530,7 +581,6 @@ static void reply(struct conn *c, const struct ls_req *rq, int status, uint64_t 
     if (s) {
         uint8_t h[9];
         tx_put(c, h, zmtp_frame_header(h, 0, length));
-        s->busy++;
         c->dseg = s;
         c->cur = 0;
         CTR_ADD(requests_served, 1);
@@ -541,24 +591,40 @@ static void reply(struct conn *c, const struct ls_req *rq, int status, uint64_t 
 static void serve_read(struct conn *c, const struct ls_req *rq)
 {
     const uint64_t ps = ls_page_size();
+    int status = 0;
+    uint64_t seglen = 0, have = 0;
     pthread_mutex_lock(&seg_lock);
     struct seg *s = seg_find(rq->seg);
     if (!s) {
-        reply(c, rq, -ENOENT, 0, NULL, 0, 0);
+        status = -ENOENT;
     } else {
+        seglen = s->len;
         uint64_t padded = (s->len + ps - 1) / ps * ps;
         if (!rq->length || rq->length > LS_MAX_READ) {
-            reply(c, rq, -EINVAL, s->len, NULL, 0, 0);
+            status = -EINVAL;
         } else if (rq->offset >= padded || rq->length > padded - rq->offset) {
-            reply(c, rq, -ERANGE, s->len, NULL, 0, 0);
+            status = -ERANGE;
         } else {
-            uint64_t have = rq->offset < s->len ? s->len - rq->offset : 0;
+            have = rq->offset < s->len ? s->len - rq->offset : 0;
             if (have > rq->length)
                 have = rq->length;
-            reply(c, rq, 0, s->len, s, have, rq->length);
+            s->busy++; /* its memory (and page map) is read below, without the lock */
         }
     }
     pthread_mutex_unlock(&seg_lock);
+    if (status) {
+        reply(c, rq, status, seglen, NULL, 0, 0);
+        return;
+    }
+    reply(c, rq, 0, seglen, s, have, rq->length);
+    if (c->dseg != s) { /* no payload after all (zeros, or out of memory): drop the reference */
+        pthread_mutex_lock(&seg_lock);
+        s->busy--;
+        int f = seg_maybe_free(s, 1);
+        pthread_mutex_unlock(&seg_lock);
+        if (f)
+            ls_eventfd_signal(freed_fd);
+    }
 }
 
 /* OP_UFFD: adopt the userfaultfd that came with the request. Anything else
@@ -770,28 +836,13 @@ static void serve_hold(struct conn *c, const struct ls_req *rq, int release)
         status = -ENOENT;
     } else if (release) {
         seglen = s->len;
-        for (int j = 0; j < s->nholders; j++)
-            if (s->holders[j] == c->id) {
-                s->holders[j] = s->holders[--s->nholders];
-                break;
-            }
+        seg_hold(s, c->id, -1);
         freed_now = seg_maybe_free(s, 1);
     } else if (!s->exported) {
         status = -ENOENT; /* released: no new mappings */
     } else {
         seglen = s->len;
-        if (s->nholders == s->capholders) {
-            int cap = s->capholders ? s->capholders * 2 : 4;
-            uint64_t *p = realloc(s->holders, (size_t)cap * sizeof *p);
-            if (p) {
-                s->holders = p;
-                s->capholders = cap;
-            }
-        }
-        if (s->nholders < s->capholders)
-            s->holders[s->nholders++] = c->id;
-        else
-            status = -ENOMEM;
+        status = seg_hold(s, c->id, 1);
     }
     pthread_mutex_unlock(&seg_lock);
     if (freed_now)
@@ -1151,8 +1202,7 @@ int ls_server_stop(void)
 void ls_server_reset_after_fork(void)
 {
     pthread_mutex_init(&seg_lock, NULL);
-    segs = NULL;
-    nsegs = capsegs = 0;
+    segs = (struct ls_htab){0};
     freed = NULL;
     nfreed = capfreed = 0;
     server_running = 0;

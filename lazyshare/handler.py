@@ -11,6 +11,9 @@ Consumer side::
     a = attach(desc)            # anonymous mapping, every page missing; first touch
                                 # of a page makes the native fault handler fetch it
     del a                       # last view gone -> unmapped, the owner is told
+    arrays = attach_all(descs)  # one task's arguments: a region is the pages of
+                                # one segment its views reach (views that overlap
+                                # get regions of their own), all held in one round trip
 
 Threads (all named, so ``top -H`` and py-spy are readable)::
 
@@ -26,9 +29,9 @@ that into exceptions.
 from __future__ import annotations
 
 import atexit
-import bisect
 import dataclasses
 import errno
+import heapq
 import os
 import secrets
 import select
@@ -50,6 +53,7 @@ __all__ = [
     "export",
     "exported",
     "attach",
+    "attach_all",
     "release",
     "materialize",
     "capabilities",
@@ -387,42 +391,15 @@ def pinned_segments() -> int:
 
 _client_pid: int | None = None
 _warned_eager = False
-_attached: dict[int, tuple[int, int]] = {}  # region -> (address, length), live mappings
-# The same mappings ordered by address, for "does this range overlap a lazy
-# mapping" in O(log n): mappings never overlap one another, so the only
-# candidate is the last one starting below the range's end.
-_attached_starts: list[int] = []  # sorted
-_attached_ends: dict[int, int] = {}  # start -> end
-
-
-def _attached_add(region: int, address: int, nbytes: int) -> None:
-    with _lock:
-        _attached[region] = (address, nbytes)
-        bisect.insort(_attached_starts, address)
-        _attached_ends[address] = address + nbytes
-
-
-def _attached_remove(region: int) -> None:
-    with _lock:
-        span = _attached.pop(region, None)
-        if span is None:
-            return
-        i = bisect.bisect_left(_attached_starts, span[0])
-        if i < len(_attached_starts) and _attached_starts[i] == span[0]:
-            del _attached_starts[i]
-        _attached_ends.pop(span[0], None)
 
 
 def lazy_overlap(address: int, nbytes: int) -> bool:
     """Whether [address, address+nbytes) overlaps a region this process attached
     (a lazy mapping: its absent pages are not fetched yet). O(log n) in the
-    number of live mappings."""
-    if nbytes <= 0:
+    number of live regions (the fault handler's own address tree)."""
+    if nbytes <= 0 or _client_pid != os.getpid():
         return False
-    end = address + nbytes
-    with _lock:
-        i = bisect.bisect_left(_attached_starts, end) - 1
-        return i >= 0 and _attached_ends[_attached_starts[i]] > address
+    return lib.ls_client_overlaps(address, nbytes) == 1
 
 
 def _ensure_client() -> Capabilities:
@@ -453,7 +430,6 @@ class _Mapping:
 
     def __init__(self, address: int, nbytes: int, region: int):
         self.address, self.nbytes, self.region, self.pid = address, nbytes, region, os.getpid()
-        _attached_add(region, address, nbytes)
         self.__array_interface__ = {
             "shape": (nbytes,),
             "typestr": "|u1",
@@ -463,22 +439,60 @@ class _Mapping:
 
     def __del__(self):
         if self.pid == os.getpid():  # a forked child has no such region
-            _attached_remove(self.region)
             lib.ls_client_detach(self.region)
 
 
 def _view_extent(desc: ArrayDescriptor) -> tuple[int, int]:
-    """The byte range of the segment the described view can reach."""
+    """The byte range of the segment the described view can reach (at least
+    one byte, inside the segment)."""
     itemsize = np.dtype(desc.dtype).itemsize
     if not desc.shape or 0 in desc.shape:
-        return desc.offset, desc.offset + itemsize
-    lo = hi = desc.offset
-    for n, st in zip(desc.shape, desc.strides):
-        if st < 0:
-            lo += (n - 1) * st
+        lo, hi = desc.offset, desc.offset + itemsize
+    else:
+        lo = hi = desc.offset
+        for n, st in zip(desc.shape, desc.strides):
+            if st < 0:
+                lo += (n - 1) * st
+            else:
+                hi += (n - 1) * st
+        hi += itemsize
+    n = desc.segment.nbytes
+    lo = min(max(lo, 0), n - 1)
+    return lo, min(max(hi, lo + 1), n)
+
+
+#: Views of one segment that share a region but lie further apart than this go
+#: to separate regions (a region is one mapping from its first view's first page
+#: to its last view's last one).
+_REGION_GAP = 64 << 20
+
+
+def _plan_regions(extents: list[tuple[int, int]]) -> list[list[int]]:
+    """Group the views of one segment (their byte ranges, by index) into regions.
+
+    Views that overlap go to different regions, so that each is as private as
+    the copy unpickling would give it (a write through one never shows through
+    another); views that are disjoint share one (nothing can tell, but each
+    region costs an ``mmap``, a ``UFFDIO_REGISTER``, a kernel VMA and a hold
+    round trip). Sorted by start, each view joins the region ("layer") whose
+    last view ended first, if that one ended before it starts: as many layers as
+    views overlap at the deepest point, the fewest possible."""
+    order = sorted(range(len(extents)), key=lambda i: extents[i][0])
+    ends: list[tuple[int, int]] = []  # heap of (end of its last view, layer)
+    layers: list[list[list[int]]] = []  # layer -> its regions -> view indices
+    for i in order:
+        lo, hi = extents[i]
+        if ends and ends[0][0] <= lo:
+            last, k = heapq.heappop(ends)
+            if lo - last > _REGION_GAP:
+                layers[k].append([i])
+            else:
+                layers[k][-1].append(i)
         else:
-            hi += (n - 1) * st
-    return lo, hi + itemsize
+            k = len(layers)
+            layers.append([[i]])
+        heapq.heappush(ends, (hi, k))
+    return [region for layer in layers for region in layer]
 
 
 def attach(desc: ArrayDescriptor | SegmentDescriptor) -> np.ndarray:
@@ -487,31 +501,63 @@ def attach(desc: ArrayDescriptor | SegmentDescriptor) -> np.ndarray:
     Returns a private, writable array (as unpickling would give): writes stay in
     this process. The mapping lives as long as any view of the array.
     """
-    if isinstance(desc, SegmentDescriptor):
-        desc = ArrayDescriptor(desc, 0, (desc.nbytes,), (1,), np.dtype(np.uint8))
-    seg = desc.segment
-    if seg.owner_pid == os.getpid():
+    return attach_all([desc])[0]
+
+
+def attach_all(descs: list) -> list[np.ndarray]:
+    """:func:`attach` for many descriptors at once (one task's arguments).
+
+    Each array is as private as if attached alone: arrays whose bytes overlap
+    never share memory. Those that do not overlap (rows or blocks of one array,
+    say) share one region (one mapping and one kernel registration) when they
+    come from one segment, and the holds of all regions are confirmed by their
+    owners in one round trip. So 70,000 row views cost a few regions, not
+    70,000 (which would also run into ``vm.max_map_count``). A region lives as
+    long as any array over it."""
+    descs = [
+        ArrayDescriptor(d, 0, (d.nbytes,), (1,), np.dtype(np.uint8))
+        if isinstance(d, SegmentDescriptor)
+        else d
+        for d in descs
+    ]
+    if not descs:
+        return []
+    pid = os.getpid()
+    if any(d.segment.owner_pid == pid for d in descs):
         raise SegmentError("attach() in the exporting process: use the array itself")
     _ensure_client()
-    addr = ffi.new("uint64_t *")
-    region = ffi.new("uint64_t *")
-    lo, hi = _view_extent(desc)
-    rc = lib.ls_client_attach(
-        seg.endpoint.encode(),
-        seg.owner_pid,
-        seg.id,
-        seg.nbytes,
-        lo,
-        hi,
-        int(_ATTACH_TIMEOUT * 1000),
-        addr,
-        region,
-    )
-    _check(rc, f"attaching segment {seg.id.hex()[:8]} of pid {seg.owner_pid}")
-    raw = np.asarray(_Mapping(addr[0], seg.nbytes, region[0]))
-    # Writable even if the owner's array is not (``desc.writeable``): the mapping
-    # is private, and unpickling gives a writable copy too.
-    return np.ndarray(desc.shape, np.dtype(desc.dtype), buffer=raw, offset=desc.offset, strides=desc.strides)
+    extents = [_view_extent(d) for d in descs]
+    by_seg: dict[bytes, list[int]] = {}
+    for i, d in enumerate(descs):
+        by_seg.setdefault(d.segment.id, []).append(i)
+    by_owner: dict[tuple[str, int], list[tuple[SegmentDescriptor, list[int]]]] = {}
+    for members in by_seg.values():
+        seg = descs[members[0]].segment
+        for region in _plan_regions([extents[i] for i in members]):
+            by_owner.setdefault((seg.endpoint, seg.owner_pid), []).append((seg, [members[k] for k in region]))
+    out: list = [None] * len(descs)
+    for (endpoint, owner_pid), regions in by_owner.items():
+        specs = ffi.new("struct ls_attach[]", len(regions))
+        for spec, (seg, members) in zip(specs, regions):
+            ffi.memmove(spec.id, seg.id, len(seg.id))
+            spec.seglen = seg.nbytes
+            spec.map_off = min(extents[i][0] for i in members)
+            spec.map_len = max(extents[i][1] for i in members) - spec.map_off
+        rc = lib.ls_client_attach(
+            endpoint.encode(), owner_pid, specs, len(regions), int(_ATTACH_TIMEOUT * 1000)
+        )
+        what = regions[0][0].id.hex()[:8] + (f" and {len(regions) - 1} more" if len(regions) > 1 else "")
+        _check(rc, f"attaching segment {what} of pid {owner_pid}")
+        for spec, (_, members) in zip(specs, regions):
+            raw = np.asarray(_Mapping(spec.addr, spec.map_len, spec.region))
+            for i in members:
+                d = descs[i]
+                # Writable even if the owner's array is not (``desc.writeable``): the mapping
+                # is private, and unpickling gives a writable copy too.
+                out[i] = np.ndarray(
+                    d.shape, np.dtype(d.dtype), buffer=raw, offset=d.offset - spec.off, strides=d.strides
+                )
+    return out
 
 
 def set_memory_budget(nbytes: int | None) -> None:
@@ -583,9 +629,6 @@ def _after_fork_in_child() -> None:
     lib.ls_reset_after_fork()
     _lock = threading.RLock()
     _pins.clear()
-    _attached.clear()
-    _attached_starts.clear()
-    _attached_ends.clear()
     _server_endpoint = _server_pid = _reaper = _client_pid = None
     _stopping = threading.Event()
 

@@ -14,9 +14,15 @@ Worker side::
 
     obj = loads(frames)                     # big arrays arrive as lazy mappings
 
-Frame layout of ``dumps``: ``[kinds, payload, inline buffer, ...]``. ``kinds`` is a
-small pickle: one entry per out-of-band buffer of ``payload``, either ``None`` (the
-next inline frame) or an :class:`~lazyshare.handler.ArrayDescriptor` (attach it).
+Frame layout of ``dumps``: ``[head, payload, inline buffer, ...]``. ``head`` is a
+small pickle of ``kinds`` or ``(kinds, views)``. ``kinds``: one entry per
+out-of-band buffer of ``payload``, either ``None`` (the next inline frame) or an
+:class:`~lazyshare.handler.ArrayDescriptor` (attach it). ``views``: the
+descriptors of the arrays the payload refers to by index. ``loads`` attaches
+every descriptor of both before unpickling, with one
+:func:`~lazyshare.handler.attach_all`: views of one base whose bytes do not
+overlap share one mapping, overlapping ones get their own (each arrives as
+private as an unpickled copy), and all are confirmed in one round trip.
 
 numpy arrays are caught by ``reducer_override`` before numpy reduces them, so a
 slice, a transposed or a strided view of a big array exports the *base*
@@ -89,16 +95,21 @@ def _handler():
 
 
 class _LazyPickler(cloudpickle.Pickler):
-    def __init__(self, file, exports: CallExports, buffer_callback):
+    def __init__(self, file, exports: CallExports, buffer_callback, views: list):
         super().__init__(file, protocol=_PROTOCOL, buffer_callback=buffer_callback)
         self._exports = exports
+        self._views = views  # descriptors, referred to by index (see _view)
+
+    def _view_of(self, arr: np.ndarray) -> int:
+        self._views.append(self._exports.export_array(arr))
+        return len(self._views) - 1
 
     def reducer_override(self, obj):
         if (rv := _as_the_stdlib(obj, self._exports.threshold)) is not None:
             return rv
         if isinstance(obj, np.ndarray) and obj.nbytes >= self._exports.threshold and not obj.dtype.hasobject:
             if type(obj) is np.ndarray:
-                return _rebuild_array, (self._exports.export_array(obj),)
+                return _view, (self._view_of(obj),)
             rv = self._reduce_subclass(obj)
             if rv is not None:
                 return rv
@@ -125,7 +136,7 @@ class _LazyPickler(cloudpickle.Pickler):
         if _pickles_as(cls, np.ndarray):
             own = _MEMMAP_OWN if isinstance(obj, np.memmap) else ()
             state = self._dumps_state(cls, _instance_state(obj, own))
-            return _rebuild_subclass, (self._exports.export_array(obj.view(np.ndarray)), cls, state)
+            return _rebuild_subclass, (self._view_of(obj.view(np.ndarray)), cls, state)
         _warn_pickled_whole(cls, obj.nbytes)
         return None
 
@@ -137,7 +148,7 @@ class _LazyPickler(cloudpickle.Pickler):
             return None
         f = io.BytesIO()
         try:
-            _LazyPickler(f, self._exports, None).dump(state)
+            _LazyPickler(f, self._exports, None, self._views).dump(state)
         except Exception as e:
             _warn_once(
                 ("state", cls),
@@ -146,7 +157,6 @@ class _LazyPickler(cloudpickle.Pickler):
             )
             return None
         return f.getvalue()
-
 
 
 # Attributes that a class's own machinery rebuilds (or that numpy's pickling
@@ -268,6 +278,7 @@ class CallExports:
         (until ``close()`` without ``task``)."""
         buffers: list = []
         kinds: list = []
+        views: list = []
 
         def callback(buf: pickle.PickleBuffer):
             raw = buf.raw()
@@ -284,7 +295,7 @@ class CallExports:
             self._using = set()
         try:
             f = io.BytesIO()
-            _LazyPickler(f, self, callback).dump(obj)
+            _LazyPickler(f, self, callback, views).dump(obj)
         except BaseException:
             if task is not None:  # the task will not run: what it counted goes
                 self._drop(self._using)
@@ -294,7 +305,7 @@ class CallExports:
         if using:
             self._tasks[task] = tuple(using)
         payload = f.getbuffer()
-        head = pickle.dumps(kinds, _PROTOCOL)
+        head = pickle.dumps((kinds, views) if views else kinds, _PROTOCOL)
         frames = [head, payload, *buffers]
         self.bytes_pickled += sum(memoryview(x).nbytes for x in frames)
         return frames
@@ -351,8 +362,14 @@ class CallExports:
         self.close()
 
 
-def _rebuild_array(desc):
-    return _handler().attach(desc)
+_loading = threading.local()  # .views: the arrays of the frames loads is unpickling
+
+
+def _view(index):
+    views = getattr(_loading, "views", None)
+    if views is None:
+        raise RuntimeError("lazyshare payloads are unpickled by lazyshare.serialization.loads")
+    return views[index]
 
 
 def _as_the_stdlib(obj, threshold, _function=type(lambda: None)):  # noqa: B008 (FunctionType, once)
@@ -408,10 +425,10 @@ def _as_the_stdlib(obj, threshold, _function=type(lambda: None)):  # noqa: B008 
     return NotImplemented if target is obj else None
 
 
-def _rebuild_subclass(desc, cls, state):
+def _rebuild_subclass(index, cls, state):
     """A lazy ndarray as an instance of ``cls``: ``view(cls)`` (its
     ``__array_finalize__`` sees the plain array), then its attributes."""
-    arr = _handler().attach(desc).view(cls)
+    arr = _view(index).view(cls)
     if state is not None:
         arr.__dict__.update(pickle.loads(state))
     return arr
@@ -433,15 +450,19 @@ def _rebuild_masked(cls, baseclass, data, mask, fill_value, hardmask, state):
 
 def loads(frames) -> Any:
     """Unpickle ``CallExports.dumps`` frames; lazy buffers are attached."""
-    kinds = pickle.loads(frames[0])
+    head = pickle.loads(frames[0])
+    kinds, views = head if isinstance(head, tuple) else (head, ())
+    lazy = [d for d in kinds if d is not None]
+    arrays = _handler().attach_all([*lazy, *views]) if lazy or views else []
+    oob = iter(arrays[: len(lazy)])
     inline = iter(frames[2:])
-    buffers = []
-    for desc in kinds:
-        if desc is None:
-            buffers.append(next(inline))
-        else:
-            buffers.append(memoryview(_handler().attach(desc)))
-    return pickle.loads(frames[1], buffers=buffers)
+    buffers = [next(inline) if d is None else memoryview(next(oob)) for d in kinds]
+    outer = getattr(_loading, "views", None)
+    _loading.views = arrays[len(lazy) :]
+    try:
+        return pickle.loads(frames[1], buffers=buffers)
+    finally:
+        _loading.views = outer
 
 
 class _ResultPickler(pickle.Pickler):

@@ -1,5 +1,6 @@
-"""Costs that must not grow with table sizes: structural checks (no timings;
-those are in benchmarks/bench_tables.py)."""
+"""Costs that must not grow with table sizes, checked structurally (regions,
+memory-map lines, files read), never by timing: the timings are in
+benchmarks/bench_tables.py."""
 
 from __future__ import annotations
 
@@ -8,42 +9,78 @@ import ctypes
 import errno
 import mmap
 
+import _tables_funcs as tf
 import numpy as np
 import pytest
 from conftest import DEADLINE
 
 from lazyshare import handler
+from lazyshare.pool import Pool
 
 pytestmark = pytest.mark.timeout(DEADLINE)
 
 PAGE = mmap.PAGESIZE
 
 
-def test_lazy_overlap_finds_the_one_candidate_mapping():
-    base = 1 << 44  # far from anything this process maps
-    regions = {}
+@pytest.fixture
+def small_pool():
+    """One worker, every view of at least a page going lazily."""
+    p = Pool(1, threshold=PAGE)
     try:
-        for k in range(1000):
-            regions[10**9 + k] = (base + k * 3 * 4096, 2 * 4096)  # gaps of a page between them
-            handler._attached_add(10**9 + k, *regions[10**9 + k])
-        assert handler.lazy_overlap(base, 1)
-        assert handler.lazy_overlap(base + 2 * 4096 - 1, 1)
-        assert not handler.lazy_overlap(base + 2 * 4096, 4096)  # the gap
-        assert handler.lazy_overlap(base + 2 * 4096, 4097)  # reaches the next one
-        assert not handler.lazy_overlap(base - 4096, 4096)
-        assert handler.lazy_overlap(base - 4096, 4097)
-        assert handler.lazy_overlap(base + 500 * 3 * 4096 + 100, 8)
-        assert not handler.lazy_overlap(base + 999 * 3 * 4096 + 2 * 4096, 1 << 20)
-        assert not handler.lazy_overlap(base, 0)
-        for k in range(0, 1000, 2):
-            handler._attached_remove(10**9 + k)
-        assert not handler.lazy_overlap(base, 2 * 4096)
-        assert handler.lazy_overlap(base + 3 * 4096, 1)
-        assert handler.lazy_overlap(base, 1 << 40)
+        yield p
     finally:
-        for r in regions:
-            handler._attached_remove(r)
-    assert not handler.lazy_overlap(base, 1 << 40)
+        p.terminate()
+        p.join()
+
+
+def _chunk(p, views):
+    return p.map(tf.first_and_regions, views, chunksize=len(views))
+
+
+def test_disjoint_views_in_one_chunk_share_one_region(small_pool):
+    """Rows of one array in one map chunk: one region (one mapping, one
+    registration, one hold) however many rows, so the worker's memory map does
+    not grow with them (one region per view ran into vm.max_map_count)."""
+    a = np.arange(20000 * 512, dtype=np.float64)  # 20,000 rows of 4 KiB
+    rows = a.reshape(20000, 512)
+    out_n = _chunk(small_pool, list(rows[:5000]))
+    out_4n = _chunk(small_pool, list(rows))
+    assert [v for v, _, _ in out_4n] == [float(r[0]) for r in rows]
+    assert {r for _, r, _ in out_n} == {1} and {r for _, r, _ in out_4n} == {1}
+    maps_n, maps_4n = max(m for *_, m in out_n), max(m for *_, m in out_4n)
+    assert maps_4n < maps_n + 500  # not one more line per view (15,000 more)
+
+
+def test_overlapping_views_get_regions_of_their_own(small_pool):
+    """Sliding windows overlap: each must be as private as an unpickled copy,
+    so they need as many regions as windows overlap at the deepest point."""
+    a = np.arange(64 * 512, dtype=np.float64)
+    w, step = 4 * 512, 512  # 16 KiB windows, 4 KiB apart: 4 deep
+    windows = [a[i * step : i * step + w] for i in range(60)]
+    out = _chunk(small_pool, windows)
+    assert [v for v, _, _ in out] == [float(x[0]) for x in windows]
+    assert {r for _, r, _ in out} == {4}
+
+
+def test_views_in_one_task_stay_as_private_as_pickled_copies(small_pool):
+    a = np.arange(4096, dtype=np.float64)
+    # overlapping: a write through one view never shows through the other
+    got, regions = small_pool.apply(tf.write_then_read, (a[:2048], a[1024:3072], 1500, 1500 - 1024))
+    assert got == 1500.0 and regions == 2
+    # the same view twice is one object (pickle's memo), as with the stdlib
+    x = a[:2048]
+    assert small_pool.apply(tf.same_object, (x, x)) == (True, 1)
+    # disjoint: one region, and each still sees its own bytes
+    got, regions = small_pool.apply(tf.write_then_read, (a[:2048], a[2048:], 0, 0))
+    assert got == 2048.0 and regions == 1
+    assert a[1500] == 1500.0 and a[0] == 0.0  # the parent's array is untouched
+
+
+def test_lazy_overlap_sees_the_regions_of_the_fault_handler(small_pool):
+    a = np.arange(8192, dtype=np.float64)
+    views = [a[:1024], a[4096:5120], a[512:1536]]  # the first and last overlap
+    inside, fresh, regions = small_pool.apply(tf.overlap_probe, (views,))
+    assert inside == [True, True, True] and fresh is False and regions == 2
 
 
 def _ranges():
