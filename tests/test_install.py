@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import pytest
+from _libc import libc
 from _zmtp import RawPeer
 from _zmtp import frame as _zmtp_frame
 from conftest import DEADLINE, wait_for
@@ -42,17 +43,6 @@ SEG_OFF = 100  # not page-aligned in the owner: every install reads across owner
 PADDED = 6 * PAGE
 NPAGES = 16  # the consumer's registered region
 
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 SYS_userfaultfd = 323  # x86_64
 UFFD_USER_MODE_ONLY = 1
 UFFDIO_API = 0xC018AA3F

@@ -12,6 +12,7 @@ import mmap
 import _tables_funcs as tf
 import numpy as np
 import pytest
+from _libc import libc
 from conftest import DEADLINE
 
 from lazyshare import handler
@@ -108,17 +109,6 @@ def _ranges():
 
 def _holed() -> int:
     """Three anonymous pages whose middle one is unmapped again."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_long,
-    ]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     addr = libc.mmap(
         None, 3 * PAGE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0
     )
