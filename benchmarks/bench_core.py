@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 import lazyshare
-from lazyshare import handler
+from lazyshare import settings
 
 
 def _sequential(desc, block, rounds, q):
@@ -125,7 +125,7 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     a = np.random.default_rng(1).random(args.size_mib << 20 >> 3)
     desc = lazyshare.export(a)
-    block = handler._MAX_BLOCK
+    block = settings.read().max_block
 
     seq, ceil, ratios, p50, p99, s50, s99 = [], [], [], [], [], [], []
     for _ in range(args.runs):

@@ -19,7 +19,7 @@ ffibuilder.set_source(
     "lazyshare._native",
     '#include "internal.h"\n',
     sources=[
-        os.path.relpath(os.path.join(HERE, n), ROOT) for n in ("common.c", "zmtp.c", "server.c", "client.c")
+        os.path.relpath(os.path.join(HERE, n), ROOT) for n in sorted(os.listdir(HERE)) if n.endswith(".c")
     ],
     include_dirs=[os.path.relpath(HERE, ROOT)],
     extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-fvisibility=hidden"],

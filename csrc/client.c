@@ -188,8 +188,8 @@ static _Atomic uint64_t next_tag = 1; /* written by the handler only; read by ls
 static _Atomic uint64_t oldest_tag = 1; /* published: every request below it is answered */
 static uint64_t min_pages = 4, max_pages = 1024;
 static uint64_t fault_timeout_ns = 60ull * 1000000000ull;
-static uint64_t spin_ns = 50000; /* LAZYSHARE_SPIN_US; 0 disables */
-static int direct_wanted = 1;    /* LAZYSHARE_DATA_PATH: "install" (default) or "wire" */
+static uint64_t spin_ns; /* ls_client_config.spin_us; 0 disables */
+static int direct_wanted = 1;    /* !ls_client_config.wire */
 static uint64_t last_activity;
 /* For the watchdog: the handler's loop count and how many requests it has on
  * the wire, published each iteration. */
@@ -1316,8 +1316,10 @@ static void *watch_main(void *arg)
     return NULL;
 }
 
-int ls_client_start(int mode, uint32_t min_block, uint32_t max_block, uint32_t fault_timeout_ms)
+int ls_client_start(const struct ls_client_config *cfg)
 {
+    const int mode = cfg->mode;
+    const uint32_t min_block = cfg->min_block, max_block = cfg->max_block;
     if (client_running)
         return mode == client_mode ? 0 : -EALREADY;
     const uint64_t ps = ls_page_size();
@@ -1325,12 +1327,9 @@ int ls_client_start(int mode, uint32_t min_block, uint32_t max_block, uint32_t f
         return -EINVAL;
     min_pages = min_block / ps;
     max_pages = max_block / ps;
-    fault_timeout_ns = (uint64_t)fault_timeout_ms * 1000000ull;
-    const char *spin = getenv("LAZYSHARE_SPIN_US");
-    if (spin)
-        spin_ns = strtoull(spin, NULL, 10) * 1000ull;
-    const char *path = getenv("LAZYSHARE_DATA_PATH");
-    direct_wanted = !(path && !strcmp(path, "wire"));
+    fault_timeout_ns = (uint64_t)cfg->fault_timeout_ms * 1000000ull;
+    spin_ns = (uint64_t)cfg->spin_us * 1000ull;
+    direct_wanted = !cfg->wire;
     if (mode != LS_MODE_EAGER) {
         int fd = ls_uffd_open(mode);
         if (fd < 0)

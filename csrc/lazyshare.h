@@ -49,7 +49,13 @@ struct ls_stats {
 int ls_probe(struct ls_probe *out);
 
 /* ---- owner: the page server ---- */
-int ls_server_start(const char *endpoint);
+/* What the page server runs with (lazyshare/settings.py reads the
+ * environment; the native core never does). */
+struct ls_server_config {
+    uint32_t spin_us; /* poll this long after activity before sleeping; 0: sleep at once */
+    uint32_t threads; /* event loops; 0: one per CPU (at most 8) */
+};
+int ls_server_start(const char *endpoint, const struct ls_server_config *cfg);
 int ls_server_stop(void);
 /* Whether [addr, addr+len) of this process lies entirely in private
  * anonymous memory (the heap, a stack, anonymous mappings, named or not), so
@@ -73,8 +79,17 @@ int ls_server_freed_fd(void);
 int ls_server_holders(const uint8_t *id);
 
 /* ---- consumer: the fault handler ---- */
-/* Start the handler at the given rung (its userfaultfd is opened here). */
-int ls_client_start(int mode, uint32_t min_block, uint32_t max_block, uint32_t fault_timeout_ms);
+/* What the fault handler runs with. */
+struct ls_client_config {
+    int mode;                  /* LS_MODE_*: its userfaultfd is opened at this rung */
+    uint32_t min_block;        /* first fetch of a random fault, bytes (>= a page) */
+    uint32_t max_block;        /* largest read-ahead window, bytes */
+    uint32_t fault_timeout_ms; /* a fault unanswered this long is fatal (SIGBUS) */
+    uint32_t spin_us;          /* poll this long after activity before sleeping */
+    int wire;                  /* 1: pages as reply payload (READ), never INSTALL */
+};
+/* Start the handler thread "lazyshare-fault" (and its watchdog). */
+int ls_client_start(const struct ls_client_config *cfg);
 /* One region to attach: bytes [map_off, map_off+map_len) of a segment of
  * seglen bytes, widened to whole pages (read-ahead stays inside them). */
 struct ls_attach {

@@ -121,7 +121,7 @@ static const uint8_t zeros[4096];
 static int pagemap_fd = -1;
 static pthread_mutex_t conns_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct conn *conns; /* every connection (a forked child closes them) */
-static uint64_t spin_ns = 50000; /* LAZYSHARE_SPIN_US; 0 disables */
+static uint64_t spin_ns; /* ls_server_config.spin_us; 0 disables */
 
 static uint64_t seg_key(const uint8_t *id)
 {
@@ -1103,15 +1103,13 @@ static void *server_main(void *arg)
     return NULL;
 }
 
-int ls_server_start(const char *endpoint)
+int ls_server_start(const char *endpoint, const struct ls_server_config *cfg)
 {
     if (server_running)
         return -EALREADY;
     if (strncmp(endpoint, "ipc://", 6))
         return -EINVAL;
-    const char *spin = getenv("LAZYSHARE_SPIN_US");
-    if (spin)
-        spin_ns = strtoull(spin, NULL, 10) * 1000ull;
+    spin_ns = (uint64_t)cfg->spin_us * 1000ull;
     const char *path = endpoint + 6;
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     if (strlen(path) >= sizeof sa.sun_path)
@@ -1129,10 +1127,9 @@ int ls_server_start(const char *endpoint)
         freed_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (pagemap_fd < 0)
         pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC); /* -1: no zero replies */
-    /* One loop per CPU, at most MAX_LOOPS (LAZYSHARE_SERVER_THREADS). */
+    /* One loop per CPU unless configured, at most MAX_LOOPS. */
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    const char *nt = getenv("LAZYSHARE_SERVER_THREADS");
-    int want = nt ? atoi(nt) : (int)(ncpu > 0 ? ncpu : 1);
+    int want = cfg->threads ? (int)(cfg->threads > MAX_LOOPS ? MAX_LOOPS : cfg->threads) : (int)(ncpu > 0 ? ncpu : 1);
     nloops = want < 1 ? 1 : want > MAX_LOOPS ? MAX_LOOPS : want;
     stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     listen_fd = fd;

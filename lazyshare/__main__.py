@@ -8,6 +8,8 @@ import platform
 import stat
 import sys
 
+from lazyshare import settings
+
 
 def _user(uid: int) -> str:
     try:
@@ -34,7 +36,7 @@ def _my_groups() -> set[int]:
 def _data_path(mode: str) -> str:
     if mode == "eager":
         return "wire (pages sent in the reply: no userfaultfd to hand to the owner)"
-    if os.environ.get("LAZYSHARE_DATA_PATH") == "wire":
+    if settings.read().data_path == "wire":
         return "wire (pages sent in the reply, as LAZYSHARE_DATA_PATH=wire asks)"
     return "install (the owner copies pages in through this process's userfaultfd)"
 

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from . import transport
+from . import settings, transport
 from ._native import ffi, lib
 from .errors import CapabilityError, LazyshareError, OwnerGoneError, ProtocolError, SegmentError
 
@@ -64,14 +64,11 @@ __all__ = [
 MODES = {"uffd": lib.LS_MODE_UFFD, "uffd-user-mode-only": lib.LS_MODE_UFFD_USER, "eager": lib.LS_MODE_EAGER}
 _MODE_NAMES = {v: k for k, v in MODES.items()}
 
-# 16 KiB first fetch: a random 4 KiB fault costs a zmq round trip (~40 us) plus
-# UFFDIO_COPY (~24 us per 4 KiB here); 16 KiB adds little to either. Sequential
-# faults grow the window to 4 MiB, inside UFFDIO_COPY's best range on this kernel
-# (256 KiB-2 MiB per call measured fastest, 4 MiB within 5% of it).
-_MIN_BLOCK = int(os.environ.get("LAZYSHARE_MIN_BLOCK", 4 << 10))
-_MAX_BLOCK = int(os.environ.get("LAZYSHARE_MAX_BLOCK", 4 << 20))
-_FAULT_TIMEOUT = float(os.environ.get("LAZYSHARE_FAULT_TIMEOUT", 60))
-_ATTACH_TIMEOUT = float(os.environ.get("LAZYSHARE_ATTACH_TIMEOUT", 30))
+# Block sizes (lazyshare/settings.py): a random fault fetches one 4 KiB page (a
+# round trip costs more than the copy; bigger first fetches cost scattered
+# readers); sequential faults double the window up to 4 MiB, inside
+# UFFDIO_COPY's best range on this kernel (256 KiB-2 MiB per call measured
+# fastest, 4 MiB within 5% of it).
 
 
 class LazyshareWarning(RuntimeWarning):
@@ -142,7 +139,7 @@ def _probe() -> Capabilities:
             f"{os.strerror(p.err_usermode)}): whole arrays are copied on attach"
         ),
     }[best]
-    forced = os.environ.get("LAZYSHARE_MODE")
+    forced = settings.read().mode
     if forced:
         if forced not in MODES:
             raise CapabilityError(f"LAZYSHARE_MODE={forced!r}: expected one of {sorted(MODES)}")
@@ -217,7 +214,11 @@ def _ensure_server() -> str:
     with _lock:
         if _server_endpoint is None or _server_pid != os.getpid():
             ep = transport.new_endpoint("pages")
-            _check(lib.ls_server_start(ep.encode()), f"starting the page server on {ep}")
+            cfg = settings.read()
+            conf = ffi.new(
+                "struct ls_server_config *", {"spin_us": cfg.spin_us, "threads": cfg.server_threads}
+            )
+            _check(lib.ls_server_start(ep.encode(), conf), f"starting the page server on {ep}")
             _server_endpoint, _server_pid = ep, os.getpid()
             _reaper = threading.Thread(target=_reap_loop, name="lazyshare-reaper", daemon=True)
             _reaper.start()
@@ -407,7 +408,19 @@ def _ensure_client() -> Capabilities:
     caps = capabilities()
     with _lock:
         if _client_pid != os.getpid():
-            rc = lib.ls_client_start(MODES[caps.mode], _MIN_BLOCK, _MAX_BLOCK, int(_FAULT_TIMEOUT * 1000))
+            cfg = settings.read()
+            conf = ffi.new(
+                "struct ls_client_config *",
+                {
+                    "mode": MODES[caps.mode],
+                    "min_block": cfg.min_block,
+                    "max_block": cfg.max_block,
+                    "fault_timeout_ms": int(cfg.fault_timeout * 1000),
+                    "spin_us": cfg.spin_us,
+                    "wire": cfg.data_path == "wire",
+                },
+            )
+            rc = lib.ls_client_start(conf)
             _check(rc, f"starting the fault handler ({caps.mode})")
             _client_pid = os.getpid()
             if caps.mode == "eager" and not _warned_eager:
@@ -544,7 +557,7 @@ def attach_all(descs: list) -> list[np.ndarray]:
             spec.map_off = min(extents[i][0] for i in members)
             spec.map_len = max(extents[i][1] for i in members) - spec.map_off
         rc = lib.ls_client_attach(
-            endpoint.encode(), owner_pid, specs, len(regions), int(_ATTACH_TIMEOUT * 1000)
+            endpoint.encode(), owner_pid, specs, len(regions), int(settings.read().attach_timeout * 1000)
         )
         what = regions[0][0].id.hex()[:8] + (f" and {len(regions) - 1} more" if len(regions) > 1 else "")
         _check(rc, f"attaching segment {what} of pid {owner_pid}")

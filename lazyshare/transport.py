@@ -58,6 +58,8 @@ import threading
 
 import zmq
 
+from . import settings
+
 __all__ = [
     "runtime_dir",
     "new_endpoint",
@@ -115,7 +117,7 @@ _dir_pid: int | None = None
 
 
 def _base_dir() -> str:
-    base = os.environ.get("LAZYSHARE_RUNTIME_DIR")
+    base = settings.read().runtime_dir
     if not base:
         xdg = os.environ.get("XDG_RUNTIME_DIR")
         base = (

@@ -23,7 +23,7 @@ import zmq
 from conftest import DEADLINE, wait_for
 
 import lazyshare
-from lazyshare import handler, transport
+from lazyshare import handler, settings, transport
 
 CTX = mp.get_context("spawn")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -118,7 +118,7 @@ def test_only_touched_pages_move(big):
     vals, fetched, requests = run(child.scattered, desc, [int(p) for p in pages])
     assert vals == [float(a[p * 512]) for p in pages]
     assert requests <= k
-    assert fetched <= k * handler._MIN_BLOCK
+    assert fetched <= k * settings.read().min_block
     assert fetched < a.nbytes / 1000
 
 
