@@ -13,22 +13,8 @@
 
 #include "lazyshare.h"
 
-/* ---- the page protocol (mirrored by lazyshare/transport.py) ---- */
-#define LS_MAGIC 0x31535A4Cu /* "LZS1" */
-#define LS_VERSION 1
-#define LS_OP_READ 1
-#define LS_OP_HOLD 2
-#define LS_OP_RELEASE 3
-#define LS_OP_PING 4
-#define LS_OP_INSTALL 5 /* READ, but the owner installs the pages itself (see below) */
-#define LS_OP_UFFD 6    /* carries the consumer's userfaultfd (SCM_RIGHTS) */
-#define LS_REP_ZERO 1u
-/* INSTALL request flags */
-#define LS_INSTALL_WP 1u       /* UFFDIO_COPY_MODE_WP: the consumer tracks writes */
-#define LS_INSTALL_DONTWAKE 2u /* nobody waits yet (read-ahead): skip the wake-up */
-/* Largest READ the server answers: bounds what one request can make it copy. */
-#define LS_MAX_READ (8u << 20)
-
+/* ---- the page protocol: its constants are in lazyshare.h (read by
+ * lazyshare/transport.py from the compiled module); the layouts here ---- */
 /*
  * Two data paths. READ: the payload follows the reply as a second frame and
  * the consumer's handler installs it (socket buffer -> staging -> page: three
@@ -69,9 +55,10 @@ struct ls_req_install {
     uint64_t dst; /* page-aligned address in the consumer */
 } __attribute__((packed));
 
-_Static_assert(sizeof(struct ls_req) == 56, "request layout");
-_Static_assert(sizeof(struct ls_req_install) == 64, "install request layout");
-_Static_assert(sizeof(struct ls_rep) == 48, "reply layout");
+_Static_assert(sizeof(struct ls_req) == LS_REQ_BYTES, "request layout");
+_Static_assert(sizeof(struct ls_req_install) == LS_REQ_INSTALL_BYTES, "install request layout");
+_Static_assert(sizeof(struct ls_rep) == LS_REP_BYTES, "reply layout");
+_Static_assert(LS_MAX_READ == (8u << 20), "LS_MAX_READ");
 
 /* ---- counters (relaxed atomics: read by ls_get_stats from any thread) ---- */
 struct ls_counters {

@@ -18,6 +18,24 @@
 #define LS_MODE_EAGER 2     /* no userfaultfd: whole segments pulled on attach */
 
 #define LS_ID_BYTES 16
+
+/* The page protocol (layouts in internal.h, described in lazyshare/transport.py,
+ * which reads these values from the compiled module instead of copying them). */
+#define LS_MAGIC 0x31535A4Cu /* "LZS1" little-endian */
+#define LS_VERSION 1
+#define LS_OP_READ 1
+#define LS_OP_HOLD 2
+#define LS_OP_RELEASE 3
+#define LS_OP_PING 4
+#define LS_OP_INSTALL 5 /* READ, but the owner installs the pages itself */
+#define LS_OP_UFFD 6    /* carries the consumer's userfaultfd (SCM_RIGHTS) */
+#define LS_REP_ZERO 1   /* reply flag: the range reads as zeros, no payload */
+#define LS_INSTALL_WP 1       /* INSTALL flag: UFFDIO_COPY_MODE_WP, the consumer tracks writes */
+#define LS_INSTALL_DONTWAKE 2 /* INSTALL flag: nobody waits yet (read-ahead), skip the wake-up */
+#define LS_MAX_READ 8388608   /* largest READ answered (8 MiB): bounds one request's copy */
+#define LS_REQ_BYTES 56
+#define LS_REQ_INSTALL_BYTES 64
+#define LS_REP_BYTES 48
 #define LS_HIST_BUCKETS 32
 
 struct ls_probe {
