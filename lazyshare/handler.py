@@ -17,9 +17,16 @@ Consumer side::
 
 Threads (all named, so ``top -H`` and py-spy are readable)::
 
-    lazyshare-pages   native  page server: answers READ/HOLD/RELEASE (csrc/server.c)
-    lazyshare-fault   native  fault handler: userfaultfd -> requests -> UFFDIO_COPY (csrc/client.c)
+    lazyshare-pages   native  page server loops (one per CPU): answer READ, HOLD,
+                              RELEASE, PING; take a consumer's userfaultfd (UFFD)
+                              and INSTALL pages through it (csrc/server.c)
+    lazyshare-fault   native  fault handler: userfaultfd -> page requests; installs
+                              READ payloads itself (csrc/client.c)
+    lazyshare-watch   native  watchdog of the fault handler: a fault unanswered past
+                              LAZYSHARE_FAULT_TIMEOUT ends the process with a message
     lazyshare-reaper  Python  drops the pins of segments whose last holder is gone
+
+Settings come from :mod:`lazyshare.settings`, read when each part starts.
 
 ``_pins`` (segment id -> pinned object) is guarded by ``_lock``; the native
 tables are guarded inside C. C returns 0 or -errno; :func:`_check` alone turns
@@ -58,6 +65,7 @@ __all__ = [
     "materialize",
     "capabilities",
     "stats",
+    "counters",
     "lazy_overlap",
 ]
 
@@ -311,7 +319,9 @@ def export_memory(pin: Any, address: int, nbytes: int) -> SegmentDescriptor:
         # Re-exporting a lazy mapping: the page server's kernel-mode reads of
         # pages not fetched yet would fail with EFAULT on this rung.
         if lazy_overlap(address, nbytes):
-            lib.ls_client_materialize(address, nbytes)
+            _check(
+                lib.ls_client_materialize(address, nbytes), "fetching a lazy mapping before re-exporting it"
+            )
     seg_id = secrets.token_bytes(16)
     with _lock:
         _pins[seg_id] = pin
@@ -450,9 +460,17 @@ class _Mapping:
             "version": 3,
         }
 
-    def __del__(self):
-        if self.pid == os.getpid():  # a forked child has no such region
-            lib.ls_client_detach(self.region)
+    def __del__(self, _warn=warnings.warn):
+        if self.pid != os.getpid():  # a forked child has no such region
+            return
+        rc = lib.ls_client_detach(self.region)
+        if rc < 0:  # no memory for the command: the region stays mapped until exit
+            _warn(
+                f"could not detach a lazy region of {self.nbytes} bytes ({os.strerror(-rc)}); "
+                "it stays mapped until the process exits",
+                LazyshareWarning,
+                stacklevel=2,
+            )
 
 
 def _view_extent(desc: ArrayDescriptor) -> tuple[int, int]:
@@ -582,7 +600,7 @@ def set_memory_budget(nbytes: int | None) -> None:
     write-protected so that writes are known)."""
     if nbytes is not None and nbytes < 0:
         raise ValueError("memory budget must be None or a non-negative number of bytes")
-    lib.ls_client_set_budget(nbytes or 0)
+    _check(lib.ls_client_set_budget(nbytes or 0), "setting the memory budget")
 
 
 def materialize(arr: np.ndarray) -> np.ndarray:
@@ -594,14 +612,23 @@ def materialize(arr: np.ndarray) -> np.ndarray:
     """
     if arr.size:
         low, high = getattr(np.lib, "array_utils", np).byte_bounds(arr)
-        lib.ls_client_materialize(low, high - low)
+        _check(lib.ls_client_materialize(low, high - low), "materializing an array")
     return arr
 
 
 # ---------------------------------------------------------------- stats
 
 
-def stats() -> dict:
+def counters() -> tuple[int, int]:
+    """``(bytes_fetched, faults)`` of this process as they are now, without
+    waiting for requests still on the wire (read-ahead may add to them later).
+    Cheap: what a worker reports with every result."""
+    s = ffi.new("struct ls_stats *")
+    lib.ls_get_stats(s)
+    return int(s.bytes_fetched), int(s.faults)
+
+
+def stats(timeout: float = 1.0) -> dict:
     """This process's counters, as consumer and as owner.
 
     ``fault_latency_us`` is a histogram ``{upper bound in us: count}`` of the time
@@ -609,10 +636,16 @@ def stats() -> dict:
     counts the requests the owner answered by installing the pages itself (see
     "How it works" in the README); the others came as payload.
 
-    Waits (at most a second) for page requests still being answered, so that a
-    thread sees the bytes of the faults it just took.
+    Waits (at most ``timeout`` seconds) for page requests still being answered,
+    so that a thread sees the bytes of the faults it just took; ``settled`` is
+    False if some were still on the wire when the wait ended (the byte counts
+    may then grow). Never call it on a path that must not wait: use
+    :func:`counters`.
     """
-    lib.ls_client_sync(1000)
+    rc = lib.ls_client_sync(max(0, int(timeout * 1000)))
+    settled = rc != -errno.ETIMEDOUT
+    if settled:
+        _check(rc, "waiting for page requests in flight")
     s = ffi.new("struct ls_stats *")
     lib.ls_get_stats(s)
     hist = {2 ** (i + 1): s.hist[i] for i in range(lib.LS_HIST_BUCKETS) if s.hist[i]}
@@ -631,6 +664,7 @@ def stats() -> dict:
         "errors_served": s.errors_served,
         "segments_exported": s.segments_exported,
         "mode": capabilities().mode,
+        "settled": settled,
     }
 
 
