@@ -1103,76 +1103,107 @@ static void *server_main(void *arg)
     return NULL;
 }
 
+/* Undo a start that failed part-way: stop and join the loops already running,
+ * then close only what this start opened (a loop never reached has ep -1). */
+static void start_undo(int started)
+{
+    if (started)
+        ls_eventfd_signal(stop_fd);
+    for (int i = 0; i < started; i++)
+        pthread_join(loops[i].thread, NULL);
+    for (int i = 0; i < nloops; i++) {
+        if (loops[i].ep >= 0)
+            close(loops[i].ep);
+        free(loops[i].bounce);
+        loops[i] = (struct loop){.ep = -1};
+    }
+    nloops = 0;
+    if (stop_fd >= 0)
+        close(stop_fd);
+    stop_fd = -1;
+}
+
 int ls_server_start(const char *endpoint, const struct ls_server_config *cfg)
 {
     if (server_running)
         return -EALREADY;
     if (strncmp(endpoint, "ipc://", 6))
         return -EINVAL;
-    spin_ns = (uint64_t)cfg->spin_us * 1000ull;
     const char *path = endpoint + 6;
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     if (strlen(path) >= sizeof sa.sun_path)
         return -ENAMETOOLONG;
     strcpy(sa.sun_path, path);
+    spin_ns = (uint64_t)cfg->spin_us * 1000ull;
+    /* One loop per CPU unless configured, at most MAX_LOOPS. */
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    uint32_t want = cfg->threads ? cfg->threads : (uint32_t)(ncpu > 0 ? ncpu : 1);
+    int n = want > MAX_LOOPS ? MAX_LOOPS : (int)want;
+
+    int rc = 0, bound = 0, started = 0, opened_freed = 0, opened_pagemap = 0;
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -errno;
-    if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 || chmod(path, 0600) < 0 || listen(fd, 128) < 0) {
-        int e = errno;
-        close(fd);
-        return -e;
+    if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0)
+        goto fail;
+    bound = 1;
+    if (chmod(path, 0600) < 0 || listen(fd, 128) < 0)
+        goto fail;
+    /* freed_fd and pagemap_fd outlive a stop (the reaper keeps the one, exports
+     * read the other): opened once, by the first start that succeeds. */
+    if (freed_fd < 0) {
+        if ((freed_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0)
+            goto fail;
+        opened_freed = 1;
     }
-    if (freed_fd < 0)
-        freed_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (pagemap_fd < 0)
+    if (pagemap_fd < 0) {
         pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC); /* -1: no zero replies */
-    /* One loop per CPU unless configured, at most MAX_LOOPS. */
-    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    int want = cfg->threads ? (int)(cfg->threads > MAX_LOOPS ? MAX_LOOPS : cfg->threads) : (int)(ncpu > 0 ? ncpu : 1);
-    nloops = want < 1 ? 1 : want > MAX_LOOPS ? MAX_LOOPS : want;
-    stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    listen_fd = fd;
-    int rc = freed_fd < 0 || stop_fd < 0 ? -errno : 0;
-    int started = 0;
-    for (int i = 0; i < nloops && !rc; i++) {
+        opened_pagemap = pagemap_fd >= 0;
+    }
+    if ((stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0)
+        goto fail;
+    for (int i = 0; i < MAX_LOOPS; i++)
+        loops[i] = (struct loop){.ep = -1};
+    nloops = n;
+    for (int i = 0; i < n; i++) {
         struct loop *L = &loops[i];
         void *b = NULL;
-        L->ep = epoll_create1(EPOLL_CLOEXEC);
-        struct epoll_event ev1 = {.events = EPOLLIN, .data.ptr = &listen_fd};
-        struct epoll_event ev2 = {.events = EPOLLIN, .data.ptr = &stop_fd};
-        if (L->ep < 0 || epoll_ctl(L->ep, EPOLL_CTL_ADD, stop_fd, &ev2) < 0 ||
-            (i == 0 && epoll_ctl(L->ep, EPOLL_CTL_ADD, fd, &ev1) < 0))
-            rc = -errno;
-        else if (posix_memalign(&b, ls_page_size(), ls_page_size()))
-            rc = -ENOMEM;
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &stop_fd};
+        if ((L->ep = epoll_create1(EPOLL_CLOEXEC)) < 0 || epoll_ctl(L->ep, EPOLL_CTL_ADD, stop_fd, &ev) < 0)
+            goto fail;
+        if ((rc = -posix_memalign(&b, ls_page_size(), ls_page_size())))
+            goto fail_rc;
         L->bounce = b;
-        if (!rc) {
-            rc = -pthread_create(&L->thread, NULL, server_main, L);
-            started += !rc;
-        }
     }
-    if (rc) {
-        if (stop_fd >= 0)
-            ls_eventfd_signal(stop_fd);
-        for (int i = 0; i < started; i++)
-            pthread_join(loops[i].thread, NULL);
-        for (int i = 0; i < nloops; i++) {
-            if (loops[i].ep >= 0)
-                close(loops[i].ep);
-            free(loops[i].bounce);
-            loops[i] = (struct loop){.ep = -1};
-        }
-        if (stop_fd >= 0)
-            close(stop_fd);
-        close(fd);
-        unlink(path);
-        listen_fd = stop_fd = -1;
-        return rc;
-    }
+    listen_fd = fd;
+    for (int i = 0; i < n; i++, started++)
+        if ((rc = -pthread_create(&loops[i].thread, NULL, server_main, &loops[i])))
+            goto fail_rc;
+    /* Connections only once every loop runs: a failed start accepted none. */
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &listen_fd};
+    if (epoll_ctl(loops[0].ep, EPOLL_CTL_ADD, fd, &ev) < 0)
+        goto fail;
     snprintf(listen_path, sizeof listen_path, "%s", path);
     server_running = 1;
     return 0;
+
+fail:
+    rc = -errno;
+fail_rc:
+    start_undo(started);
+    if (opened_pagemap) {
+        close(pagemap_fd);
+        pagemap_fd = -1;
+    }
+    if (opened_freed) {
+        close(freed_fd);
+        freed_fd = -1;
+    }
+    close(fd);
+    if (bound)
+        unlink(path);
+    listen_fd = -1;
+    return rc;
 }
 
 int ls_server_stop(void)
