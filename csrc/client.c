@@ -14,6 +14,13 @@
  *                                               fd, LAZYSHARE_DATA_PATH=wire): the payload
  *                                               comes in the reply -> UFFDIO_COPY here.
  *
+ * Connecting to an owner never blocks this thread: connect, the ZMTP greeting
+ * and READY and the userfaultfd offer are steps of a per-peer state machine
+ * that this loop drives (P_CONNECTING -> P_GREETING -> P_OFFER -> P_READY, see
+ * struct peer). An attach whose owner is not ready yet waits on that peer
+ * until it is (then its HOLDs go out) or its deadline passes; faults on other
+ * owners' regions are served meanwhile.
+ *
  * Only this thread touches the regions, the in-flight table and the sockets;
  * Python threads reach it through the command queue (cmd_lock). A region is
  * unmapped by this thread only, after it is removed from the tables, so a late
@@ -67,11 +74,33 @@
 #define MAX_PEERS 64
 #define EAGER_INFLIGHT 8 /* eager requests on the wire per region */
 
+/*
+ * A connection is set up without ever blocking the handler thread, as a state
+ * machine the poll loop drives:
+ *   P_CONNECTING  non-blocking connect in progress (POLLOUT), or retried each
+ *                 iteration while the owner's listen backlog is full (EAGAIN)
+ *   P_GREETING    our greeting and READY sent (from tx); reading the owner's
+ *   P_OFFER       our userfaultfd offered (OP_UFFD); reading the answer
+ *   P_READY       requests flow; attaches queued on the peer send their HOLDs
+ * An attach that finds its peer not ready waits on it (its regions are indexed
+ * and counted, their HOLDs not sent); the peer's deadline is the latest of its
+ * waiting attaches'. A set-up that fails or runs out of time fails those
+ * attaches (-ESRCH: nobody listens; -ETIMEDOUT: accepted but never answered;
+ * -EPROTO ...) and leaves the slot P_FAILED (never reused) until the last of
+ * them lets go of it.
+ */
+enum { P_FREE, P_CONNECTING, P_GREETING, P_OFFER, P_READY, P_FAILED };
+
 struct peer {
     char endpoint[256];
     int pid;
-    int fd;              /* -1: slot free */
+    int state;           /* P_*; P_FREE: slot free */
+    int fd;              /* -1 when P_FREE or P_FAILED */
     int refs;            /* regions and in-flight requests using it */
+    uint64_t deadline;   /* set-up deadline, ns (not P_READY) */
+    int connect_again;   /* P_CONNECTING: connect() said EAGAIN, try again */
+    int greeted;         /* P_GREETING: the owner's greeting was read */
+    int offer_sent;      /* P_OFFER: the OP_UFFD request left (else waiting for room) */
     uint64_t last_check; /* last liveness check of pid, ns */
     /* requests not yet written (the socket was full) */
     uint8_t *tx;
@@ -117,6 +146,7 @@ struct region {
     struct peer *peer;
     uint8_t *requested; /* bitmap, one bit per page */
     int state;
+    int hold_sent;         /* its HOLD left (its peer was ready); else queued on the peer */
     struct waiter *waiter; /* attach in progress */
     int *status_out;       /* while attaching: where the caller reads its outcome */
     uint64_t deadline;     /* attach deadline, ns */
@@ -319,195 +349,108 @@ static void dying_remove(struct region *r)
 
 static void peer_close(struct peer *p)
 {
-    close(p->fd);
+    if (p->fd >= 0)
+        close(p->fd);
     p->fd = -1;
     free(p->tx);
     free(p->stage);
     p->tx = p->stage = NULL;
+    p->txlen = p->txcap = p->rxlen = 0;
+    p->state = P_FREE;
 }
 
-/* Write exactly n bytes to a blocking-mode socket during the handshake. */
-static int write_all(int fd, const uint8_t *b, size_t n)
+/* Append n bytes to the peer's send buffer: 0 or -ENOMEM. */
+static int tx_append(struct peer *p, const uint8_t *b, size_t n)
 {
-    while (n) {
-        ssize_t w = write(fd, b, n);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return -errno;
-        b += w;
-        n -= (size_t)w;
+    if (p->txlen + n > p->txcap) {
+        size_t cap = p->txcap ? p->txcap : 4096;
+        while (cap < p->txlen + n)
+            cap *= 2;
+        uint8_t *nb = realloc(p->tx, cap);
+        if (!nb)
+            return -ENOMEM;
+        p->tx = nb;
+        p->txcap = cap;
     }
+    memcpy(p->tx + p->txlen, b, n);
+    p->txlen += n;
     return 0;
 }
 
-/* During the handshake (blocking, bounded by SO_RCVTIMEO): append what
- * arrives to rx. 0, or -errno. */
-static int read_more(struct peer *p)
+static int peer_addr(const struct peer *p, struct sockaddr_un *sa)
 {
-    if (p->rxlen == sizeof p->rx)
-        return -EPROTO; /* nothing the handshake expects is that long */
-    for (;;) {
-        ssize_t r = read(p->fd, p->rx + p->rxlen, sizeof p->rx - p->rxlen);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return errno == EAGAIN ? -ETIMEDOUT : -errno;
-        if (r == 0)
-            return -ECONNRESET;
-        p->rxlen += (size_t)r;
-        return 0;
-    }
+    *sa = (struct sockaddr_un){.sun_family = AF_UNIX};
+    if (strncmp(p->endpoint, "ipc://", 6) || strlen(p->endpoint + 6) >= sizeof sa->sun_path)
+        return -EINVAL;
+    strcpy(sa->sun_path, p->endpoint + 6);
+    return 0;
 }
 
-/* During the handshake: the next complete frame, taken out of rx. A command
- * is skipped unless want_command; a message is copied to out. */
-static int read_frame_sync(struct peer *p, int want_command, uint8_t *out, size_t cap, size_t *outlen)
+/* An owner that is not there: no socket file, or nobody listening on it. */
+static int connect_errno(int e)
 {
-    for (;;) {
-        uint8_t flags;
-        uint64_t len;
-        size_t h = zmtp_parse_header(p->rx, p->rxlen, &flags, &len);
-        if (h && len > ZMTP_MAX_SMALL)
-            return -EPROTO;
-        if (h && p->rxlen >= h + len) {
-            int command = (flags & ZMTP_COMMAND) != 0;
-            if (!command && (want_command || len > cap || (flags & ZMTP_MORE)))
-                return -EPROTO;
-            if (!command) {
-                memcpy(out, p->rx + h, len);
-                *outlen = len;
-            }
-            memmove(p->rx, p->rx + h + len, p->rxlen - h - len);
-            p->rxlen -= h + len;
-            if (command == want_command)
-                return 0;
-            continue;
-        }
-        int rc = read_more(p);
-        if (rc < 0)
-            return rc;
-    }
+    return e == ENOENT || e == ECONNREFUSED ? -ESRCH : -e;
 }
 
-/* Read the server's greeting and READY command. */
-static int read_handshake(struct peer *p)
-{
-    while (p->rxlen < ZMTP_GREETING) {
-        int rc = read_more(p);
-        if (rc < 0)
-            return rc;
-    }
-    if (zmtp_check_greeting(p->rx) < 0)
-        return -EPROTO;
-    memmove(p->rx, p->rx + ZMTP_GREETING, p->rxlen - ZMTP_GREETING);
-    p->rxlen -= ZMTP_GREETING;
-    return read_frame_sync(p, 1, NULL, 0, NULL);
-}
+static int peer_flush(struct peer *p);
 
-/*
- * Hand our userfaultfd to the owner (OP_UFFD, the fd as SCM_RIGHTS): it then
- * installs pages into our mappings itself, one copy per byte. Any refusal
- * (an owner without the INSTALL path, a filter on fd passing) leaves the peer
- * on the READ path; only a broken connection is an error.
- */
-static int offer_uffd(struct peer *p)
+/* One non-blocking connect attempt: connected (-> P_GREETING), in progress
+ * (POLLOUT tells), the listener's backlog full (EAGAIN on a Unix socket:
+ * tried again on the next loop iteration), or -errno. */
+static int peer_try_connect(struct peer *p)
 {
-    struct ls_req rq = {.magic = LS_MAGIC, .version = LS_VERSION, .op = LS_OP_UFFD, .pid = (uint32_t)getpid()};
-    uint8_t msg[9 + sizeof rq];
-    size_t n = zmtp_frame_header(msg, 0, sizeof rq);
-    memcpy(msg + n, &rq, sizeof rq);
-    n += sizeof rq;
-    union {
-        struct cmsghdr h;
-        char buf[CMSG_SPACE(sizeof(int))];
-    } ctl;
-    memset(&ctl, 0, sizeof ctl);
-    struct iovec iov = {msg, n};
-    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = &ctl, .msg_controllen = sizeof ctl};
-    struct cmsghdr *h = CMSG_FIRSTHDR(&m);
-    h->cmsg_level = SOL_SOCKET;
-    h->cmsg_type = SCM_RIGHTS;
-    h->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(h), &uffd, sizeof uffd);
-    ssize_t w;
-    do
-        w = sendmsg(p->fd, &m, MSG_NOSIGNAL);
-    while (w < 0 && errno == EINTR);
-    if (w < 0)
-        return -errno;
-    if ((size_t)w < n) { /* the rest of the frame, without the fd */
-        int rc = write_all(p->fd, msg + w, n - (size_t)w);
-        if (rc < 0)
-            return rc;
-    }
-    struct ls_rep rep;
-    size_t len = 0;
-    int rc = read_frame_sync(p, 0, (uint8_t *)&rep, sizeof rep, &len);
+    struct sockaddr_un sa;
+    int rc = peer_addr(p, &sa);
     if (rc < 0)
         return rc;
-    if (len != sizeof rep || rep.magic != LS_MAGIC || rep.op != LS_OP_UFFD)
-        return -EPROTO;
-    p->direct = rep.status == 0;
+    p->connect_again = 0;
+    if (connect(p->fd, (struct sockaddr *)&sa, sizeof sa) == 0) {
+        p->state = P_GREETING;
+        return peer_flush(p); /* our greeting: the owner answers with its own */
+    }
+    if (errno == EAGAIN)
+        p->connect_again = 1;
+    else if (errno != EINPROGRESS && errno != EINTR) /* EINTR: it goes on asynchronously */
+        return connect_errno(errno);
     return 0;
 }
 
-/* Whether the owner runs as our uid: only such an owner is handed our
- * userfaultfd (it could ptrace us anyway); any other gets READ requests. */
-static int peer_is_us(int fd)
+/* Open the socket and start connecting; our greeting and READY wait in tx. */
+static int peer_open(struct peer *p)
 {
-    struct ucred cred;
-    socklen_t len = sizeof cred;
-    return getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 && cred.uid == getuid();
-}
-
-static int peer_connect(struct peer *p)
-{
-    struct sockaddr_un sa = {.sun_family = AF_UNIX};
-    if (strncmp(p->endpoint, "ipc://", 6) || strlen(p->endpoint + 6) >= sizeof sa.sun_path)
-        return -EINVAL;
-    strcpy(sa.sun_path, p->endpoint + 6);
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un sa;
+    int rc = peer_addr(p, &sa);
+    if (rc < 0)
+        return rc;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0)
         return -errno;
     p->fd = fd;
-    struct timeval tv = {.tv_sec = 5};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0)
-        return errno == ENOENT || errno == ECONNREFUSED ? -ESRCH : -errno;
+    p->state = P_CONNECTING;
     uint8_t hello[ZMTP_GREETING + 64];
     zmtp_greeting(hello, 0);
     size_t n = ZMTP_GREETING + zmtp_ready(hello + ZMTP_GREETING, 64, "DEALER");
-    int rc = write_all(fd, hello, n);
-    if (!rc)
-        rc = read_handshake(p);
-    if (!rc && uffd >= 0 && direct_wanted && peer_is_us(fd))
-        rc = offer_uffd(p);
-    if (rc < 0)
-        return rc;
-    if (fcntl(fd, F_SETFL, O_NONBLOCK) < 0)
-        return -errno;
-    if (p->direct)
-        return 0; /* the owner installs: no payload ever arrives, no staging buffer */
-    void *stage;
-    if (posix_memalign(&stage, ls_page_size(), LS_MAX_READ))
-        return -ENOMEM;
-    p->stage = stage;
-    return 0;
+    rc = tx_append(p, hello, n);
+    return rc < 0 ? rc : peer_try_connect(p);
 }
 
-/* The connection to an owner, opened (and handshaken) on first use. */
-static int peer_get(const char *endpoint, int pid, struct peer **out)
+/* The connection to an owner: an open one (ready or still being set up), or
+ * a new one started without blocking; the handshake goes on in the loop
+ * (peer_advance), and attaches wait on the peer until it is ready or its
+ * deadline (the latest of theirs) passes. */
+static int peer_get(const char *endpoint, int pid, uint64_t deadline, struct peer **out)
 {
     struct peer *free_slot = NULL;
     for (int i = 0; i < MAX_PEERS; i++) {
-        if (peers[i].fd >= 0 && !strcmp(peers[i].endpoint, endpoint)) {
-            *out = &peers[i];
+        struct peer *p = &peers[i];
+        if (p->state != P_FREE && p->state != P_FAILED && !strcmp(p->endpoint, endpoint)) {
+            if (p->state != P_READY && deadline > p->deadline)
+                p->deadline = deadline;
+            *out = p;
             return 0;
         }
-        if (peers[i].fd < 0 && !free_slot)
-            free_slot = &peers[i];
+        if (p->state == P_FREE && !free_slot)
+            free_slot = p;
     }
     if (!free_slot)
         return -EMFILE;
@@ -515,10 +458,10 @@ static int peer_get(const char *endpoint, int pid, struct peer **out)
     free_slot->fd = -1;
     snprintf(free_slot->endpoint, sizeof free_slot->endpoint, "%s", endpoint);
     free_slot->pid = pid;
-    int rc = peer_connect(free_slot);
+    free_slot->deadline = deadline;
+    int rc = peer_open(free_slot);
     if (rc < 0) {
-        if (free_slot->fd >= 0)
-            peer_close(free_slot);
+        peer_close(free_slot);
         return rc;
     }
     *out = free_slot;
@@ -568,6 +511,8 @@ static int send_req(struct peer *p, uint16_t op, const uint8_t *seg, uint64_t ta
     };
     memcpy(in.rq.seg, seg, LS_ID_BYTES);
     size_t size = op == LS_OP_INSTALL ? sizeof in : sizeof in.rq;
+    if (p->state != P_READY)
+        return -ENOTCONN; /* nothing is sent before the handshake is over */
     if (p->txlen + 9 + size > p->txcap) {
         size_t cap = p->txcap ? p->txcap * 2 : 4096;
         uint8_t *b = realloc(p->tx, cap);
@@ -777,7 +722,7 @@ static void region_destroy(struct region *r, int tell_owner)
         if (ioctl(uffd, UFFDIO_UNREGISTER, &rg) < 0 && errno != EINVAL && errno != ENOENT)
             ls_fatal("UFFDIO_UNREGISTER failed: errno %d", errno);
     }
-    if (tell_owner && r->peer)
+    if (tell_owner && r->peer && r->hold_sent)
         send_req(r->peer, LS_OP_RELEASE, r->seg, 0, 0, 0, 0, 0);
     for (struct inflight *f = r->ihead; f; f = f->rnext)
         f->dying = 1;
@@ -1024,7 +969,7 @@ static void peer_lost(struct peer *p, int err)
         if (r->peer == p)
             region_free(r);
     }
-    if (p->fd < 0)
+    if (p->state == P_FREE)
         return; /* that dropped the last reference: closed */
     if (p->refs)
         ls_fatal("lost the connection to the owner of a lazily mapped array (pid %d%s, %s): %s",
@@ -1036,7 +981,7 @@ static void peer_lost(struct peer *p, int err)
 static void drain_peer(struct peer *p)
 {
     const uint64_t ps = ls_page_size();
-    for (int budget = 0; budget < 4096 && p->fd >= 0; budget++) {
+    for (int budget = 0; budget < 4096 && p->state == P_READY; budget++) {
         if (p->dlen) { /* a payload streams straight into the staging buffer */
             ssize_t r = read(p->fd, p->stage + p->dgot, p->dlen - p->dgot);
             if (r < 0 && errno == EINTR)
@@ -1116,6 +1061,199 @@ static void drain_peer(struct peer *p)
     }
 }
 
+/* ---- connection set-up (see P_*): every step returns at once ---- */
+
+/* Whether the owner runs as our uid: only such an owner is handed our
+ * userfaultfd (it could ptrace us anyway); any other gets READ requests. */
+static int peer_is_us(int fd)
+{
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    return getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 && cred.uid == getuid();
+}
+
+/*
+ * Hand our userfaultfd to the owner (OP_UFFD, the fd as SCM_RIGHTS): it then
+ * installs pages into our mappings itself, one copy per byte. Sent once tx is
+ * empty (the fd rides on the frame's first byte; what does not fit goes to tx).
+ * Any refusal (an owner without the INSTALL path, a filter on fd passing)
+ * leaves the peer on the READ path; only a broken connection is an error.
+ */
+static int offer_send(struct peer *p)
+{
+    struct ls_req rq = {.magic = LS_MAGIC, .version = LS_VERSION, .op = LS_OP_UFFD, .pid = (uint32_t)getpid()};
+    uint8_t msg[9 + sizeof rq];
+    size_t n = zmtp_frame_header(msg, 0, sizeof rq);
+    memcpy(msg + n, &rq, sizeof rq);
+    n += sizeof rq;
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } ctl;
+    memset(&ctl, 0, sizeof ctl);
+    struct iovec iov = {msg, n};
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = &ctl, .msg_controllen = sizeof ctl};
+    struct cmsghdr *h = CMSG_FIRSTHDR(&m);
+    h->cmsg_level = SOL_SOCKET;
+    h->cmsg_type = SCM_RIGHTS;
+    h->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(h), &uffd, sizeof uffd);
+    ssize_t w;
+    do
+        w = sendmsg(p->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+    while (w < 0 && errno == EINTR);
+    if (w < 0)
+        return errno == EAGAIN ? 0 : -errno; /* no room: POLLOUT brings us back */
+    p->offer_sent = 1;
+    return (size_t)w < n ? tx_append(p, msg + w, n - (size_t)w) : 0;
+}
+
+/* Consume what the handshake expects from rx: the owner's greeting, its READY
+ * (its first command), then, if offered, the OP_UFFD answer (commands
+ * skipped). Leaves the rest in rx for drain_peer. */
+static int handshake_parse(struct peer *p)
+{
+    if (p->state == P_GREETING && !p->greeted) {
+        if (p->rxlen < ZMTP_GREETING)
+            return 0;
+        if (zmtp_check_greeting(p->rx) < 0)
+            return -EPROTO;
+        memmove(p->rx, p->rx + ZMTP_GREETING, p->rxlen - ZMTP_GREETING);
+        p->rxlen -= ZMTP_GREETING;
+        p->greeted = 1;
+    }
+    while (p->state == P_GREETING || (p->state == P_OFFER && p->offer_sent)) {
+        uint8_t flags;
+        uint64_t len;
+        size_t h = zmtp_parse_header(p->rx, p->rxlen, &flags, &len);
+        if (h && len > ZMTP_MAX_SMALL)
+            return -EPROTO;
+        if (!h || p->rxlen < h + len)
+            return 0;
+        int command = (flags & ZMTP_COMMAND) != 0;
+        struct ls_rep rep;
+        if (!command && (p->state == P_GREETING || len != sizeof rep || (flags & ZMTP_MORE)))
+            return -EPROTO;
+        if (!command)
+            memcpy(&rep, p->rx + h, sizeof rep);
+        memmove(p->rx, p->rx + h + len, p->rxlen - h - len);
+        p->rxlen -= h + len;
+        if (p->state == P_GREETING) { /* READY: its properties need no answer */
+            p->state = uffd >= 0 && direct_wanted && peer_is_us(p->fd) ? P_OFFER : P_READY;
+        } else if (!command) {
+            if (rep.magic != LS_MAGIC || rep.op != LS_OP_UFFD)
+                return -EPROTO;
+            p->direct = rep.status == 0;
+            p->state = P_READY;
+        }
+    }
+    return 0;
+}
+
+/* Read (without blocking) and parse until the handshake is over or the
+ * socket is empty. */
+static int handshake_read(struct peer *p)
+{
+    for (;;) {
+        int rc = handshake_parse(p);
+        if (rc < 0 || p->state == P_READY || (p->state == P_OFFER && !p->offer_sent))
+            return rc;
+        if (p->rxlen == sizeof p->rx)
+            return -EPROTO; /* nothing the handshake expects is that long */
+        ssize_t r = read(p->fd, p->rx + p->rxlen, sizeof p->rx - p->rxlen);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return errno == EAGAIN ? 0 : -errno;
+        if (r == 0)
+            return -ECONNRESET;
+        p->rxlen += (size_t)r;
+    }
+}
+
+/* The set-up failed or timed out: the attaches waiting on it fail (the
+ * owner never saw their HOLDs); the slot is freed when the last lets go. */
+static void peer_fail(struct peer *p, int err)
+{
+    int status = err == -ESRCH || !ls_pid_alive(p->pid) ? -ESRCH : err;
+    if (p->fd >= 0)
+        close(p->fd);
+    p->fd = -1;
+    free(p->tx);
+    free(p->stage);
+    p->tx = p->stage = NULL;
+    p->txlen = p->txcap = p->rxlen = 0;
+    p->state = P_FAILED;
+    for (struct region *r = attaching, *next; r; r = next) {
+        next = r->anext;
+        if (r->peer == p)
+            attach_finish(r, status);
+    }
+    if (!p->refs)
+        peer_close(p);
+}
+
+/* The handshake is over: a staging buffer for payloads (READ path), then the
+ * HOLDs of the attaches that waited for it. */
+static void peer_ready(struct peer *p)
+{
+    if (!p->direct) {
+        void *stage;
+        if (posix_memalign(&stage, ls_page_size(), LS_MAX_READ)) {
+            peer_fail(p, -ENOMEM); /* no HOLD was sent yet */
+            return;
+        }
+        p->stage = stage;
+    }
+    for (struct region *r = attaching, *next; r; r = next) {
+        next = r->anext;
+        if (r->peer != p || r->hold_sent)
+            continue;
+        r->hold_sent = 1;
+        int e = send_req(p, LS_OP_HOLD, r->seg, r->id, 0, 0, 0, 0);
+        if (e < 0)
+            attach_finish(r, e);
+    }
+}
+
+/* One step of a peer's set-up, on poll's events for it (or, while connect
+ * must be retried, every iteration). */
+static void peer_advance(struct peer *p, short revents)
+{
+    int rc = 0;
+    if (p->state == P_CONNECTING) {
+        if (p->connect_again) {
+            rc = peer_try_connect(p);
+        } else if (revents) {
+            int err = 0;
+            socklen_t l = sizeof err;
+            if (getsockopt(p->fd, SOL_SOCKET, SO_ERROR, &err, &l) < 0)
+                rc = -errno;
+            else if (err)
+                rc = connect_errno(err);
+            else
+                p->state = P_GREETING;
+        }
+        if (rc < 0 || p->state == P_CONNECTING)
+            goto out;
+        revents |= POLLIN; /* the owner may have answered already */
+    }
+    if (p->txlen && (rc = peer_flush(p)) < 0)
+        goto out;
+    if (revents & (POLLIN | POLLHUP | POLLERR))
+        rc = handshake_read(p);
+    if (!rc && p->state == P_OFFER && !p->offer_sent && !p->txlen) {
+        rc = offer_send(p);
+        if (!rc && p->offer_sent)
+            rc = handshake_read(p);
+    }
+out:
+    if (rc < 0)
+        peer_fail(p, rc);
+    else if (p->state == P_READY)
+        peer_ready(p);
+}
+
 static void handle_commands(void)
 {
     ls_eventfd_drain(cmd_fd);
@@ -1132,7 +1270,7 @@ static void handle_commands(void)
             return;
         if (c->kind == CMD_ATTACH) {
             struct peer *p = NULL;
-            int rc = peer_get(c->endpoint, c->pid, &p);
+            int rc = peer_get(c->endpoint, c->pid, c->nregions ? c->regions[0]->deadline : 0, &p);
             if (rc < 0)
                 rc = rc == -ESRCH || !ls_pid_alive(c->pid) ? -ESRCH : rc;
             for (uint32_t i = 0; i < c->nregions; i++) {
@@ -1147,11 +1285,14 @@ static void handle_commands(void)
                 }
                 r->peer = p;
                 p->refs++;
+                if (p->state != P_READY)
+                    continue; /* queued: peer_ready sends its HOLD */
+                r->hold_sent = 1;
                 e = send_req(p, LS_OP_HOLD, r->seg, r->id, 0, 0, 0, 0);
                 if (e < 0)
                     attach_finish(r, e);
             }
-            if (p && p->fd >= 0 && !p->refs)
+            if (p && p->state != P_FREE && !p->refs)
                 peer_close(p); /* opened for regions that all failed */
             free(c->regions);
         } else {
@@ -1165,6 +1306,11 @@ static void handle_commands(void)
 
 static void check_deadlines(uint64_t now)
 {
+    for (int i = 0; i < MAX_PEERS; i++) {
+        struct peer *p = &peers[i];
+        if (p->state >= P_CONNECTING && p->state < P_READY && now > p->deadline)
+            peer_fail(p, -ETIMEDOUT);
+    }
     for (struct region *r = attaching, *next; r; r = next) {
         next = r->anext;
         if (now > r->deadline) {
@@ -1202,16 +1348,24 @@ static void *client_main(void *arg)
     struct peer *who[MAX_PEERS];
     struct uffd_msg msgs[64];
     for (;;) {
-        int n = 0, np = 0;
+        int n = 0, np = 0, retry = 0;
         fds[n++] = (struct pollfd){.fd = cmd_fd, .events = POLLIN};
         fds[n++] = (struct pollfd){.fd = uffd, .events = POLLIN}; /* -1 (eager): ignored */
-        for (int i = 0; i < MAX_PEERS; i++)
-            if (peers[i].fd >= 0) {
-                who[np++] = &peers[i];
-                fds[n++] = (struct pollfd){.fd = peers[i].fd,
-                                           .events = (short)(POLLIN | (peers[i].txlen ? POLLOUT : 0))};
+        for (int i = 0; i < MAX_PEERS; i++) {
+            struct peer *p = &peers[i];
+            if (p->state == P_FREE || p->state == P_FAILED)
+                continue;
+            short ev = POLLIN;
+            if (p->state == P_CONNECTING) {
+                ev = p->connect_again ? 0 : POLLOUT; /* retried below, without an event */
+                retry |= p->connect_again;
+            } else if (p->txlen || (p->state == P_OFFER && !p->offer_sent)) {
+                ev |= POLLOUT;
             }
-        int timeout = (ninfl || nregions) ? 100 : -1;
+            who[np++] = p;
+            fds[n++] = (struct pollfd){.fd = p->connect_again ? -1 : p->fd, .events = ev};
+        }
+        int timeout = retry ? 10 : (ninfl || nregions) ? 100 : -1;
         /* Spin briefly before sleeping while a reply or the next fault is likely:
          * on an idle VM each sleep/wake-up costs tens of microseconds, as much as
          * the fault itself. Bounded, so an idle handler sleeps. */
@@ -1253,7 +1407,12 @@ static void *client_main(void *arg)
         }
         for (int i = 0; i < np; i++) {
             struct peer *p = who[i];
-            if (p->fd < 0)
+            if (p->state >= P_CONNECTING && p->state < P_READY) {
+                if (fds[2 + i].revents || p->connect_again)
+                    peer_advance(p, fds[2 + i].revents);
+                continue;
+            }
+            if (p->state != P_READY)
                 continue;
             if ((fds[2 + i].revents & POLLOUT) && peer_flush(p) < 0) {
                 peer_lost(p, errno);
