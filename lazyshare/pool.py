@@ -121,7 +121,6 @@ import pickle
 import queue
 import select
 import signal
-import struct
 import sys
 import threading
 import time
@@ -182,8 +181,6 @@ AsyncResult = ApplyResult
 _QUEUED_WORK = max(0.002, 2 * sys.getswitchinterval())
 #: Cap on tasks in flight per worker.
 _MAX_PREFETCH = 512
-#: Poll timeout of the dispatcher and the worker loop: every receive is bounded.
-_POLL_MS = 1000
 #: After a worker's sentinel fires, results it sent just before dying may still be
 #: in the kernel socket buffer or libzmq's I/O thread: wait this long for them.
 _DEATH_GRACE = 0.1
@@ -206,45 +203,6 @@ _BYE_TIMEOUT = 5.0
 _FEED_LIMIT = 256
 _FEED_AHEAD = 1024
 _FEED_BYTES = 64 << 20
-
-# --------------------------------------------------------------------------- protocol
-# parent -> worker: [wid, b"T", TASK_HDR, *frames] | [wid, b"S"] stop | [wid, b"A"] ack
-# worker -> parent: [wid, b"R", READY_HDR]            ready (initializer done)
-#                   [wid, b"D", RESULT_HDR, *frames]  a result (pickled (ok, value))
-#                   [wid, b"I", *frames]              initializer failed (then exits)
-#                   [wid, b"B", COUNTERS_HDR]         leaving (maxtasks or stop)
-_TASK_HDR = struct.Struct("<QQB")  # job, index, mode
-_RESULT_HDR = struct.Struct("<QQdQQ")  # job, index, run seconds, bytes_lazy, faults
-_READY_HDR = struct.Struct("<Q")  # pid
-_COUNTERS_HDR = struct.Struct("<QQ")  # bytes_lazy, faults (cumulative)
-_APPLY, _MAP, _STARMAP = 0, 1, 2
-
-
-# pyzmq's Python-level send_multipart/recv_multipart cost ~21 us per 5-frame round
-# trip (enum flag arithmetic, a getsockopt per part); the Cython methods ~7 us.
-_send_frame = zmq.backend.Socket.send
-_recv_frame = zmq.backend.Socket.recv
-_SNDMORE = int(zmq.SNDMORE)
-_NOBLOCK = int(zmq.NOBLOCK)
-#: Frames at least this big are sent zero-copy (pyzmq's own copy_threshold).
-_ZERO_COPY = 65536
-
-
-def _send(sock, parts: list) -> None:
-    """Send a multipart message; raises zmq.ZMQError (EHOSTUNREACH on a ROUTER)."""
-    last = len(parts) - 1
-    for i, part in enumerate(parts):
-        _send_frame(sock, part, _SNDMORE if i < last else 0, len(part) < _ZERO_COPY)
-
-
-def _recv(sock, flags: int = 0) -> list:
-    """Receive a multipart message as zmq.Frame objects (writable buffers)."""
-    frame = _recv_frame(sock, flags, False)
-    parts = [frame]
-    while frame.more:
-        frame = _recv_frame(sock, 0, False)
-        parts.append(frame)
-    return parts
 
 
 class PoolTerminatedError(LazyshareError):
@@ -814,9 +772,9 @@ class _Dispatcher:
 
     def _timeout(self) -> int:
         if not self.dying:
-            return _POLL_MS
+            return transport.POLL_MS
         left = min(w.dead_at for w in self.dying) + _DEATH_GRACE - time.monotonic()
-        return max(1, min(_POLL_MS, int(left * 1000) + 1))
+        return max(1, min(transport.POLL_MS, int(left * 1000) + 1))
 
     def _outstanding(self) -> bool:
         return bool(self.core.cache or self.core.pending or any(w.inflight for w in self.workers.values()))
@@ -828,14 +786,14 @@ class _Dispatcher:
         try:
             for _ in range(4096):  # then go dispatch: keep workers fed
                 try:
-                    msg = _recv(router, _NOBLOCK)
+                    msg = transport.recv(router, transport.NOBLOCK)
                 except zmq.Again:
                     return
                 w = self.workers.get(msg[0].bytes)
                 if w is None:  # a worker already declared dead: its news is stale
                     continue
                 kind = msg[1].bytes
-                if kind == b"D":
+                if kind == transport.RESULT:
                     self._on_result(w, msg, results)
                 else:
                     self._on_control(w, kind, msg)
@@ -844,15 +802,15 @@ class _Dispatcher:
                 self.core.result_q.put(results)
 
     def _on_control(self, w: _Worker, kind: bytes, msg) -> None:
-        if kind == b"R":
+        if kind == transport.READY:
             self._on_ready(w)
-        elif kind == b"B":
+        elif kind == transport.BYE:
             self._on_bye(w, msg)
-        elif kind == b"I":
+        elif kind == transport.INIT_FAILED:
             self._on_init_failed(w, msg)
 
     def _on_result(self, w: _Worker, msg, results: list) -> None:
-        job, index, seconds, lazy, faults = _RESULT_HDR.unpack(msg[2].buffer)
+        job, index, seconds, lazy, faults = transport.RESULT_HDR.unpack(msg[2].buffer)
         if w.inflight.pop((job, index), None) is None:
             return
         w.tasks += 1
@@ -872,8 +830,8 @@ class _Dispatcher:
         w.bye = True
         w.ready = False
         if len(msg) > 2:
-            w.bytes_lazy, w.faults = _COUNTERS_HDR.unpack(msg[2].buffer)
-        self._send(w, [b"A"])
+            w.bytes_lazy, w.faults = transport.COUNTERS_HDR.unpack(msg[2].buffer)
+        self._send(w, [transport.ACK])
         self.maintain_due = True  # its slot is free: start a successor
 
     def _on_init_failed(self, w: _Worker, msg) -> None:
@@ -882,11 +840,11 @@ class _Dispatcher:
         except Exception as e:
             exc = e
         self.init_error = exc
-        self._send(w, [b"A"])
+        self._send(w, [transport.ACK])
 
     def _send(self, w: _Worker, frames: list) -> bool:
         try:
-            _send(self.core.router, [w.wid, *frames])
+            transport.send(self.core.router, [w.wid, *frames])
             return True
         except zmq.ZMQError:  # EHOSTUNREACH: gone; its sentinel will tell
             w.ready = False
@@ -1021,7 +979,15 @@ class _Dispatcher:
                 break
             task = pending.popleft()
             try:
-                _send(router, [best.wid, b"T", _TASK_HDR.pack(task.job, task.index, task.mode), *task.frames])
+                transport.send(
+                    router,
+                    [
+                        best.wid,
+                        transport.TASK,
+                        transport.TASK_HDR.pack(task.job, task.index, task.mode),
+                        *task.frames,
+                    ],
+                )
             except zmq.ZMQError:  # not delivered (peer gone): give it to someone else
                 pending.appendleft(task)
                 best.ready = False
@@ -1050,7 +1016,7 @@ class _Dispatcher:
     def _send_stop(self, w: _Worker) -> None:
         if not w.stopping and not w.bye and not w.dead:
             w.stopping = True
-            self._send(w, [b"S"])
+            self._send(w, [transport.STOP])
 
     def _stop_workers(self) -> None:
         for w in list(self.workers.values()):
@@ -1197,7 +1163,7 @@ def _feed_loop(core: _Core) -> None:
                         core.feed_room.clear()
                         if feed.room(core):
                             break
-                        core.feed_room.wait(_POLL_MS / 1000)
+                        core.feed_room.wait(transport.POLL_MS / 1000)
                     feed.waiting = False
                 if core.state == TERMINATE:
                     break
@@ -1456,18 +1422,18 @@ class Pool:
         if error_callback is not None:
             error_callback = _guard_callback(error_callback, "error_callback")
         result = self._register(_ApplyResult, (callback, error_callback))
-        self._core.enqueue(result._job, 0, _APPLY, None, (func, args, kwds))  # exports on demand
+        self._core.enqueue(result._job, 0, transport.APPLY, None, (func, args, kwds))  # exports on demand
         return result
 
     def map(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int | None = None) -> list:
         """Apply ``func`` to each element of ``iterable``, collecting the results."""
-        return self._map_async(func, iterable, _MAP, chunksize).get()
+        return self._map_async(func, iterable, transport.MAP, chunksize).get()
 
     def starmap(
         self, func: Callable[..., Any], iterable: Iterable[Iterable[Any]], chunksize: int | None = None
     ) -> list:
         """Like :meth:`map`, with each element unpacked as arguments."""
-        return self._map_async(func, iterable, _STARMAP, chunksize).get()
+        return self._map_async(func, iterable, transport.STARMAP, chunksize).get()
 
     def map_async(
         self,
@@ -1478,7 +1444,7 @@ class Pool:
         error_callback: Callable[[BaseException], object] | None = None,
     ) -> MapResult:
         """Asynchronous version of :meth:`map`."""
-        return self._map_async(func, iterable, _MAP, chunksize, callback, error_callback)
+        return self._map_async(func, iterable, transport.MAP, chunksize, callback, error_callback)
 
     def starmap_async(
         self,
@@ -1489,7 +1455,7 @@ class Pool:
         error_callback: Callable[[BaseException], object] | None = None,
     ) -> MapResult:
         """Asynchronous version of :meth:`starmap`."""
-        return self._map_async(func, iterable, _STARMAP, chunksize, callback, error_callback)
+        return self._map_async(func, iterable, transport.STARMAP, chunksize, callback, error_callback)
 
     def _map_async(self, func, iterable, mode, chunksize=None, callback=None, error_callback=None):
         self._check_running()
@@ -1537,10 +1503,12 @@ class Pool:
         self._check_running()
         exports = serialization.CallExports(self._threshold)
         if chunksize == 1:
-            return self._register(_IMapIterator, (), exports, (_APPLY, _apply_tasks(func, iterable)))
+            return self._register(_IMapIterator, (), exports, (transport.APPLY, _apply_tasks(func, iterable)))
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
-        result = self._register(_IMapIterator, (), exports, (_MAP, _get_tasks(func, iterable, chunksize)))
+        result = self._register(
+            _IMapIterator, (), exports, (transport.MAP, _get_tasks(func, iterable, chunksize))
+        )
         return (item for chunk in result for item in chunk)
 
     def imap_unordered(
@@ -1550,11 +1518,13 @@ class Pool:
         self._check_running()
         exports = serialization.CallExports(self._threshold)
         if chunksize == 1:
-            return self._register(_IMapUnorderedIterator, (), exports, (_APPLY, _apply_tasks(func, iterable)))
+            return self._register(
+                _IMapUnorderedIterator, (), exports, (transport.APPLY, _apply_tasks(func, iterable))
+            )
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize!r}")
         result = self._register(
-            _IMapUnorderedIterator, (), exports, (_MAP, _get_tasks(func, iterable, chunksize))
+            _IMapUnorderedIterator, (), exports, (transport.MAP, _get_tasks(func, iterable, chunksize))
         )
         return (item for chunk in result for item in chunk)
 
@@ -1734,7 +1704,7 @@ def _native_counters() -> tuple[int, int]:
 def _kernel_safe(frames: list, budget: int | None) -> list:
     """``frames``, safe to leave zero-copy whatever memory they point into.
 
-    A frame of at least ``_ZERO_COPY`` bytes goes to libzmq zero-copy, and its
+    A frame of at least ``transport.ZERO_COPY`` bytes goes to libzmq zero-copy, and its
     I/O thread reads it with send(2): a kernel-mode read. On the
     uffd-user-mode-only rung that fails with EFAULT on a lazy page not fetched
     yet, and libzmq aborts the worker. A result may well point into a lazy
@@ -1751,7 +1721,7 @@ def _kernel_safe(frames: list, budget: int | None) -> list:
         return frames
     for i, frame in enumerate(frames):
         view = memoryview(frame)
-        if view.nbytes < _ZERO_COPY:
+        if view.nbytes < transport.ZERO_COPY:
             continue
         raw = np.frombuffer(view, np.uint8)
         if h.lazy_overlap(raw.ctypes.data, raw.nbytes):
@@ -1802,16 +1772,16 @@ def _run_task(sock, msg, budget: int | None = None, future: bool = False) -> Non
     ``ProcessPoolExecutor``'s worker, it is the task's exception and the worker
     goes on."""
     t0 = time.perf_counter()
-    job, index, mode = _TASK_HDR.unpack(msg[1].buffer)
+    job, index, mode = transport.TASK_HDR.unpack(msg[1].buffer)
     func = args = kwds = payload = value = None
     try:
         payload = serialization.loads([f.buffer for f in msg[2:]])
         msg = None
-        if mode == _APPLY:
+        if mode == transport.APPLY:
             func, args, kwds = payload
             payload = None
             value = func(*args, **kwds)
-        elif mode == _MAP:
+        elif mode == transport.MAP:
             func, args = payload
             payload = None
             value = list(map(func, args))
@@ -1831,14 +1801,16 @@ def _run_task(sock, msg, budget: int | None = None, future: bool = False) -> Non
     result = None
     lazy, faults = _native_counters()
     seconds = time.perf_counter() - t0
-    _send(sock, [b"D", _RESULT_HDR.pack(job, index, seconds, lazy, faults), *frames])
+    transport.send(
+        sock, [transport.RESULT, transport.RESULT_HDR.pack(job, index, seconds, lazy, faults), *frames]
+    )
 
 
 def _await_ack(sock) -> None:
     deadline = time.monotonic() + _BYE_TIMEOUT
     while time.monotonic() < deadline:
         if sock.poll(100):
-            if _recv(sock)[0].bytes == b"A":
+            if transport.recv(sock)[0].bytes == transport.ACK:
                 return
 
 
@@ -1950,27 +1922,27 @@ def _worker_main(
             except BaseException as e:
                 try:
                     error = (False, ExceptionWithTraceback(e, e.__traceback__))
-                    _send(sock, [b"I", *_encode_result(error, budget)])
+                    transport.send(sock, [transport.INIT_FAILED, *_encode_result(error, budget)])
                     _await_ack(sock)
                 except Exception:
                     pass
                 raise  # printed by multiprocessing, exit code 1, as in the stdlib
-        _send(sock, [b"R", _READY_HDR.pack(os.getpid())])
+        transport.send(sock, [transport.READY])
         completed = 0
         while maxtasks is None or completed < maxtasks:
-            if not sock.poll(_POLL_MS):
+            if not sock.poll(transport.POLL_MS):
                 continue
-            msg = _recv(sock)
+            msg = transport.recv(sock)
             kind = msg[0].bytes
-            if kind == b"T":
+            if kind == transport.TASK:
                 _run_task(sock, msg, budget, future)
                 msg = None
                 completed += 1
-            elif kind == b"S":
+            elif kind == transport.STOP:
                 break
         # Everything sent so far precedes this on the same pipe: once the parent
         # acknowledges it, no result can be lost by exiting.
-        _send(sock, [b"B", _COUNTERS_HDR.pack(*_native_counters())])
+        transport.send(sock, [transport.BYE, transport.COUNTERS_HDR.pack(*_native_counters())])
         _await_ack(sock)
     finally:
         sock.close(linger=0)

@@ -1,4 +1,12 @@
-"""ZeroMQ plumbing shared by the page plane and the pool's control plane.
+"""The wire formats of both planes, and the ZeroMQ plumbing they share.
+
+Owns: the socket directory and endpoints, the process's ZeroMQ context, the
+page protocol's constants and layouts (read from the compiled header, never
+copied), and the pool's control-plane messages (kinds, headers, framing). Run
+by whichever thread sends or receives: the pool's dispatcher thread, the
+worker's main thread, the tests; the native core speaks the page protocol
+itself (csrc/). Nothing here calls the core: ``handler`` is the one module
+that does.
 
 Endpoints
     Every socket lazyshare binds is an ``ipc://`` socket file inside one private
@@ -9,7 +17,8 @@ Endpoints
     interface. The directory is removed at exit, and directories left by dead
     processes are swept the next time a process creates its own.
 
-Page protocol (version 1, little-endian, mirrored by ``csrc/internal.h``)
+Page protocol (version 1, little-endian; the constants are those ``#define``'d in
+``csrc/lazyshare.h``, the sizes checked against it; the C structs are in ``csrc/internal.h``)
     request, one frame of 56 bytes (client DEALER -> server ROUTER)::
 
         u32 magic 'LZS1' | u16 version | u16 op | u32 pid | u32 flags
@@ -42,7 +51,24 @@ Page protocol (version 1, little-endian, mirrored by ``csrc/internal.h``)
     (2) does not wake faulting threads. The reply has no data frame; its last
     field is the number of bytes copied (the rest were mapped as zero pages),
     and flag ZERO is set if that is 0. A consumer that cannot pass its fd, or
-    runs with ``LAZYSHARE_DATA_PATH=wire``, uses READ.
+    runs with ``LAZYSHARE_DATA_PATH=wire``, uses READ. No READ asks for more
+    than ``MAX_READ`` bytes.
+
+Control plane (the pool's ROUTER in the parent, one DEALER per worker whose
+identity is its ``wid``; every receive is bounded by ``POLL_MS``)::
+
+    parent -> worker  TASK, TASK_HDR, *frames      a task (``serialization`` task frames)
+                      STOP                         finish and leave
+                      ACK                          your READY/BYE/INIT_FAILED arrived
+    worker -> parent  READY                        the initializer is done
+                      RESULT, RESULT_HDR, *frames  a result (serialization.dumps_result)
+                      INIT_FAILED, *frames         the initializer raised (then exits)
+                      BYE, COUNTERS_HDR            leaving (maxtasksperchild or STOP)
+
+    TASK_HDR     u64 job | u64 index | u8 mode (APPLY, MAP or STARMAP)
+    RESULT_HDR   u64 job | u64 index | f64 run seconds | u64 bytes_lazy | u64 faults
+    COUNTERS_HDR u64 bytes_lazy | u64 faults   (cumulative, as the worker's native
+                                                counters are when it sends them)
 """
 
 from __future__ import annotations
@@ -60,6 +86,10 @@ import zmq
 
 from . import settings
 
+# The compiled module, for its constants only: transport never calls the native
+# core (handler.py is the one module that does).
+from ._native import lib
+
 __all__ = [
     "runtime_dir",
     "new_endpoint",
@@ -75,19 +105,32 @@ __all__ = [
     "OP_INSTALL",
     "OP_UFFD",
     "INSTALL_REQUEST",
+    "MAX_READ",
     "pack_request",
     "unpack_reply",
 ]
 
-MAGIC = 0x31535A4C  # b"LZS1" little-endian
-VERSION = 1
-OP_READ, OP_HOLD, OP_RELEASE, OP_PING, OP_INSTALL, OP_UFFD = 1, 2, 3, 4, 5, 6
-FLAG_ZERO = 1
-INSTALL_WP, INSTALL_DONTWAKE = 1, 2
+# ---------------------------------------------------------------- page protocol
+MAGIC = lib.LS_MAGIC  # b"LZS1" little-endian
+VERSION = lib.LS_VERSION
+OP_READ = lib.LS_OP_READ
+OP_HOLD = lib.LS_OP_HOLD
+OP_RELEASE = lib.LS_OP_RELEASE
+OP_PING = lib.LS_OP_PING
+OP_INSTALL = lib.LS_OP_INSTALL
+OP_UFFD = lib.LS_OP_UFFD
+FLAG_ZERO = lib.LS_REP_ZERO
+INSTALL_WP, INSTALL_DONTWAKE = lib.LS_INSTALL_WP, lib.LS_INSTALL_DONTWAKE
+MAX_READ = lib.LS_MAX_READ
 REQUEST = struct.Struct("<IHHIIQQQ16s")
 INSTALL_REQUEST = struct.Struct("<IHHIIQQQ16sQ")
 REPLY = struct.Struct("<IHHiIQQQQ")
-assert REQUEST.size == 56 and INSTALL_REQUEST.size == 64 and REPLY.size == 48
+if (REQUEST.size, INSTALL_REQUEST.size, REPLY.size) != (
+    lib.LS_REQ_BYTES,
+    lib.LS_REQ_INSTALL_BYTES,
+    lib.LS_REP_BYTES,
+):
+    raise ImportError("lazyshare.transport: the page protocol layouts differ from the compiled core's")
 
 
 def pack_request(
@@ -111,6 +154,45 @@ def unpack_reply(frame: bytes) -> dict:
     )
 
 
+# ---------------------------------------------------------------- control plane
+TASK, STOP, ACK = b"T", b"S", b"A"
+READY, RESULT, INIT_FAILED, BYE = b"R", b"D", b"I", b"B"
+TASK_HDR = struct.Struct("<QQB")  # job, index, mode
+RESULT_HDR = struct.Struct("<QQdQQ")  # job, index, run seconds, bytes_lazy, faults
+COUNTERS_HDR = struct.Struct("<QQ")  # bytes_lazy, faults (cumulative)
+APPLY, MAP, STARMAP = 0, 1, 2  # TASK_HDR's mode: func(*args, **kwds), map(func, chunk), starmap
+#: Poll timeout of the dispatcher, the feeder and the worker loop: every wait is bounded.
+POLL_MS = 1000
+#: Frames at least this big are sent zero-copy (pyzmq's own copy_threshold):
+#: libzmq's I/O thread then reads them with send(2), a kernel-mode read.
+ZERO_COPY = 65536
+NOBLOCK = int(zmq.NOBLOCK)
+
+# pyzmq's Python-level send_multipart/recv_multipart cost ~21 us per 5-frame round
+# trip (enum flag arithmetic, a getsockopt per part); the Cython methods ~7 us.
+_send_frame = zmq.backend.Socket.send
+_recv_frame = zmq.backend.Socket.recv
+_SNDMORE = int(zmq.SNDMORE)
+
+
+def send(sock, parts: list) -> None:
+    """Send a multipart message; raises zmq.ZMQError (EHOSTUNREACH on a ROUTER)."""
+    last = len(parts) - 1
+    for i, part in enumerate(parts):
+        _send_frame(sock, part, _SNDMORE if i < last else 0, len(part) < ZERO_COPY)
+
+
+def recv(sock, flags: int = 0) -> list:
+    """Receive a multipart message as zmq.Frame objects (writable buffers)."""
+    frame = _recv_frame(sock, flags, False)
+    parts = [frame]
+    while frame.more:
+        frame = _recv_frame(sock, 0, False)
+        parts.append(frame)
+    return parts
+
+
+# ---------------------------------------------------------------- endpoints
 _lock = threading.Lock()
 _dir: str | None = None
 _dir_pid: int | None = None
