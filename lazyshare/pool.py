@@ -110,12 +110,9 @@ fetched first (copied, under a memory budget) so that it arrives intact.
 from __future__ import annotations
 
 import collections
-import copyreg
 import errno
-import io
 import itertools
 import multiprocessing
-import operator
 import os
 import pickle
 import queue
@@ -144,7 +141,6 @@ from multiprocessing.pool import (
 )
 from typing import Any, Callable
 
-import cloudpickle
 import numpy as np
 import zmq
 
@@ -381,7 +377,7 @@ class _Core:
         self.ctx = ctx
         self.process_factory = process_factory
         self.processes = processes
-        self.init_blob = None if initializer is None else _CloudCallable(initializer)
+        self.init_blob = None if initializer is None else serialization._CloudCallable(initializer)
         self.initargs = initargs
         self.maxtasks = maxtasks
         self.threshold = threshold
@@ -492,7 +488,7 @@ class _Core:
         is in (``task_done``), the rest when the call completes (``job_done``)."""
         new = 0
         try:
-            frames = _dumps_small(self.threshold_value, payload)
+            frames = serialization._dumps_small(self.threshold_value, payload)
             if frames is None:
                 if exports is None:
                     exports = serialization.CallExports(self.threshold)
@@ -561,144 +557,6 @@ class _Core:
             for k in totals:
                 totals[k] += c[k]
         return {"workers": workers, "totals": totals}
-
-
-_EMPTY_KINDS = pickle.dumps([], 5)
-_BY_VALUE_MODULES = getattr(getattr(cloudpickle, "cloudpickle", None), "_PICKLE_BY_VALUE_MODULES", None)
-
-
-def _dumps_small(threshold: float, task: tuple) -> list | None:
-    """``CallExports.dumps(task)`` for small tasks, or None.
-
-    cloudpickle costs 2-3x the C pickler on a small task (a Python ``ChainMap``
-    lookup and ``reducer_override`` call per object): 10,000 ``apply_async`` spend
-    most of their parent time there. The C pickler gives the same result when it
-    succeeds, nothing lives in an interactive ``__main__`` (see
-    ``_main_is_importable``), no module is registered to be pickled by value,
-    nothing is big enough to be exported and no buffer is read-only (the stdlib
-    gives a writable copy: see ``serialization._as_the_stdlib``, which also
-    refuses memoryviews as the stdlib does); then the frames are laid out as
-    ``CallExports.dumps`` lays them out. Otherwise (lambdas, closures, big arrays
-    ...) None: use ``CallExports.dumps``. A big ndarray, at any depth, stops the
-    pickler as soon as it is reached (``_small_table``), before it is copied.
-    """
-    if _BY_VALUE_MODULES is None or _BY_VALUE_MODULES:
-        return None
-    buffers: list = []
-    f = io.BytesIO()
-    p = pickle.Pickler(f, 5, buffer_callback=buffers.append)
-    p.dispatch_table = _small_table(threshold)
-    try:
-        p.dump(task)
-    except Exception:  # _TooBig, or anything cloudpickle may still handle
-        return None
-    payload = f.getvalue()
-    if len(payload) >= threshold:
-        return None
-    if (b"__main__" in payload or b"__mp_main__" in payload) and not _main_is_importable():
-        return None
-    if not buffers:
-        return [_EMPTY_KINDS, payload]
-    raws = [b.raw() for b in buffers]
-    if any(r.nbytes >= threshold or r.readonly for r in raws):
-        return None  # a read-only array would arrive read-only: CallExports.dumps copies it
-    return [pickle.dumps([None] * len(raws), 5), payload, *raws]
-
-
-class _TooBig(Exception):
-    pass
-
-
-_small_tables: dict = {}
-
-
-def _small_table(threshold: float) -> dict:
-    """copyreg's dispatch table plus ndarray and its subclasses, whose reducer
-    refuses big arrays.
-    Consulted by the C pickler for exact types it has no fast path for, so it
-    costs nothing per int or str."""
-    table = _small_tables.get(threshold)
-    if table is None:
-
-        def reduce_array(a):
-            if a.nbytes >= threshold:
-                raise _TooBig
-            return a.__reduce_ex__(5)
-
-        class Table(dict):  # a subclass of ndarray (memmap, masked...) too, on first sight
-            def __missing__(self, cls):
-                if issubclass(cls, type):
-                    raise KeyError(cls)  # a class (of a metaclass): pickled by reference
-                r = self[cls] = reduce_array if issubclass(cls, np.ndarray) else _reduce_ex_5
-                return r
-
-        table = _small_tables[threshold] = Table({**copyreg.dispatch_table, np.ndarray: reduce_array})
-    return table
-
-
-_reduce_ex_5 = operator.methodcaller("__reduce_ex__", 5)  # what the pickler does without an entry
-
-
-def _main_is_importable() -> bool:
-    """Whether workers run the parent's ``__main__`` (as ``__mp_main__``): spawn
-    and forkserver children import a script's file or a ``python -m`` module,
-    but not a package's ``__main__`` nor a script named ipython (multiprocessing
-    skips those). Then a ``__main__`` function pickles by reference, as the
-    stdlib pickles it, and its ``global`` statements reach the worker's one
-    ``__main__`` namespace. An interactive ``__main__`` (REPL, notebook,
-    ``python -c``) has no file: cloudpickle sends its functions by value. The
-    same rule as ``serialization._as_the_stdlib``."""
-    main = sys.modules.get("__main__")
-    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
-    path = getattr(main, "__file__", None)
-    known = _main_seen.get((spec_name, path))
-    if known is None:
-        if spec_name is not None:
-            known = spec_name != "__main__" and not spec_name.endswith(".__main__")
-        else:
-            known = (
-                bool(path)
-                and os.path.isfile(path)
-                and os.path.splitext(os.path.basename(path))[0] != "ipython"
-            )
-        _main_seen[(spec_name, path)] = known
-    return known
-
-
-_main_seen: dict = {}  # (__spec__.name, __file__) -> importable (asked once per chunk: cached)
-
-
-class _InitPickler(cloudpickle.Pickler):
-    """cloudpickle, except where ``serialization._as_the_stdlib`` says the stdlib
-    differs (``__main__`` functions by reference where workers import it)."""
-
-    def reducer_override(self, obj):
-        if (rv := serialization._as_the_stdlib(obj, float("inf"))) is not None:
-            return rv
-        return super().reducer_override(obj)
-
-
-class _CloudCallable:
-    """The initializer travels with cloudpickle (lambdas, closures) but, as with
-    the stdlib, by reference when it is a ``__main__`` function that workers
-    import: what it sets with ``global`` is then what the tasks' ``__main__``
-    functions see. ``initargs`` go through multiprocessing's own pickler, so that
-    queues, locks and manager proxies work as with the stdlib."""
-
-    def __init__(self, func):
-        self.func = func
-
-    def __reduce__(self):
-        f = io.BytesIO()
-        _InitPickler(f).dump(self.func)
-        return _load_cloud, (f.getvalue(),)
-
-    def __call__(self, *args):
-        return self.func(*args)
-
-
-def _load_cloud(blob: bytes):
-    return _CloudCallable(pickle.loads(blob))
 
 
 # --------------------------------------------------------------------------- dispatcher

@@ -1,4 +1,10 @@
-"""Pickling with lazy big buffers.
+"""Pickling with lazy big buffers: everything that turns a task, a result or
+the pool's initializer into frames and back, and the one frame layout of a task.
+
+Run by the threads that pickle tasks in the parent (the caller's, for
+``apply_async``/``map``; the feeder thread for ``imap``), by the result thread
+(``loads_result``, ``CallExports.task_done``), and by a worker's main thread
+(``loads``, ``dumps_result``).
 
 Owner side (the pool's parent)::
 
@@ -14,7 +20,9 @@ Worker side::
 
     obj = loads(frames)                     # big arrays arrive as lazy mappings
 
-Frame layout of ``dumps``: ``[head, payload, inline buffer, ...]``. ``head`` is a
+Frame layout of a task (``_task_frames``, the one place that lays it out, for
+``CallExports.dumps`` and for ``_dumps_small``, the C-pickler fast path of
+small tasks): ``[head, payload, inline buffer, ...]``. ``head`` is a
 small pickle of ``kinds`` or ``(kinds, views)``. ``kinds``: one entry per
 out-of-band buffer of ``payload``, either ``None`` (the next inline frame) or an
 :class:`~lazyshare.handler.ArrayDescriptor` (attach it). ``views``: the
@@ -64,7 +72,10 @@ from __future__ import annotations
 
 import copyreg
 import io
+import operator
+import os
 import pickle
+import sys
 import threading
 import warnings
 from typing import Any
@@ -85,6 +96,19 @@ __all__ = [
 DEFAULT_THRESHOLD = 1 << 20
 
 _PROTOCOL = 5
+_NO_KINDS = pickle.dumps([], _PROTOCOL)
+
+
+def _task_frames(kinds: list, views: list, payload, inline: list) -> list:
+    """The one frame layout of a pickled task (see the module docstring):
+    ``[head, payload, *inline]``, where ``head`` pickles ``kinds`` (one per
+    out-of-band buffer: None for the next inline frame, or a descriptor) or
+    ``(kinds, views)``. ``loads`` reads it back."""
+    if views:
+        head = pickle.dumps((kinds, views), _PROTOCOL)
+    else:
+        head = pickle.dumps(kinds, _PROTOCOL) if kinds else _NO_KINDS
+    return [head, payload, *inline]
 
 
 def _handler():
@@ -237,10 +261,8 @@ class CallExports:
         self._tasks: dict[Any, tuple] = {}  # task -> the segments it uses
         self._using: set | None = None  # those of the task being pickled
         self._lock = threading.Lock()
-        self.bytes_exported = 0  # bytes pinned and offered lazily (not moved)
-        self.bytes_live = 0  # of those, bytes still offered (not released yet)
+        self.bytes_live = 0  # bytes exported and still offered (not released yet)
         self.bytes_new = 0  # bytes the last dumps exported anew
-        self.bytes_pickled = 0  # bytes of frames produced by dumps
         self.closed = False
 
     def export_array(self, arr: np.ndarray):
@@ -265,7 +287,6 @@ class CallExports:
                     self._uses[key] = 1
                     if using is not None:
                         using.add(key)
-                    self.bytes_exported += high - low
                     self.bytes_live += high - low
                     self.bytes_new += high - low
             if closed:  # closed meanwhile (the pool was terminated)
@@ -304,11 +325,7 @@ class CallExports:
             using, self._using = self._using, None
         if using:
             self._tasks[task] = tuple(using)
-        payload = f.getbuffer()
-        head = pickle.dumps((kinds, views) if views else kinds, _PROTOCOL)
-        frames = [head, payload, *buffers]
-        self.bytes_pickled += sum(memoryview(x).nbytes for x in frames)
-        return frames
+        return _task_frames(kinds, views, f.getbuffer(), buffers)
 
     def task_done(self, task) -> None:
         """The task ``dumps(obj, task)`` pickled is done: release the segments
@@ -391,8 +408,7 @@ def _as_the_stdlib(obj, threshold, _function=type(lambda: None)):  # noqa: B008 
     cloudpickle would copy it by value, into a namespace of its own per task.
     An interactive ``__main__`` (REPL, notebook, ``python -c``), a package's
     ``__main__.py`` (which workers do not run) and what is not reachable by name
-    (lambdas, nested functions) stay by value. The same rule as
-    ``pool._main_is_importable``.
+    (lambdas, nested functions) stay by value (see ``_main_is_importable``).
     """
     cls = type(obj)
     if cls is np.ndarray:
@@ -403,26 +419,150 @@ def _as_the_stdlib(obj, threshold, _function=type(lambda: None)):  # noqa: B008 
         return obj.__reduce_ex__(_PROTOCOL)  # TypeError: cannot pickle memoryview objects
     if cls is not _function and not isinstance(obj, type):
         return None
-    if getattr(obj, "__module__", None) != "__main__":
+    if getattr(obj, "__module__", None) != "__main__" or not _main_is_importable():
         return None
-    import os
-    import sys
-
-    main = sys.modules.get("__main__")
-    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
-    if spec_name is not None:  # python -m: workers run it unless it is a package's __main__
-        if spec_name == "__main__" or spec_name.endswith(".__main__"):
-            return None
-    else:  # a script: workers run its file (multiprocessing skips one named ipython)
-        path = getattr(main, "__file__", None)
-        if not path or not os.path.isfile(path) or os.path.splitext(os.path.basename(path))[0] == "ipython":
-            return None
-    target = main
+    target = sys.modules.get("__main__")
     for name in obj.__qualname__.split("."):
         target = getattr(target, name, None)
         if target is None:
             return None
     return NotImplemented if target is obj else None
+
+
+def _main_is_importable() -> bool:
+    """Whether workers run the parent's ``__main__`` (as ``__mp_main__``): spawn
+    and forkserver children import a script's file or a ``python -m`` module,
+    but not a package's ``__main__`` nor a script named ipython (multiprocessing
+    skips those). Then a ``__main__`` function pickles by reference, as the
+    stdlib pickles it, and its ``global`` statements reach the worker's one
+    ``__main__`` namespace. An interactive ``__main__`` (REPL, notebook,
+    ``python -c``) has no file: cloudpickle sends its functions by value."""
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    path = getattr(main, "__file__", None)
+    known = _main_seen.get((spec_name, path))
+    if known is None:
+        if spec_name is not None:
+            known = spec_name != "__main__" and not spec_name.endswith(".__main__")
+        else:
+            known = (
+                bool(path)
+                and os.path.isfile(path)
+                and os.path.splitext(os.path.basename(path))[0] != "ipython"
+            )
+        _main_seen[(spec_name, path)] = known
+    return known
+
+
+_main_seen: dict = {}  # (__spec__.name, __file__) -> importable (asked once per chunk: cached)
+
+# ---------------------------------------------------------------- the fast path of small tasks
+_BY_VALUE_MODULES = getattr(getattr(cloudpickle, "cloudpickle", None), "_PICKLE_BY_VALUE_MODULES", None)
+
+
+def _dumps_small(threshold: float, task) -> list | None:
+    """``CallExports.dumps(task)`` for small tasks, or None.
+
+    cloudpickle costs 2-3x the C pickler on a small task (a Python ``ChainMap``
+    lookup and ``reducer_override`` call per object): 10,000 ``apply_async`` spend
+    most of their parent time there. The C pickler gives the same result when it
+    succeeds, nothing lives in an interactive ``__main__`` (see
+    ``_main_is_importable``), no module is registered to be pickled by value,
+    nothing is big enough to be exported and no buffer is read-only (the stdlib
+    gives a writable copy: see ``_as_the_stdlib``, which also refuses
+    memoryviews as the stdlib does); then the frames are those of
+    ``_task_frames``, as from ``CallExports.dumps``. Otherwise (lambdas, closures,
+    big arrays ...) None: use ``CallExports.dumps``. A big ndarray, at any depth,
+    stops the pickler as soon as it is reached (``_small_table``), before it is
+    copied.
+    """
+    if _BY_VALUE_MODULES is None or _BY_VALUE_MODULES:
+        return None
+    buffers: list = []
+    f = io.BytesIO()
+    p = pickle.Pickler(f, _PROTOCOL, buffer_callback=buffers.append)
+    p.dispatch_table = _small_table(threshold)
+    try:
+        p.dump(task)
+    except Exception:  # _TooBig, or anything cloudpickle may still handle
+        return None
+    payload = f.getvalue()
+    if len(payload) >= threshold:
+        return None
+    if (b"__main__" in payload or b"__mp_main__" in payload) and not _main_is_importable():
+        return None
+    raws = [b.raw() for b in buffers]
+    if any(r.nbytes >= threshold or r.readonly for r in raws):
+        return None  # a read-only array would arrive read-only: CallExports.dumps copies it
+    return _task_frames([None] * len(raws), (), payload, raws)
+
+
+class _TooBig(Exception):
+    pass
+
+
+_small_tables: dict = {}
+
+
+def _small_table(threshold: float) -> dict:
+    """copyreg's dispatch table plus ndarray and its subclasses, whose reducer
+    refuses big arrays.
+    Consulted by the C pickler for exact types it has no fast path for, so it
+    costs nothing per int or str."""
+    table = _small_tables.get(threshold)
+    if table is None:
+
+        def reduce_array(a):
+            if a.nbytes >= threshold:
+                raise _TooBig
+            return a.__reduce_ex__(_PROTOCOL)
+
+        class Table(dict):  # a subclass of ndarray (memmap, masked...) too, on first sight
+            def __missing__(self, cls):
+                if issubclass(cls, type):
+                    raise KeyError(cls)  # a class (of a metaclass): pickled by reference
+                r = self[cls] = reduce_array if issubclass(cls, np.ndarray) else _reduce_ex_5
+                return r
+
+        table = _small_tables[threshold] = Table({**copyreg.dispatch_table, np.ndarray: reduce_array})
+    return table
+
+
+_reduce_ex_5 = operator.methodcaller("__reduce_ex__", _PROTOCOL)  # what the pickler does without an entry
+
+
+# ---------------------------------------------------------------- the pool's initializer
+class _InitPickler(cloudpickle.Pickler):
+    """cloudpickle, except where ``_as_the_stdlib`` says the stdlib differs
+    (``__main__`` functions by reference where workers import it)."""
+
+    def reducer_override(self, obj):
+        if (rv := _as_the_stdlib(obj, float("inf"))) is not None:
+            return rv
+        return super().reducer_override(obj)
+
+
+class _CloudCallable:
+    """The initializer travels with cloudpickle (lambdas, closures) but, as with
+    the stdlib, by reference when it is a ``__main__`` function that workers
+    import: what it sets with ``global`` is then what the tasks' ``__main__``
+    functions see. ``initargs`` go through multiprocessing's own pickler, so that
+    queues, locks and manager proxies work as with the stdlib."""
+
+    def __init__(self, func):
+        self.func = func
+
+    def __reduce__(self):
+        f = io.BytesIO()
+        _InitPickler(f).dump(self.func)
+        return _load_cloud, (f.getvalue(),)
+
+    def __call__(self, *args):
+        return self.func(*args)
+
+
+def _load_cloud(blob: bytes):
+    return _CloudCallable(pickle.loads(blob))
 
 
 def _rebuild_subclass(index, cls, state):

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from conftest import DEADLINE
 
-from lazyshare import pool as pool_mod
 from lazyshare import serialization
 from lazyshare.handler import LazyshareWarning
 from lazyshare.pool import Pool
@@ -217,7 +216,7 @@ def test_fast_path_stops_at_a_big_subclass_before_copying_it():
     r = np.zeros(N, dtype=[("x", "f8")]).view(np.recarray)
     tracemalloc.start()
     try:
-        assert pool_mod._dumps_small(float(MiB), ((r, 1),)) is None
+        assert serialization._dumps_small(float(MiB), ((r, 1),)) is None
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -225,5 +224,5 @@ def test_fast_path_stops_at_a_big_subclass_before_copying_it():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         small = np.zeros(100).view(sf.Tagged)
-        frames = pool_mod._dumps_small(float(MiB), ((small, 1),))
+        frames = serialization._dumps_small(float(MiB), ((small, 1),))
         assert frames is not None and type(serialization.loads(frames)[0][0]) is sf.Tagged
