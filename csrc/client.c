@@ -42,10 +42,11 @@
  *   attaching, dying    lists of the regions in those states: deadlines and
  *                       unmapping look at nothing else
  *
- * Read-ahead (as CRIU's lazy-pages and the kernel's readahead): a region keeps a
- * window that starts at min_block, doubles while faults move forward within two
- * windows of the last one, and falls back to min_block on a random fault; a
- * sequential fault also requests the next window ahead. Every page is requested
+ * Read-ahead (as CRIU's lazy-pages and the kernel's readahead; the policy is
+ * csrc/readahead.c, pure functions): a region keeps a window that starts at
+ * min_block, doubles while faults move forward within two windows of the last
+ * one, and falls back to min_block on a random fault; a sequential fault also
+ * requests the next window ahead. Every page is requested
  * once: a bitmap marks pages requested, the in-flight table dedupes faults on
  * pages still on the wire.
  *
@@ -151,9 +152,7 @@ struct region {
     int *status_out;       /* while attaching: where the caller reads its outcome */
     uint64_t deadline;     /* attach deadline, ns */
     uint64_t timeout;      /* attach timeout, ns: eager progress pushes the deadline */
-    uint64_t last_fault;   /* page index */
-    int have_last;
-    uint32_t window;       /* pages */
+    struct ls_readahead ra; /* csrc/readahead.c */
     uint64_t eager_next;   /* next page to request in eager mode */
     int wp;                /* registered write-protect too: clean pages can be dropped */
     uint8_t *dirty;        /* with wp: pages this process wrote (never dropped) */
@@ -609,22 +608,15 @@ static void request_run(struct region *r, uint64_t page, uint64_t n, uint64_t fa
     CTR_ADD(requests, 1);
 }
 
-/* Request every not-yet-requested page of [from, to), in runs of at most max_pages. */
+/* Request every not-yet-requested page of [from, to), in runs of at most
+ * max_pages; the first run, if it starts at from, carries the fault. */
 static void request_range(struct region *r, uint64_t from, uint64_t to, uint64_t fault_ns)
 {
     if (to > r->npages)
         to = r->npages;
-    uint64_t p = from;
-    while (p < to) {
-        while (p < to && bit_get(r->requested, p))
-            p++;
-        uint64_t start = p;
-        while (p < to && !bit_get(r->requested, p) && p - start < max_pages)
-            p++;
-        if (p > start) {
-            request_run(r, start, p - start, start == from ? fault_ns : 0);
-        }
-    }
+    uint64_t start, n;
+    for (uint64_t p = from; ls_readahead_next_run(r->requested, p, to, max_pages, &start, &n); p = start + n)
+        request_run(r, start, n, start == from ? fault_ns : 0);
 }
 
 static void wake_page(uintptr_t addr)
@@ -645,19 +637,8 @@ static void on_fault(uintptr_t addr, uint64_t now)
     const uint64_t ps = ls_page_size();
     uint64_t page = (addr - r->base) / ps;
 
-    int seq = r->have_last && page >= r->last_fault && page <= r->last_fault + 2 * (uint64_t)r->window;
-    if (seq) {
-        uint64_t w = (uint64_t)r->window * 2;
-        r->window = (uint32_t)(w > max_pages ? max_pages : w);
-    } else {
-        r->window = (uint32_t)min_pages;
-    }
-    r->last_fault = page;
-    r->have_last = 1;
-
-    /* Read-ahead stops at the end of the region, which maps only what the
-     * views in it can reach (request_range clips). */
-    uint64_t end = page + r->window, end2 = page + 2 * (uint64_t)r->window;
+    struct ls_readahead_plan plan;
+    ls_readahead_fault(&r->ra, page, r->npages, (uint32_t)min_pages, (uint32_t)max_pages, &plan);
     if (bit_get(r->requested, page)) {
         struct inflight *f = infl_find_page(r, page);
         if (f) {
@@ -668,10 +649,10 @@ static void on_fault(uintptr_t addr, uint64_t now)
             wake_page(addr); /* installed after the fault was queued */
         }
     } else {
-        request_range(r, page, end, now);
+        request_range(r, plan.from, plan.to, now);
     }
-    if (seq)
-        request_range(r, end, end2, 0);
+    if (plan.sequential)
+        request_range(r, plan.ahead_from, plan.ahead_to, 0);
 }
 
 /* Install [off, off+len) of r from src, or as zero pages (src NULL).
@@ -1590,7 +1571,7 @@ static int region_new(const struct ls_attach *a, uint64_t timeout_ns, struct reg
     r->dirty = dirty;
     r->wp = want_wp;
     r->state = R_HOLDING;
-    r->window = (uint32_t)min_pages;
+    ls_readahead_init(&r->ra, (uint32_t)min_pages);
     r->timeout = timeout_ns;
     r->deadline = ls_now_ns() + timeout_ns;
     *out = r;

@@ -139,6 +139,28 @@ int ls_client_sync(uint32_t timeout_ms);
 /* Touch every page of [addr, addr+len) from this thread (user mode). */
 int ls_client_materialize(uint64_t addr, uint64_t len);
 
+/* The read-ahead policy (csrc/readahead.c): pure functions over one region's
+ * state, used by the fault handler for each fault, exposed for tests. */
+struct ls_readahead {
+    uint64_t last;      /* page of the last fault */
+    uint32_t window;    /* pages */
+    uint32_t have_last; /* a fault was seen */
+};
+struct ls_readahead_plan {
+    uint64_t from, to;             /* the demand block [from, to): from is the faulting page */
+    uint64_t ahead_from, ahead_to; /* the next window (sequential faults; else empty) */
+    int sequential;
+};
+void ls_readahead_init(struct ls_readahead *ra, uint32_t min_pages);
+/* A fault on page of a region of npages pages: update ra, say what to request
+ * (clipped at the region's end; pages already requested are not known here). */
+void ls_readahead_fault(struct ls_readahead *ra, uint64_t page, uint64_t npages, uint32_t min_pages,
+                        uint32_t max_pages, struct ls_readahead_plan *out);
+/* The first run of pages not yet requested in [from, to) of the bitmap
+ * requested (one bit per page), at most max_run long: 1 with *start, *n; 0 if none. */
+int ls_readahead_next_run(const uint8_t *requested, uint64_t from, uint64_t to, uint64_t max_run,
+                          uint64_t *start, uint64_t *n);
+
 void ls_get_stats(struct ls_stats *out);
 void ls_reset_after_fork(void);
 
