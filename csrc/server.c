@@ -1,15 +1,18 @@
 /*
- * The page server: native "lazyshare-pages" threads (one epoll loop per CPU)
- * in each owning process, a ZeroMQ ROUTER peer (ZMTP 3.0, see zmtp.h) on an
- * ipc:// socket file. Loop 0 accepts and deals connections out in turn.
+ * The page server: native "lazyshare-pages" threads (one event loop each,
+ * loop.c over epoll; one per CPU unless configured, at most 8) in each owning
+ * process, a ZeroMQ ROUTER peer (ZMTP 3.0, see zmtp.h) on an ipc:// socket
+ * file. Loop 0 accepts and deals connections out in turn; a connection is then
+ * served by its loop's thread alone. Python's threads (GIL released) call the
+ * ls_server_* functions: start/stop, and the segment table under seg_lock.
  *
- *   Python (any thread, GIL released)       page-server loops (epoll)
+ *   Python (any thread, GIL released)       page-server loops (loop.c)
  *   ls_server_export   --+                   accept: same uid only (SO_PEERCRED)
  *   ls_server_unexport --+-- seg table --+-> INSTALL: bounds-check, UFFDIO_COPY from
  *                        |   (seg_lock)  |   the pinned buffer into the consumer
  *                        |               |   (its userfaultfd, given by OP_UFFD)
  *                        |               +-> READ: reply from the pinned buffer
- *                        |               |   itself (writev, no copy)
+ *                        |               |   itself (sendmsg, no copy)
  *   freed ids <----------+---------------+-> HOLD/RELEASE: holders per connection;
  *   (eventfd wakes Python's reaper)          a closed connection drops its holds
  *
@@ -31,6 +34,7 @@
  * EPOLLOUT while the others are served).
  */
 #include "internal.h"
+#include "loop.h"
 #include "zmtp.h"
 
 #include <fcntl.h>
@@ -39,7 +43,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -78,14 +81,17 @@ struct span {
  * consumers run on different CPUs. */
 struct loop {
     pthread_t thread;
-    int ep;
-    uint8_t *bounce; /* one page, for installs of pages mixing bytes and zeros */
+    struct ls_loop ev;    /* loop.c: epoll and the spin */
+    struct ls_io stop_io; /* stop_fd, registered in every loop */
+    int stopping;         /* set by stop_io's callback */
+    uint8_t *bounce;      /* one page, for installs of pages mixing bytes and zeros */
 };
 
 struct conn {
     uint64_t id;
     int fd;
     struct loop *loop;
+    struct ls_io io; /* fd in loop->ev */
     int uffd;       /* the consumer's userfaultfd (OP_UFFD), -1 if none */
     int pending_fd; /* an fd received but not yet claimed by an OP_UFFD request */
     struct conn *prev, *next; /* all connections, for a forked child to close */
@@ -115,13 +121,14 @@ static struct loop loops[MAX_LOOPS];
 static int nloops;
 static int server_running;
 static int stop_fd = -1, listen_fd = -1;
+static struct ls_io listen_io; /* listen_fd, in loop 0 */
+static int spare_fd = -1; /* /dev/null, given up to refuse a connection when out of fds */
 static char listen_path[108];
 static uint64_t next_conn_id = 1;
 static const uint8_t zeros[4096];
 static int pagemap_fd = -1;
 static pthread_mutex_t conns_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct conn *conns; /* every connection (a forked child closes them) */
-static uint64_t spin_ns; /* ls_server_config.spin_us; 0 disables */
 
 static uint64_t seg_key(const uint8_t *id)
 {
@@ -383,7 +390,7 @@ static void conn_close(struct conn *c)
     pthread_mutex_unlock(&seg_lock);
     if (freed_any)
         ls_eventfd_signal(freed_fd);
-    epoll_ctl(c->loop->ep, EPOLL_CTL_DEL, c->fd, NULL);
+    ls_loop_del(&c->io); /* a no-op if it never joined its loop */
     pthread_mutex_lock(&conns_lock);
     close(c->fd);
     if (c->uffd >= 0)
@@ -426,7 +433,10 @@ static int conn_flush(struct conn *c)
         }
         if (!n)
             break;
-        ssize_t w = writev(c->fd, iov, n);
+        /* sendmsg, as writev, but a peer gone raises no SIGPIPE (blocked here,
+         * it would stay pending on this thread). */
+        struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+        ssize_t w = sendmsg(c->fd, &m, MSG_NOSIGNAL);
         if (w < 0) {
             if (errno == EINTR)
                 continue;
@@ -976,15 +986,17 @@ static ssize_t conn_read(struct conn *c)
 
 /* Level-triggered epoll: wait for either input or room for output, never both,
  * so a peer whose reply is stuck does not make the loop spin on its requests. */
-static void conn_wants_out(struct conn *c, int out)
+static uint32_t conn_events(int out)
 {
-    struct epoll_event ev = {.events = out ? EPOLLOUT : (EPOLLIN | EPOLLRDHUP), .data.ptr = c};
-    epoll_ctl(c->loop->ep, EPOLL_CTL_MOD, c->fd, &ev);
+    return out ? EPOLLOUT : (EPOLLIN | EPOLLRDHUP);
 }
 
-static void on_conn(struct conn *c, uint32_t events)
+/* The loop's callback for a connection (c->loop's thread only). */
+static void on_conn(int fd, uint32_t events, void *arg)
 {
+    (void)fd;
     (void)events;
+    struct conn *c = arg;
     int pending = c->txlen || c->dseg;
     if (pending) {
         int f = conn_flush(c);
@@ -994,7 +1006,10 @@ static void on_conn(struct conn *c, uint32_t events)
         }
         if (f == 0)
             return; /* still waiting for room (EPOLLOUT mode) */
-        conn_wants_out(c, 0);
+        if (ls_loop_mod(&c->io, conn_events(0)) < 0) {
+            conn_close(c);
+            return;
+        }
     }
     /* Requests may already be buffered from before the reply went out. */
     if (conn_parse(c) < 0) {
@@ -1021,24 +1036,44 @@ static void on_conn(struct conn *c, uint32_t events)
             return;
         }
     }
-    if (c->txlen || c->dseg)
-        conn_wants_out(c, 1);
+    if ((c->txlen || c->dseg) && ls_loop_mod(&c->io, conn_events(1)) < 0)
+        conn_close(c); /* it would never be woken to send the rest */
 }
 
-static void on_accept(void)
+/* Loop 0's callback for listen_fd: take every pending connection and hand
+ * each to a loop in turn. */
+static void on_accept(int lfd, uint32_t events, void *arg)
 {
+    (void)events;
+    (void)arg;
     static const char peer_type[] = "ROUTER";
     for (;;) {
-        int fd = accept4(listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0)
-            return;
+        int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if ((errno == EMFILE || errno == ENFILE) && spare_fd >= 0) {
+                /* Out of descriptors: a connection left pending keeps the
+                 * (level-triggered) listening socket ready and this loop
+                 * spinning. Refuse it with the descriptor kept for that; the
+                 * peer sees the connection closed. */
+                close(spare_fd);
+                fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+                if (fd >= 0)
+                    close(fd);
+                spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+                if (fd >= 0)
+                    continue;
+            }
+            return; /* EAGAIN: all taken; anything else: tried again on the next wake-up */
+        }
         struct ucred cred;
         socklen_t cl = sizeof cred;
         if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &cl) < 0 || cred.uid != getuid()) {
             close(fd); /* the 0700 directory already keeps others out; belt and braces */
             continue;
         }
-        int sz = 4 << 20; /* capped by net.core.wmem_max */
+        int sz = 4 << 20; /* capped by net.core.wmem_max; a failure leaves the default */
         setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof sz);
         struct conn *c = calloc(1, sizeof *c);
         if (!c) {
@@ -1049,6 +1084,7 @@ static void on_accept(void)
         c->fd = fd;
         c->uffd = c->pending_fd = -1;
         c->loop = &loops[c->id % (uint64_t)nloops];
+        ls_io_init(&c->io, fd, on_conn, c);
         pthread_mutex_lock(&conns_lock);
         c->next = conns;
         if (conns)
@@ -1060,12 +1096,19 @@ static void on_accept(void)
         tx_put(c, g, sizeof g);
         c->txlen += zmtp_ready(c->tx + c->txlen, sizeof c->tx - c->txlen, peer_type);
         /* Everything this thread does with c happens before it joins its
-         * loop's epoll set: from then on only that loop touches it. */
+         * loop: from then on only that loop touches it. */
         int f = conn_flush(c);
-        struct epoll_event ev = {.events = f == 0 ? EPOLLOUT : (EPOLLIN | EPOLLRDHUP), .data.ptr = c};
-        if (f < 0 || epoll_ctl(c->loop->ep, EPOLL_CTL_ADD, fd, &ev) < 0)
+        if (f < 0 || ls_loop_add(&c->loop->ev, &c->io, conn_events(f == 0)) < 0)
             conn_close(c);
     }
+}
+
+/* Every loop's callback for stop_fd (never drained: every loop sees it). */
+static void on_stop(int fd, uint32_t events, void *arg)
+{
+    (void)fd;
+    (void)events;
+    ((struct loop *)arg)->stopping = 1;
 }
 
 static void *server_main(void *arg)
@@ -1073,38 +1116,16 @@ static void *server_main(void *arg)
     struct loop *L = arg;
     ls_block_signals();
     pthread_setname_np(pthread_self(), "lazyshare-pages");
-    struct epoll_event evs[64];
-    uint64_t last_activity = 0;
-    for (;;) {
-        /* As the fault handler does: spin a little after serving, since the
-         * next request of a faulting reader follows within microseconds, and a
-         * sleep/wake-up on an idle VM costs tens of them. */
-        int n = 0;
-        if (spin_ns && ls_now_ns() - last_activity < spin_ns)
-            while ((n = epoll_wait(L->ep, evs, 64, 0)) == 0 && ls_now_ns() - last_activity < spin_ns)
-                ;
-        if (n <= 0)
-            n = epoll_wait(L->ep, evs, 64, -1);
-        last_activity = ls_now_ns();
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            break;
-        }
-        for (int i = 0; i < n; i++) {
-            if (evs[i].data.ptr == &listen_fd)
-                on_accept();
-            else if (evs[i].data.ptr == &stop_fd)
-                return NULL; /* never drained: every loop sees it */
-            else
-                on_conn(evs[i].data.ptr, evs[i].events);
-        }
-    }
+    /* epoll_wait fails only on a bad epoll fd or buffer (EINTR is 0): then
+     * this loop's connections go unanswered and their consumers time out. */
+    while (!L->stopping && ls_loop_run_once(&L->ev, -1) >= 0)
+        ;
     return NULL;
 }
 
-/* Undo a start that failed part-way: stop and join the loops already running,
- * then close only what this start opened (a loop never reached has ep -1). */
+/* Undo a start that failed part-way (or a stop): stop and join the loops
+ * already running, then close what the start opened (a loop never reached has
+ * no epoll fd, ev.ep -1). */
 static void start_undo(int started)
 {
     if (started)
@@ -1112,15 +1133,17 @@ static void start_undo(int started)
     for (int i = 0; i < started; i++)
         pthread_join(loops[i].thread, NULL);
     for (int i = 0; i < nloops; i++) {
-        if (loops[i].ep >= 0)
-            close(loops[i].ep);
+        ls_loop_close(&loops[i].ev);
         free(loops[i].bounce);
-        loops[i] = (struct loop){.ep = -1};
+        loops[i] = (struct loop){.ev.ep = -1};
     }
     nloops = 0;
     if (stop_fd >= 0)
         close(stop_fd);
     stop_fd = -1;
+    if (spare_fd >= 0)
+        close(spare_fd);
+    spare_fd = -1;
 }
 
 int ls_server_start(const char *endpoint, const struct ls_server_config *cfg)
@@ -1134,7 +1157,7 @@ int ls_server_start(const char *endpoint, const struct ls_server_config *cfg)
     if (strlen(path) >= sizeof sa.sun_path)
         return -ENAMETOOLONG;
     strcpy(sa.sun_path, path);
-    spin_ns = (uint64_t)cfg->spin_us * 1000ull;
+    uint64_t spin_ns = (uint64_t)cfg->spin_us * 1000ull; /* 0: sleep at once */
     /* One loop per CPU unless configured, at most MAX_LOOPS. */
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     uint32_t want = cfg->threads ? cfg->threads : (uint32_t)(ncpu > 0 ? ncpu : 1);
@@ -1162,15 +1185,19 @@ int ls_server_start(const char *endpoint, const struct ls_server_config *cfg)
     }
     if ((stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0)
         goto fail;
+    if ((spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0) /* see on_accept */
+        goto fail;
     for (int i = 0; i < MAX_LOOPS; i++)
-        loops[i] = (struct loop){.ep = -1};
+        loops[i] = (struct loop){.ev.ep = -1};
     nloops = n;
     for (int i = 0; i < n; i++) {
         struct loop *L = &loops[i];
         void *b = NULL;
-        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &stop_fd};
-        if ((L->ep = epoll_create1(EPOLL_CLOEXEC)) < 0 || epoll_ctl(L->ep, EPOLL_CTL_ADD, stop_fd, &ev) < 0)
-            goto fail;
+        if ((rc = ls_loop_init(&L->ev, spin_ns)) < 0)
+            goto fail_rc;
+        ls_io_init(&L->stop_io, stop_fd, on_stop, L);
+        if ((rc = ls_loop_add(&L->ev, &L->stop_io, EPOLLIN)) < 0)
+            goto fail_rc;
         if ((rc = -posix_memalign(&b, ls_page_size(), ls_page_size())))
             goto fail_rc;
         L->bounce = b;
@@ -1179,10 +1206,11 @@ int ls_server_start(const char *endpoint, const struct ls_server_config *cfg)
     for (int i = 0; i < n; i++, started++)
         if ((rc = -pthread_create(&loops[i].thread, NULL, server_main, &loops[i])))
             goto fail_rc;
-    /* Connections only once every loop runs: a failed start accepted none. */
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &listen_fd};
-    if (epoll_ctl(loops[0].ep, EPOLL_CTL_ADD, fd, &ev) < 0)
-        goto fail;
+    /* Connections only once every loop runs: a failed start accepted none.
+     * (Added from this thread while loop 0 waits: see loop.h.) */
+    ls_io_init(&listen_io, fd, on_accept, NULL);
+    if ((rc = ls_loop_add(&loops[0].ev, &listen_io, EPOLLIN)) < 0)
+        goto fail_rc;
     snprintf(listen_path, sizeof listen_path, "%s", path);
     server_running = 1;
     return 0;
@@ -1210,19 +1238,11 @@ int ls_server_stop(void)
 {
     if (!server_running)
         return 0;
-    ls_eventfd_signal(stop_fd);
-    for (int i = 0; i < nloops; i++) {
-        pthread_join(loops[i].thread, NULL);
-        close(loops[i].ep);
-        free(loops[i].bounce);
-        loops[i] = (struct loop){.ep = -1};
-    }
-    nloops = 0;
+    start_undo(nloops);
     /* Connections are left to the process's exit: peers see EOF then. */
     close(listen_fd);
     unlink(listen_path);
-    close(stop_fd);
-    listen_fd = stop_fd = -1;
+    listen_fd = -1;
     server_running = 0;
     return 0;
 }
@@ -1247,13 +1267,12 @@ void ls_server_reset_after_fork(void)
     conns = NULL;
     pthread_mutex_init(&conns_lock, NULL);
     for (int i = 0; i < nloops; i++) {
-        if (loops[i].ep >= 0)
-            close(loops[i].ep);
-        loops[i] = (struct loop){.ep = -1};
+        ls_loop_close(&loops[i].ev); /* never ls_loop_del: the epoll instance is the parent's too */
+        loops[i] = (struct loop){.ev.ep = -1};
     }
     nloops = 0;
     pthread_mutex_init(&maps_lock, NULL);
-    int *fds[] = {&stop_fd, &freed_fd, &listen_fd, &pagemap_fd, &maps_fd};
+    int *fds[] = {&stop_fd, &freed_fd, &listen_fd, &pagemap_fd, &maps_fd, &spare_fd};
     for (size_t i = 0; i < sizeof fds / sizeof fds[0]; i++) {
         if (*fds[i] >= 0)
             close(*fds[i]);
