@@ -225,12 +225,46 @@ void ls_fatal(const char *fmt, ...)
         pause();
 }
 
+/* ---- after fork: each side registers its own reset ---- */
+
+#define MAX_FORK_HOOKS 8
+static void (*fork_hooks[MAX_FORK_HOOKS])(void);
+static _Atomic int nfork_hooks; /* slots below it are set (release/acquire) */
+static pthread_mutex_t fork_hooks_lock = PTHREAD_MUTEX_INITIALIZER;
+
+int ls_on_fork_child(void (*fn)(void))
+{
+    int rc = 0;
+    pthread_mutex_lock(&fork_hooks_lock);
+    int n = atomic_load_explicit(&nfork_hooks, memory_order_relaxed);
+    for (int i = 0; i < n; i++)
+        if (fork_hooks[i] == fn)
+            goto out;
+    if (n == MAX_FORK_HOOKS) {
+        rc = -ENOSPC;
+        goto out;
+    }
+    fork_hooks[n] = fn;
+    atomic_store_explicit(&nfork_hooks, n + 1, memory_order_release);
+out:
+    pthread_mutex_unlock(&fork_hooks_lock);
+    return rc;
+}
+
 void ls_reset_after_fork(void)
 {
     /* The child has none of the parent's threads: forget their state without
-     * touching it (locks may be held, sockets belong to the parent). */
-    ls_server_reset_after_fork();
-    ls_client_reset_after_fork();
+     * touching it (locks may be held, sockets belong to the parent). No lock
+     * taken here: a parent's thread may have held fork_hooks_lock at fork. */
+    int n = atomic_load_explicit(&nfork_hooks, memory_order_acquire), client_registered = 0;
+    for (int i = 0; i < n; i++) {
+        fork_hooks[i]();
+        client_registered |= fork_hooks[i] == ls_client_reset_after_fork;
+    }
+    /* COMPATIBILITY, until client.c registers its reset with ls_on_fork_child
+     * itself: then remove this call and its declaration in internal.h. */
+    if (!client_registered)
+        ls_client_reset_after_fork();
 }
 
 int64_t ls_bench_uffd_copy(uint64_t len, uint32_t block)

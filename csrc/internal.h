@@ -113,7 +113,14 @@ void ls_htab_remove(struct ls_htab *t, struct ls_hnode *e);
 /* Call fn on every entry (fn may remove that entry, and only that one). */
 void ls_htab_each(struct ls_htab *t, void (*fn)(struct ls_hnode *, void *), void *arg);
 
-void ls_server_reset_after_fork(void);
+/* After fork, ls_reset_after_fork (called by Python in the child) runs every
+ * function registered here, in order, once each: a side of the core resets
+ * its own state (its threads are gone; forget their state without touching
+ * it). Register from a constructor or before starting threads. Registering a
+ * function twice is a no-op. 0, or -ENOSPC past 8 functions. */
+int ls_on_fork_child(void (*fn)(void));
+/* COMPATIBILITY: still called by ls_reset_after_fork unless registered (see
+ * common.c). */
 void ls_client_reset_after_fork(void);
 
 #endif

@@ -1247,7 +1247,9 @@ int ls_server_stop(void)
     return 0;
 }
 
-void ls_server_reset_after_fork(void)
+/* In a forked child (registered below with ls_on_fork_child): none of the
+ * parent's loops runs here; forget the server without touching its state. */
+static void server_reset_after_fork(void)
 {
     pthread_mutex_init(&seg_lock, NULL);
     segs = (struct ls_htab){0};
@@ -1279,4 +1281,9 @@ void ls_server_reset_after_fork(void)
         *fds[i] = -1;
     }
     atomic_store(&ls_ctr.segments_exported, 0);
+}
+
+__attribute__((constructor)) static void server_register_fork_reset(void)
+{
+    ls_on_fork_child(server_reset_after_fork); /* two users of eight slots: cannot fail */
 }
