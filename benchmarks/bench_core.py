@@ -7,7 +7,7 @@ Prints, as medians over --runs fresh attaching processes:
 * sequential materialization of one segment (GB/s), and the ceiling measured
   beside it in the same process: UFFDIO_COPY from a local (cache-hot) buffer
   into a fresh registered mapping with the same block size (the largest
-  read-ahead window), in back-to-back pairs;
+  read-ahead window), in back-to-back pairs (benchmarks/_ceiling.py);
 * random single-page faults: latency p50/p99 as seen by the touching thread.
 
 Both fill freshly allocated memory; on a VM the first touch of guest memory can
@@ -40,12 +40,13 @@ def _sequential(desc, block, rounds, q):
     """
     import gc
 
+    from _ceiling import uffd_copy_ns
+
     import lazyshare
-    from lazyshare import handler
 
     pairs = []
     for i in range(rounds + 1):
-        ns = handler.lib.ls_bench_uffd_copy(desc.nbytes, block)
+        ns = uffd_copy_ns(desc.nbytes, block)
         a = lazyshare.attach(desc)
         t = time.perf_counter()
         lazyshare.materialize(a)

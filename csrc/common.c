@@ -10,7 +10,6 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
-#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -265,49 +264,6 @@ void ls_reset_after_fork(void)
      * itself: then remove this call and its declaration in internal.h. */
     if (!client_registered)
         ls_client_reset_after_fork();
-}
-
-int64_t ls_bench_uffd_copy(uint64_t len, uint32_t block)
-{
-    const uint64_t ps = ls_page_size();
-    if (!block || block % ps || len % block)
-        return -EINVAL;
-    int fd = ls_uffd_open(LS_MODE_UFFD);
-    if (fd < 0)
-        fd = ls_uffd_open(LS_MODE_UFFD_USER);
-    if (fd < 0)
-        return fd;
-    int64_t rc = 0;
-    void *src = mmap(NULL, block, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    void *dst = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (src == MAP_FAILED || dst == MAP_FAILED) {
-        rc = -ENOMEM;
-        goto out;
-    }
-    memset(src, 0x5a, block);
-    struct uffdio_register reg = {.range = {.start = (uintptr_t)dst, .len = len},
-                                  .mode = UFFDIO_REGISTER_MODE_MISSING};
-    if (ioctl(fd, UFFDIO_REGISTER, &reg) < 0) {
-        rc = -errno;
-        goto out;
-    }
-    uint64_t t0 = ls_now_ns();
-    for (uint64_t off = 0; off < len;) {
-        struct uffdio_copy c = {.dst = (uintptr_t)dst + off, .src = (uintptr_t)src, .len = block, .mode = 0};
-        if (ioctl(fd, UFFDIO_COPY, &c) < 0 && c.copy <= 0) {
-            rc = -errno;
-            goto out;
-        }
-        off += c.copy > 0 ? (uint64_t)c.copy : block;
-    }
-    rc = (int64_t)(ls_now_ns() - t0);
-out:
-    if (dst != MAP_FAILED)
-        munmap(dst, len);
-    if (src != MAP_FAILED)
-        munmap(src, block);
-    close(fd);
-    return rc;
 }
 
 int ls_uffd_fill(int fd, uint64_t dst, const uint8_t *src, uint64_t len, int wp, int dontwake, uint64_t *eexist)

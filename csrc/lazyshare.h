@@ -163,7 +163,3 @@ int ls_readahead_next_run(const uint8_t *requested, uint64_t from, uint64_t to, 
 
 void ls_get_stats(struct ls_stats *out);
 void ls_reset_after_fork(void);
-
-/* Benchmark ceiling: UFFDIO_COPY len bytes, block bytes at a time, from a local
- * buffer into a fresh registered mapping in this thread; returns ns or -errno. */
-int64_t ls_bench_uffd_copy(uint64_t len, uint32_t block);
