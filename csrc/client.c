@@ -175,9 +175,45 @@ struct inflight {
     int dontwake;    /* an INSTALL sent with LS_INSTALL_DONTWAKE */
     int dying;       /* its region was detached: nobody waits for it */
     struct peer *peer;
+    const struct page_source *src; /* what it was asked of: its reply goes back there */
     struct inflight *prev, *next;   /* every request, oldest first */
     struct inflight *rprev, *rnext; /* its region's */
 };
+
+/*
+ * Page sources (as the page_read interface of CRIU's lazy-pages daemon): the
+ * fault loop asks a source for a range of a region and later hands it the
+ * reply; the source puts the pages in place. Two today:
+ *   install_source  INSTALL: the owner UFFDIO_COPYs through the userfaultfd we
+ *                   handed it (wakes the faulting thread itself); the reply
+ *                   only confirms and counts
+ *   wire_source     READ: the payload follows the reply, installed here with
+ *                   UFFDIO_COPY / UFFDIO_ZEROPAGE, or memcpy'd on the eager rung
+ * A source for a remote (TCP) owner would be a third, not a branch in each of
+ * these functions.
+ */
+struct fetch { /* a request taken off the in-flight table, its reply in hand */
+    struct region *region;
+    uint64_t page, npages;
+    uint64_t fault; /* ns of the oldest fault waiting on it, 0 if none */
+    int nfaults;
+    int dontwake;
+};
+
+struct page_source {
+    const char *name;
+    uint16_t op; /* the op its requests carry and its replies echo */
+    /* Send f's request (pages [f->page, f->page+f->npages) of f->region;
+     * f->fault says whether a thread waits): 0 or -errno. */
+    int (*request)(struct inflight *f);
+    /* f's reply (and its payload, has_data): put the pages in place. */
+    void (*complete)(struct peer *p, const struct fetch *f, const struct ls_rep *rep, const uint8_t *data,
+                     uint64_t datalen, int has_data);
+    /* Eager rung (no userfaultfd): keep pulling r's pages into plain memory;
+     * NULL if the source cannot fill memory that is not registered. */
+    void (*pull)(struct region *r);
+};
+static const struct page_source install_source, wire_source;
 
 enum { CMD_ATTACH, CMD_DETACH };
 
@@ -567,29 +603,32 @@ static void infl_remove(struct inflight *f)
     infl_spare = f;
 }
 
+/* Which source serves r's requests: the owner installs (it holds our
+ * userfaultfd) into regions faulting lazily; anything else comes as payload. */
+static const struct page_source *source_for(const struct region *r)
+{
+    return r->peer->direct && r->state == R_ACTIVE ? &install_source : &wire_source;
+}
+
 /* Request pages [page, page+n) of r, which none requested yet. */
 static void request_run(struct region *r, uint64_t page, uint64_t n, uint64_t fault_ns)
 {
-    const uint64_t ps = ls_page_size();
     struct inflight *f = infl_spare;
     if (f)
         infl_spare = f->next;
     else if (!(f = malloc(sizeof *f)))
         ls_fatal("out of memory for in-flight requests");
     uint64_t tag = next_tag++;
-    int direct = r->peer->direct && r->state == R_ACTIVE;
-    uint32_t flags = (r->wp ? LS_INSTALL_WP : 0) | (fault_ns ? 0 : LS_INSTALL_DONTWAKE);
-    int rc = send_req(r->peer, direct ? LS_OP_INSTALL : LS_OP_READ, r->seg, tag, r->segoff + page * ps, n * ps,
-                      r->base + page * ps, flags);
+    *f = (struct inflight){
+        .h = {.key = tag}, .tag = tag, .region = r, .page = page, .npages = n,
+        .fault = fault_ns, .nfaults = fault_ns ? 1 : 0, .peer = r->peer, .src = source_for(r),
+    };
+    int rc = f->src->request(f);
     if (rc < 0)
         ls_fatal("cannot send a page request to %s: errno %d", r->peer->endpoint, -rc);
+    f->sent = ls_now_ns();
     for (uint64_t i = page; i < page + n; i++)
         bit_set(r->requested, i);
-    *f = (struct inflight){
-        .h = {.key = tag}, .tag = tag, .region = r, .page = page, .npages = n, .sent = ls_now_ns(),
-        .fault = fault_ns, .nfaults = fault_ns ? 1 : 0, .peer = r->peer,
-        .dontwake = direct && !fault_ns,
-    };
     if (ls_htab_insert(&infl_tags, &f->h) < 0)
         ls_fatal("out of memory for in-flight requests");
     f->prev = infl_newest; /* tags only grow: the list stays in tag order */
@@ -832,42 +871,26 @@ static void record_latency(uint64_t fault_ns, int nfaults)
         ls_hist_add(dt);
 }
 
-static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *src, uint64_t srclen, int has_data)
+/* ---- install_source: the owner copies through our userfaultfd ---- */
+
+static int install_request(struct inflight *f)
 {
     const uint64_t ps = ls_page_size();
-    if (rep->op == LS_OP_HOLD) {
-        struct region *r = region_by_id(rep->tag);
-        if (!r || r->state != R_HOLDING)
-            return;
-        if (rep->status) {
-            attach_finish(r, rep->status);
-            return;
-        }
-        if (rep->seglen != r->seglen) {
-            attach_finish(r, -EBADMSG);
-            return;
-        }
-        if (client_mode == LS_MODE_EAGER) {
-            r->state = R_EAGER;
-            eager_pump(r);
-            if (!r->npages)
-                attach_finish(r, 0);
-        } else {
-            r->state = R_ACTIVE;
-            attach_finish(r, 0);
-        }
-        return;
-    }
-    if (rep->op != LS_OP_READ && rep->op != LS_OP_INSTALL)
-        return; /* RELEASE/PING acknowledgements */
-    struct inflight *f = infl_find_tag(rep->tag);
-    if (!f || f->peer != p)
-        return; /* its region was freed */
     struct region *r = f->region;
-    uint64_t page = f->page, npages = f->npages, fault = f->fault;
-    int nfaults = f->nfaults, dontwake = f->dontwake;
-    infl_remove(f);
-    if (rep->op == LS_OP_INSTALL && !rep->status && rep->seglen <= npages * ps) {
+    f->dontwake = !f->fault; /* read-ahead: nobody to wake yet */
+    uint32_t flags = (r->wp ? LS_INSTALL_WP : 0) | (f->dontwake ? LS_INSTALL_DONTWAKE : 0);
+    return send_req(r->peer, LS_OP_INSTALL, r->seg, f->tag, r->segoff + f->page * ps, f->npages * ps,
+                    r->base + f->page * ps, flags);
+}
+
+static void install_complete(struct peer *p, const struct fetch *f, const struct ls_rep *rep,
+                             const uint8_t *data, uint64_t datalen, int has_data)
+{
+    (void)p, (void)data, (void)datalen, (void)has_data;
+    const uint64_t ps = ls_page_size();
+    struct region *r = f->region;
+    const uint64_t page = f->page, npages = f->npages;
+    if (!rep->status && rep->seglen <= npages * ps) {
         /* Counted even for a region detached meanwhile: its reader may have
          * been woken by this very install, done its work and let go. */
         CTR_ADD(installs, 1);
@@ -876,42 +899,72 @@ static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *sr
     }
     if (r->state == R_DYING)
         return; /* freed by reap_dying */
-    if (rep->op == LS_OP_INSTALL) {
-        if (rep->status)
-            ls_fatal("the owner (pid %d, %s) could not install pages %llu-%llu of a segment of %llu "
-                     "bytes: %s",
-                     r->peer->pid, r->peer->endpoint, (unsigned long long)page,
-                     (unsigned long long)(page + npages - 1), (unsigned long long)r->seglen,
-                     rep->status == -ENOENT ? "the segment was released while this process still maps it"
-                                            : strerror(-rep->status));
-        if (rep->offset != r->segoff + page * ps || rep->length != npages * ps || rep->seglen > npages * ps)
-            ls_fatal("malformed install reply from %s", r->peer->endpoint);
-        if (dontwake && nfaults) { /* faults arrived after the read-ahead was asked for */
-            struct uffdio_range rg = {.start = r->base + page * ps, .len = npages * ps};
-            ioctl(uffd, UFFDIO_WAKE, &rg);
-        }
-        if (rep->seglen)
-            account_fetched(r, page, npages);
-        record_latency(fault, nfaults);
-        return;
+    if (rep->status)
+        ls_fatal("the owner (pid %d, %s) could not install pages %llu-%llu of a segment of %llu "
+                 "bytes: %s",
+                 r->peer->pid, r->peer->endpoint, (unsigned long long)page,
+                 (unsigned long long)(page + npages - 1), (unsigned long long)r->seglen,
+                 rep->status == -ENOENT ? "the segment was released while this process still maps it"
+                                        : strerror(-rep->status));
+    if (rep->offset != r->segoff + page * ps || rep->length != npages * ps || rep->seglen > npages * ps)
+        ls_fatal("malformed install reply from %s", r->peer->endpoint);
+    if (f->dontwake && f->nfaults) { /* faults arrived after the read-ahead was asked for */
+        struct uffdio_range rg = {.start = r->base + page * ps, .len = npages * ps};
+        ioctl(uffd, UFFDIO_WAKE, &rg);
     }
+    if (rep->seglen)
+        account_fetched(r, page, npages);
+    record_latency(f->fault, f->nfaults);
+}
+
+static const struct page_source install_source = {
+    .name = "install",
+    .op = LS_OP_INSTALL,
+    .request = install_request,
+    .complete = install_complete,
+    .pull = NULL, /* it writes through a userfaultfd: no use for plain memory */
+};
+
+/* ---- wire_source: the payload follows the reply ---- */
+
+static int wire_request(struct inflight *f)
+{
+    const uint64_t ps = ls_page_size();
+    struct region *r = f->region;
+    return send_req(r->peer, LS_OP_READ, r->seg, f->tag, r->segoff + f->page * ps, f->npages * ps, 0, 0);
+}
+
+/* Eager rung: progress on r; attached once every page arrived. */
+static void eager_progress(struct region *r)
+{
+    r->deadline = ls_now_ns() + r->timeout; /* a big segment may take long: time progress */
+    eager_pump(r);
+    if (!r->inflight && r->eager_next >= r->npages) {
+        r->state = R_ACTIVE;
+        attach_finish(r, 0);
+    }
+}
+
+static void wire_complete(struct peer *p, const struct fetch *f, const struct ls_rep *rep, const uint8_t *data,
+                          uint64_t datalen, int has_data)
+{
+    (void)p;
+    const uint64_t ps = ls_page_size();
+    struct region *r = f->region;
+    const uint64_t page = f->page, npages = f->npages;
+    if (r->state == R_DYING)
+        return; /* freed by reap_dying */
     if (!rep->status && (rep->flags & LS_REP_ZERO) && !has_data && rep->length == npages * ps &&
         rep->offset == r->segoff + page * ps) {
         CTR_ADD(bytes_zero, npages * ps);
         if (r->state == R_EAGER) { /* fresh anonymous memory is already zero */
-            eager_pump(r);
-            if (!r->inflight && r->eager_next >= r->npages) {
-                r->state = R_ACTIVE;
-                attach_finish(r, 0);
-            } else {
-                r->deadline = ls_now_ns() + r->timeout;
-            }
+            eager_progress(r);
             return;
         }
         int rc = install(r, page * ps, NULL, npages * ps, 1);
         if (rc < 0)
             ls_fatal("UFFDIO_ZEROPAGE failed: errno %d", -rc);
-        record_latency(fault, nfaults);
+        record_latency(f->fault, f->nfaults);
         return;
     }
     if (rep->status)
@@ -920,25 +973,77 @@ static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *sr
                  (unsigned long long)(page + npages - 1), (unsigned long long)r->seglen,
                  rep->status == -ENOENT ? "the segment was released while this process still maps it"
                                         : "error reply");
-    if (!has_data || srclen != npages * ps || rep->offset != r->segoff + page * ps)
+    if (!has_data || datalen != npages * ps || rep->offset != r->segoff + page * ps)
         ls_fatal("malformed page reply from %s", r->peer->endpoint);
     if (r->state == R_EAGER) {
-        memcpy((uint8_t *)r->base + page * ps, src, npages * ps);
+        memcpy((uint8_t *)r->base + page * ps, data, npages * ps);
         CTR_ADD(bytes_fetched, npages * ps);
-        r->deadline = ls_now_ns() + r->timeout; /* a big segment may take long: time progress */
-        eager_pump(r);
-        if (!r->inflight && r->eager_next >= r->npages) {
-            r->state = R_ACTIVE;
-            attach_finish(r, 0);
-        }
+        eager_progress(r);
         return;
     }
     CTR_ADD(bytes_fetched, npages * ps); /* before the wake: a woken reader sees it */
-    int rc = install(r, page * ps, src, npages * ps, nfaults > 0);
+    int rc = install(r, page * ps, data, npages * ps, f->nfaults > 0);
     if (rc < 0)
         ls_fatal("UFFDIO_COPY failed: errno %d", -rc);
     account_fetched(r, page, npages);
-    record_latency(fault, nfaults);
+    record_latency(f->fault, f->nfaults);
+}
+
+static const struct page_source wire_source = {
+    .name = "wire",
+    .op = LS_OP_READ,
+    .request = wire_request,
+    .complete = wire_complete,
+    .pull = eager_pump,
+};
+
+static void on_hold_reply(const struct ls_rep *rep)
+{
+    struct region *r = region_by_id(rep->tag);
+    if (!r || r->state != R_HOLDING)
+        return;
+    if (rep->status) {
+        attach_finish(r, rep->status);
+        return;
+    }
+    if (rep->seglen != r->seglen) {
+        attach_finish(r, -EBADMSG);
+        return;
+    }
+    if (client_mode == LS_MODE_EAGER) {
+        r->state = R_EAGER;
+        source_for(r)->pull(r); /* the wire source: no userfaultfd on this rung */
+        if (!r->npages)
+            attach_finish(r, 0);
+    } else {
+        r->state = R_ACTIVE;
+        attach_finish(r, 0);
+    }
+}
+
+/* A reply: a HOLD's goes to its attach; a page request's back to the source
+ * that sent it (after the request leaves the in-flight table). */
+static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *data, uint64_t datalen, int has_data)
+{
+    if (rep->op == LS_OP_HOLD) {
+        on_hold_reply(rep);
+        return;
+    }
+    if (rep->op != LS_OP_READ && rep->op != LS_OP_INSTALL)
+        return; /* RELEASE/PING acknowledgements */
+    struct inflight *f = infl_find_tag(rep->tag);
+    if (!f || f->peer != p)
+        return; /* its region was freed */
+    const struct page_source *src = f->src;
+    struct fetch done = {
+        .region = f->region, .page = f->page, .npages = f->npages,
+        .fault = f->fault, .nfaults = f->nfaults, .dontwake = f->dontwake,
+    };
+    infl_remove(f);
+    if (rep->op != src->op)
+        ls_fatal("a %s reply to a %s request from %s", rep->op == LS_OP_READ ? "READ" : "INSTALL", src->name,
+                 p->endpoint);
+    src->complete(p, &done, rep, data, datalen, has_data);
 }
 
 /* The owner's connection broke: fatal if anything still needs it. */
