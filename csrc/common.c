@@ -1,4 +1,12 @@
-/* lazyshare native core: capability probe, counters, helpers. */
+/*
+ * lazyshare native core, shared by both sides: the userfaultfd capability
+ * probe and open, ls_uffd_fill (UFFDIO_COPY/ZEROPAGE through any
+ * userfaultfd), counters and stats, the hash table, the after-fork registry,
+ * and small helpers (clock, eventfds, signals, ls_fatal). No thread of its
+ * own: called from Python's threads and from the native ones ("lazyshare-pages",
+ * "lazyshare-fault"); nothing here keeps state besides the counters (atomics)
+ * and the after-fork registry (its own lock).
+ */
 #include "internal.h"
 
 #include <fcntl.h>

@@ -5,7 +5,7 @@
  * Every function returns 0 (or a count) on success and -errno on failure; the
  * one Python module that loads this library (lazyshare/handler.py) turns the
  * errno into a typed exception. No function here calls the Python C API, and
- * the two threads this library starts never do.
+ * the threads this library starts never do.
  *
  *   owner (exporting) side                consumer (attaching) side
  *   ls_server_start   -> "lazyshare-pages" ls_client_start  -> "lazyshare-fault"
@@ -71,9 +71,15 @@ int ls_probe(struct ls_probe *out);
  * environment; the native core never does). */
 struct ls_server_config {
     uint32_t spin_us; /* poll this long after activity before sleeping; 0: sleep at once */
-    uint32_t threads; /* event loops; 0: one per CPU (at most 8) */
+    uint32_t threads; /* event loops (at most 8); 0: one per CPU, at most 8 */
 };
+/* Serve this process's segments on endpoint ("ipc://" and a socket path; the
+ * file is created, mode 0600, and must not exist): -EALREADY if running,
+ * -EINVAL or -ENAMETOOLONG for the endpoint, other -errno of the setup (then
+ * nothing of it is left: no socket file, thread or fd). */
 int ls_server_start(const char *endpoint, const struct ls_server_config *cfg);
+/* Stop the loops and remove the socket file (0 if not running). Connections
+ * stay open until the process exits, and with them the holds of their peers. */
 int ls_server_stop(void);
 /* Whether [addr, addr+len) of this process lies entirely in private
  * anonymous memory (the heap, a stack, anonymous mappings, named or not), so
@@ -92,8 +98,10 @@ int ls_server_export(const uint8_t *id, uint64_t addr, uint64_t len, int anon);
 int ls_server_unexport(const uint8_t *id);
 /* Copy out (up to max) ids of segments freed since the last call. */
 int ls_server_pop_freed(uint8_t *ids, int max);
-/* An eventfd that becomes readable when a segment is freed. */
+/* An eventfd that becomes readable when a segment is freed (-1 before the
+ * first start; the same fd for the process's life after it). */
 int ls_server_freed_fd(void);
+/* Mappings other processes hold of a segment, or -ENOENT. */
 int ls_server_holders(const uint8_t *id);
 
 /* ---- consumer: the fault handler ---- */
@@ -138,6 +146,11 @@ int ls_client_detach(uint64_t region);
 int ls_client_sync(uint32_t timeout_ms);
 /* Touch every page of [addr, addr+len) from this thread (user mode). */
 int ls_client_materialize(uint64_t addr, uint64_t len);
+/* Tests only: the next ls_client_start fails to create thread `which`
+ * (LS_THREAD_*) as if pthread_create had returned err (0: no failure). */
+#define LS_THREAD_FAULT 1
+#define LS_THREAD_WATCH 2
+void ls_client_test_fail_thread(int which, int err);
 
 /* The read-ahead policy (csrc/readahead.c): pure functions over one region's
  * state, used by the fault handler for each fault, exposed for tests. */

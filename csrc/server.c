@@ -340,9 +340,13 @@ int ls_server_pop_freed(uint8_t *ids, int max)
         ls_eventfd_drain(freed_fd);
     pthread_mutex_lock(&seg_lock);
     int n = nfreed < max ? nfreed : max;
-    memcpy(ids, freed, (size_t)n * LS_ID_BYTES);
-    memmove(freed, freed + (size_t)n * LS_ID_BYTES, (size_t)(nfreed - n) * LS_ID_BYTES);
-    nfreed -= n;
+    if (n > 0) {
+        memcpy(ids, freed, (size_t)n * LS_ID_BYTES);
+        memmove(freed, freed + (size_t)n * LS_ID_BYTES, (size_t)(nfreed - n) * LS_ID_BYTES);
+        nfreed -= n;
+    } else {
+        n = 0; /* max <= 0, or nothing freed (freed may still be NULL) */
+    }
     pthread_mutex_unlock(&seg_lock);
     return n;
 }

@@ -1,4 +1,5 @@
-/* ZMTP 3.0 framing shared by the page server and the fault handler. */
+/* ZMTP 3.0 framing shared by the page server and the fault handler (see
+ * zmtp.h): pure functions over caller buffers, called from their threads. */
 #include "zmtp.h"
 
 #include <errno.h>
