@@ -82,9 +82,10 @@ from concurrent.futures._base import LOGGER
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable
 
-from . import serialization
+from . import policy, serialization
+from .dispatcher import _ResultLoadError
 from .errors import BrokenWorkerError, WorkerLostError
-from .pool import _QUEUED_WORK, Pool, _ResultLoadError
+from .pool import Pool
 
 __all__ = ["Executor"]
 
@@ -93,7 +94,7 @@ __all__ = ["Executor"]
 #: still cancel them. ``ProcessPoolExecutor`` moves max_workers + 1 into its call
 #: queue, and so does the executor until the pool knows how long its tasks run
 #: (by the workers' moving average); when they are short it hands over up to
-#: ``_QUEUED_WORK`` seconds of work per worker beyond the running task, at most
+#: ``policy.QUEUED_WORK`` seconds of work per worker beyond the running task, at most
 #: this many per worker. Tiny tasks need the deep pipe: 10,000 tiny submits on 2
 #: workers took 3.2 s with 4 per worker, 1.6 s with 16 and 1.2-1.5 s with 64,
 #: against 2.8 s for ProcessPoolExecutor (2-vCPU VM).
@@ -115,10 +116,7 @@ class _State:
 
     def limit(self) -> int:
         """How many items may be in the pool now (see ``_INFLIGHT_PER_WORKER``)."""
-        seconds = self.core.task_seconds
-        if seconds is None:
-            return self.workers + 1
-        per_worker = 1 + min(_INFLIGHT_PER_WORKER - 1, int(_QUEUED_WORK / max(seconds, 1e-6)))
+        per_worker = policy.prefetch_depth(self.core.task_seconds, _INFLIGHT_PER_WORKER)
         return max(self.workers + 1, per_worker * self.workers)
 
     def request_shutdown(self, cancel_futures: bool = False) -> None:
