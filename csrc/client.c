@@ -271,6 +271,10 @@ static size_t fifo_head, fifo_len, fifo_cap;
 static _Atomic uint64_t heartbeat;
 static _Atomic int inflight_published;
 static pthread_t watch_thread;
+/* Stops a watchdog whose handler failed to start (watch_lock). */
+static pthread_mutex_t watch_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t watch_cond; /* CLOCK_MONOTONIC, set up by ls_client_start */
+static int watch_stop;
 
 static inline int bit_get(const uint8_t *b, uint64_t i) { return (b[i >> 3] >> (i & 7)) & 1; }
 static inline void bit_set(uint8_t *b, uint64_t i) { b[i >> 3] |= (uint8_t)(1u << (i & 7)); }
@@ -1534,13 +1538,24 @@ static void *watch_main(void *arg)
     ls_block_signals();
     pthread_setname_np(pthread_self(), "lazyshare-watch");
     uint64_t seen = atomic_load(&heartbeat), since = ls_now_ns();
-    for (;;) {
-        struct timespec ts = {.tv_sec = 0, .tv_nsec = 500000000};
-        nanosleep(&ts, NULL);
+    pthread_mutex_lock(&watch_lock);
+    while (!watch_stop) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts); /* cannot fail with this clock */
+        ts.tv_nsec += 500000000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        int rc = pthread_cond_timedwait(&watch_cond, &watch_lock, &ts);
+        if (watch_stop || rc != ETIMEDOUT)
+            continue; /* told to stop (a failed start), or woken early */
+        pthread_mutex_unlock(&watch_lock);
         uint64_t hb = atomic_load_explicit(&heartbeat, memory_order_relaxed), now = ls_now_ns();
         if (hb != seen) {
             seen = hb;
             since = now;
+            pthread_mutex_lock(&watch_lock);
             continue;
         }
         struct pollfd pf = {.fd = uffd, .events = POLLIN};
@@ -1549,16 +1564,34 @@ static void *watch_main(void *arg)
         pthread_mutex_unlock(&cmd_lock);
         waiting |= atomic_load_explicit(&inflight_published, memory_order_relaxed) > 0;
         waiting |= uffd >= 0 && poll(&pf, 1, 0) > 0;
-        if (!waiting) {
+        if (!waiting)
             since = now; /* idle, not wedged */
-            continue;
-        }
-        if (now - since > fault_timeout_ns)
+        else if (now - since > fault_timeout_ns)
             ls_fatal("the fault-handler thread has not run for %llu s while page faults wait for it; "
                      "giving up rather than leaving them blocked",
                      (unsigned long long)((now - since) / 1000000000ull));
+        pthread_mutex_lock(&watch_lock);
     }
+    pthread_mutex_unlock(&watch_lock);
     return NULL;
+}
+
+/* Tests: make the next start fail to create one of its threads. */
+static int inject_which, inject_err;
+
+void ls_client_test_fail_thread(int which, int err)
+{
+    inject_which = which;
+    inject_err = err;
+}
+
+static int start_thread(pthread_t *t, void *(*fn)(void *), int which)
+{
+    if (inject_which == which) {
+        inject_which = 0;
+        return inject_err;
+    }
+    return pthread_create(t, NULL, fn, NULL);
 }
 
 int ls_client_start(const struct ls_client_config *cfg)
@@ -1581,27 +1614,51 @@ int ls_client_start(const struct ls_client_config *cfg)
             return fd;
         uffd = fd;
     }
+    int rc = 0;
     cmd_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (cmd_fd < 0) {
-        int e = errno;
-        if (uffd >= 0)
-            close(uffd);
-        uffd = -1;
-        return -e;
+        rc = errno;
+        goto close_fds;
     }
+    pthread_condattr_t ca;
+    if ((rc = pthread_condattr_init(&ca)))
+        goto close_fds;
+    if (!(rc = pthread_condattr_setclock(&ca, CLOCK_MONOTONIC)))
+        rc = pthread_cond_init(&watch_cond, &ca);
+    pthread_condattr_destroy(&ca);
+    if (rc)
+        goto close_fds;
     for (int i = 0; i < MAX_PEERS; i++)
         peers[i].fd = -1;
     client_mode = mode;
-    int rc = pthread_create(&client_thread, NULL, client_main, NULL);
-    if (rc)
-        return -rc;
+    /* The watchdog first: it can be stopped and joined if the handler then
+     * fails to start, whereas the handler, once running, owns the fds. */
+    watch_stop = 0;
+    if ((rc = start_thread(&watch_thread, watch_main, LS_THREAD_WATCH)))
+        goto destroy_cond;
+    if ((rc = start_thread(&client_thread, client_main, LS_THREAD_FAULT))) {
+        pthread_mutex_lock(&watch_lock);
+        watch_stop = 1;
+        pthread_cond_signal(&watch_cond);
+        pthread_mutex_unlock(&watch_lock);
+        pthread_join(watch_thread, NULL); /* fails only for a thread not joinable: it is */
+        goto destroy_cond;
+    }
+    pthread_detach(watch_thread); /* fails only for a thread not joinable: it is */
     pthread_detach(client_thread);
-    rc = pthread_create(&watch_thread, NULL, watch_main, NULL);
-    if (rc)
-        return -rc;
-    pthread_detach(watch_thread);
     client_running = 1;
     return 0;
+
+destroy_cond:
+    pthread_cond_destroy(&watch_cond);
+    client_mode = -1;
+close_fds:
+    if (cmd_fd >= 0)
+        close(cmd_fd);
+    if (uffd >= 0)
+        close(uffd);
+    cmd_fd = uffd = -1;
+    return -rc;
 }
 
 /* Map and register the region for one ls_attach entry (in the caller's thread). */
@@ -1863,6 +1920,7 @@ int ls_client_materialize(uint64_t addr, uint64_t len)
 void ls_client_reset_after_fork(void)
 {
     pthread_mutex_init(&cmd_lock, NULL);
+    pthread_mutex_init(&watch_lock, NULL); /* the watchdog is not in the child; ls_client_start sets up its cond */
     cmd_head = cmd_tail = NULL;
     if (cmd_fd >= 0)
         close(cmd_fd);

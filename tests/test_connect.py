@@ -10,6 +10,7 @@ fails the attach at once."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -200,3 +201,61 @@ def test_an_owner_that_is_not_there_fails_the_attach_at_once(healthy, tmp_path, 
     assert "is gone" in r["error"] and f"pid {os.getpid()}" in r["error"], r
     assert r["elapsed"] < 1.0, r
     assert r["sum"] == float(healthy[0][::512].sum()), r
+
+
+# ------------------------------------------------------------------ starting the fault handler
+
+# argv: <desc hex> <which thread fails>. Starts the fault handler with that
+# thread's creation failing, then again; prints the threads and fds after each.
+START = r"""
+import errno, json, os, pickle, sys, time
+import lazyshare
+from lazyshare import handler
+from lazyshare._native import lib
+
+def threads():
+    time.sleep(0.3)  # a new thread names itself
+    return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+
+def fds():
+    return sorted(os.readlink(f"/proc/self/fd/{f}") for f in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{f}"))
+
+desc = pickle.loads(bytes.fromhex(sys.argv[1]))
+which = {"fault": lib.LS_THREAD_FAULT, "watch": lib.LS_THREAD_WATCH}[sys.argv[2]]
+handler.capabilities()
+out = {"threads0": threads(), "fds0": fds()}
+lib.ls_client_test_fail_thread(which, errno.EAGAIN)
+try:
+    lazyshare.attach(desc)
+    out["first"] = "attached"
+except OSError as e:
+    out["first"] = e.errno
+out["threads1"], out["fds1"] = threads(), fds()
+a = lazyshare.attach(desc)
+out["sum"] = float(a.sum())
+out["threads2"] = threads()
+print(json.dumps(out), flush=True)
+"""
+
+
+@pytest.mark.parametrize("which", ["fault", "watch"])
+def test_a_thread_that_fails_to_start_leaves_nothing_running_or_open(healthy, which):
+    a, desc = healthy
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([HERE, ROOT, os.environ.get("PYTHONPATH", "")])
+    r = subprocess.run(
+        [sys.executable, "-c", START, pickle.dumps(desc).hex(), which],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=DEADLINE / 2,
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["first"] == errno.EAGAIN, out
+    # the failed start left no thread and no fd (userfaultfd, command eventfd) behind
+    assert out["threads1"] == out["threads0"], out
+    assert out["fds1"] == out["fds0"], out
+    # and the retry starts exactly one of each
+    assert out["threads2"] == sorted(out["threads0"] + ["lazyshare-fault", "lazyshare-watch"]), out
+    assert out["sum"] == float(a.sum())
