@@ -1917,6 +1917,8 @@ int ls_client_materialize(uint64_t addr, uint64_t len)
     return 0;
 }
 
+/* In a forked child (registered below with ls_on_fork_child): the handler
+ * and watchdog threads are the parent's; forget their state without touching it. */
 void ls_client_reset_after_fork(void)
 {
     pthread_mutex_init(&cmd_lock, NULL);
@@ -1946,4 +1948,9 @@ void ls_client_reset_after_fork(void)
     fifo_head = fifo_len = fifo_cap = 0;
     resident_total = 0;
     atomic_store(&ls_ctr.regions_attached, 0);
+}
+
+__attribute__((constructor)) static void client_register_fork_reset(void)
+{
+    ls_on_fork_child(ls_client_reset_after_fork); /* two users of eight slots: cannot fail */
 }
