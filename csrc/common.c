@@ -263,15 +263,9 @@ void ls_reset_after_fork(void)
     /* The child has none of the parent's threads: forget their state without
      * touching it (locks may be held, sockets belong to the parent). No lock
      * taken here: a parent's thread may have held fork_hooks_lock at fork. */
-    int n = atomic_load_explicit(&nfork_hooks, memory_order_acquire), client_registered = 0;
-    for (int i = 0; i < n; i++) {
+    int n = atomic_load_explicit(&nfork_hooks, memory_order_acquire);
+    for (int i = 0; i < n; i++)
         fork_hooks[i]();
-        client_registered |= fork_hooks[i] == ls_client_reset_after_fork;
-    }
-    /* COMPATIBILITY, until client.c registers its reset with ls_on_fork_child
-     * itself: then remove this call and its declaration in internal.h. */
-    if (!client_registered)
-        ls_client_reset_after_fork();
 }
 
 int ls_uffd_fill(int fd, uint64_t dst, const uint8_t *src, uint64_t len, int wp, int dontwake, uint64_t *eexist)

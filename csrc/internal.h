@@ -119,8 +119,5 @@ void ls_htab_each(struct ls_htab *t, void (*fn)(struct ls_hnode *, void *), void
  * it). Register from a constructor or before starting threads. Registering a
  * function twice is a no-op. 0, or -ENOSPC past 8 functions. */
 int ls_on_fork_child(void (*fn)(void));
-/* COMPATIBILITY: still called by ls_reset_after_fork unless registered (see
- * common.c). */
-void ls_client_reset_after_fork(void);
 
 #endif

@@ -168,6 +168,44 @@ def test_a_server_out_of_fds_refuses_connections_instead_of_spinning(tmp_path):
     assert r.stdout.startswith("ok"), r.stdout + r.stderr
 
 
+# After fork the child runs the resets the core's sides registered (common.c's
+# registry): the page server's forgets the parent's server and segments, so the
+# child can start its own, while the parent's goes on serving.
+FORKED_OWNER = """
+    import errno, os, socket
+    import numpy as np
+    import lazyshare
+    from lazyshare import handler
+    from lazyshare._native import lib
+
+    a = np.ones(1 << 16)
+    desc = lazyshare.export(a)
+    path = handler._server_endpoint[len("ipc://"):]
+    assert lib.ls_server_holders(desc.segment.id) == 0
+    pid = os.fork()
+    if pid == 0:
+        ok = lib.ls_server_holders(desc.segment.id) == -errno.ENOENT
+        ok = ok and lazyshare.export(np.zeros(4096)).segment.endpoint != desc.segment.endpoint
+        ok = ok and lib.ls_server_stop() == 0 and os.path.exists(path)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(path)
+        assert s.recv(1) == b"\\xff"  # the parent's server still answers
+    assert lib.ls_server_holders(desc.segment.id) == 0
+    lazyshare.release(desc)
+    print("ok")
+"""
+
+
+def test_a_forked_owner_starts_its_own_server_and_the_parents_goes_on(tmp_path):
+    r = run_script(FORKED_OWNER, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("ok"), r.stdout + r.stderr
+
+
 # ---- the event loop (csrc/loop.c), built alone with a small C harness ----
 
 LOOP_CDEF = """
