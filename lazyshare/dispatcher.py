@@ -44,6 +44,9 @@ from .errors import LazyshareError, WorkerLostError
 _DEATH_GRACE = 0.1
 #: terminate(): SIGTERM, then SIGKILL after this long.
 _TERM_GRACE = 1.0
+#: stats(): how long to wait for workers' counters to settle (their idle
+#: re-reads take milliseconds; read-ahead slow to complete is not waited for).
+_SETTLE_WAIT = 0.25
 
 
 class _Wakeup:
@@ -132,6 +135,7 @@ class _Worker:
         "bytes_pickled",
         "bytes_lazy",
         "faults",
+        "settled",
     )
 
     def __init__(self, num: int, slot: int, process, maxtasks: int | None):
@@ -154,6 +158,7 @@ class _Worker:
         self.bytes_pickled = 0
         self.bytes_lazy = 0
         self.faults = 0
+        self.settled = True  # its counters include every page it fetched (no request was in flight)
 
     def counters(self) -> dict:
         return {
@@ -226,6 +231,7 @@ class _Core:
         # does a new task need to wake it (else a result will, and it dispatches).
         self.hungry = True
         self.stats_lock = threading.Lock()
+        self.stats_cond = threading.Condition(self.stats_lock)  # a worker's counters settled
         self.live: dict[bytes, _Worker] = {}
         self.dead_totals = {"tasks": 0, "bytes_pickled": 0, "bytes_lazy": 0, "faults": 0}
 
@@ -349,8 +355,18 @@ class _Core:
             self.pool_list.append(p)
         return w
 
+    def report_counters(self, w: _Worker, lazy: int, faults: int, settled: bool) -> None:
+        """A worker's cumulative counters (the dispatcher, from its messages)."""
+        with self.stats_cond:
+            w.bytes_lazy = lazy
+            w.faults = faults
+            w.settled = settled
+            if settled:
+                self.stats_cond.notify_all()
+
     def forget_worker(self, w: _Worker) -> None:
-        with self.stats_lock:
+        with self.stats_cond:
+            self.stats_cond.notify_all()
             if self.live.pop(w.wid, None) is not None:
                 t = self.dead_totals
                 t["tasks"] += w.tasks
@@ -358,8 +374,19 @@ class _Core:
                 t["bytes_lazy"] += w.bytes_lazy
                 t["faults"] += w.faults
 
-    def stats(self) -> dict:
-        with self.stats_lock:
+    def stats(self, wait: float = _SETTLE_WAIT) -> dict:
+        """Counters per live worker and totals. A worker whose last counters
+        were not settled (page requests were in flight: see
+        ``worker._native_counters``) sends them again once they are: wait at
+        most ``wait`` seconds for that, so that a task's own pages are counted
+        once its result is in. Never called on a path a result takes."""
+        deadline = time.monotonic() + wait
+        with self.stats_cond:
+            while any(not w.settled and not w.dead for w in self.live.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break  # read-ahead slow to complete: report the counters as they are
+                self.stats_cond.wait(left)
             workers = {w.pid: w.counters() for w in self.live.values()}
             totals = dict(self.dead_totals)
         for c in workers.values():
@@ -468,18 +495,19 @@ class _Dispatcher:
     def _on_control(self, w: _Worker, kind: bytes, msg) -> None:
         if kind == transport.READY:
             self._on_ready(w)
+        elif kind == transport.COUNTERS:
+            self.core.report_counters(w, *transport.COUNTERS_HDR.unpack(msg[2].buffer))
         elif kind == transport.BYE:
             self._on_bye(w, msg)
         elif kind == transport.INIT_FAILED:
             self._on_init_failed(w, msg)
 
     def _on_result(self, w: _Worker, msg, results: list) -> None:
-        job, index, seconds, lazy, faults = transport.RESULT_HDR.unpack(msg[2].buffer)
+        job, index, seconds, lazy, faults, settled = transport.RESULT_HDR.unpack(msg[2].buffer)
         if w.inflight.pop((job, index), None) is None:
             return
         w.tasks += 1
-        w.bytes_lazy = lazy
-        w.faults = faults
+        self.core.report_counters(w, lazy, faults, settled)
         self.ema = ema = policy.task_time(self.ema, seconds)
         self.core.task_seconds = ema
         self.limit = policy.prefetch_depth(ema)
@@ -493,7 +521,8 @@ class _Dispatcher:
         w.bye = True
         w.ready = False
         if len(msg) > 2:
-            w.bytes_lazy, w.faults = transport.COUNTERS_HDR.unpack(msg[2].buffer)
+            lazy, faults, _ = transport.COUNTERS_HDR.unpack(msg[2].buffer)
+            self.core.report_counters(w, lazy, faults, True)  # all it will send
         self._send(w, [transport.ACK])
         self.maintain_due = True  # its slot is free: start a successor
 

@@ -63,12 +63,16 @@ identity is its ``wid``; every receive is bounded by ``POLL_MS``)::
     worker -> parent  READY                        the initializer is done
                       RESULT, RESULT_HDR, *frames  a result (serialization.dumps_result)
                       INIT_FAILED, *frames         the initializer raised (then exits)
+                      COUNTERS, COUNTERS_HDR       the counters, settled (idle, after a
+                                                   result whose counters were not)
                       BYE, COUNTERS_HDR            leaving (maxtasksperchild or STOP)
 
     TASK_HDR     u64 job | u64 index | u8 mode (APPLY, MAP or STARMAP)
-    RESULT_HDR   u64 job | u64 index | f64 run seconds | u64 bytes_lazy | u64 faults
-    COUNTERS_HDR u64 bytes_lazy | u64 faults   (cumulative, as the worker's native
-                                                counters are when it sends them)
+    RESULT_HDR   u64 job | u64 index | f64 run seconds | COUNTERS_HDR
+    COUNTERS_HDR u64 bytes_lazy | u64 faults | u8 settled
+                 (cumulative, as the worker's native counters are when it sends
+                 them, never after waiting; settled: no page request of the
+                 worker was in flight, so they include every page it fetched)
 """
 
 from __future__ import annotations
@@ -156,10 +160,10 @@ def unpack_reply(frame: bytes) -> dict:
 
 # ---------------------------------------------------------------- control plane
 TASK, STOP, ACK = b"T", b"S", b"A"
-READY, RESULT, INIT_FAILED, BYE = b"R", b"D", b"I", b"B"
+READY, RESULT, INIT_FAILED, BYE, COUNTERS = b"R", b"D", b"I", b"B", b"C"
 TASK_HDR = struct.Struct("<QQB")  # job, index, mode
-RESULT_HDR = struct.Struct("<QQdQQ")  # job, index, run seconds, bytes_lazy, faults
-COUNTERS_HDR = struct.Struct("<QQ")  # bytes_lazy, faults (cumulative)
+RESULT_HDR = struct.Struct("<QQdQQ?")  # job, index, run seconds, bytes_lazy, faults, settled
+COUNTERS_HDR = struct.Struct("<QQ?")  # bytes_lazy, faults (cumulative), settled
 APPLY, MAP, STARMAP = 0, 1, 2  # TASK_HDR's mode: func(*args, **kwds), map(func, chunk), starmap
 #: Poll timeout of the dispatcher, the feeder and the worker loop: every wait is bounded.
 POLL_MS = 1000

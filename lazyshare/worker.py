@@ -34,22 +34,43 @@ from . import serialization, transport
 #: How long a retiring worker waits for the parent's acknowledgement of its last
 #: message (it must not exit before libzmq has delivered its results).
 _BYE_TIMEOUT = 5.0
+#: An idle worker whose last counters were not settled reads them again after
+#: this long, then twice as long each time, until they are.
+_RECHECK_MS = 1
+
+
+#: What numpy's ``tofile`` says when the write falls short ("%ld requested and
+#: %ld written", numpy/_core/src/multiarray/convert.c).
+_NUMPY_SHORT_WRITE = " requested and "
 
 
 def _explain_efault(e: BaseException) -> None:
     """On the user-mode-only rung, a kernel access (os.write, socket.send, tofile)
-    to a lazy page not yet touched fails with EFAULT: say what to do."""
+    to a lazy page not yet touched fails with EFAULT: say what to do.
+
+    The error is one of these: an ``OSError`` with errno EFAULT (what the kernel
+    answers ``write``, ``send`` and the like), or numpy's ``tofile``, whose
+    ``OSError`` has no errno: numpy raises it with only the text above (the
+    errno of the failed ``fwrite`` is dropped), so that text is the one mark it
+    leaves. Either is explained only while this process maps lazy memory
+    (``handler.lazy_overlap`` over the whole address space, a lookup in the
+    fault handler's tree): this runs while the task's arguments are still
+    referenced, and without a lazy mapping the fault is not one the advice
+    could cure."""
     h = sys.modules.get("lazyshare.handler")
     caps = getattr(h, "_caps", None)
     if caps is None or caps.mode != "uffd-user-mode-only" or not isinstance(e, OSError):
         return
-    if e.errno == errno.EFAULT or (e.errno is None and " requested and " in str(e)):  # numpy's tofile
-        note = (
-            "lazyshare: this worker is on the uffd-user-mode-only rung, where the kernel cannot "
-            "fetch a lazy page: call lazyshare.materialize(arr) before handing a lazily attached "
-            "array to os.write/socket.send/tofile (see `python -m lazyshare doctor`)"
-        )
-        _add_note(e, note)
+    if not (e.errno == errno.EFAULT or (e.errno is None and _NUMPY_SHORT_WRITE in str(e))):
+        return
+    if not h.lazy_overlap(0, (1 << 64) - 1):
+        return
+    note = (
+        "lazyshare: this worker is on the uffd-user-mode-only rung, where the kernel cannot "
+        "fetch a lazy page: call lazyshare.materialize(arr) before handing a lazily attached "
+        "array to os.write/socket.send/tofile (see `python -m lazyshare doctor`)"
+    )
+    _add_note(e, note)
 
 
 def _add_note(e: BaseException, note: str) -> None:
@@ -97,18 +118,28 @@ def _watch_parent(pid: int) -> None:
     threading.Thread(target=watch, name="lazyshare-parent-watch", daemon=True).start()
 
 
-def _native_counters() -> tuple[int, int]:
-    # The cumulative ``bytes_fetched`` and ``faults`` of this process, which the
-    # pool reports with each result. Looked up only if a task already imported
-    # the handler (a worker that never attached anything has nothing to count).
+def _native_counters() -> tuple[int, int, bool]:
+    """The cumulative ``bytes_fetched`` and ``faults`` of this process, which the
+    pool reports with each result, and whether they are settled: every page
+    request sent so far was answered and counted.
+
+    Read as they are, never after waiting for requests still on the wire: a
+    task's read-ahead still in flight, or a thread of its own still faulting,
+    must not hold back its result. When the owner installs pages itself, the
+    faulting thread runs on before this process counts the bytes, so even a
+    task's own pages may not be counted yet: then the worker sends the counters
+    again, settled, as soon as it is idle (``_worker_main``), and
+    ``Pool.stats()`` waits a moment for that. Looked up only if a task already
+    imported the handler (a worker that never attached anything has nothing to
+    count)."""
     h = sys.modules.get("lazyshare.handler")
     if h is None:
-        return 0, 0
+        return 0, 0, True
     try:
-        s = h.stats()
-        return int(s["bytes_fetched"]), int(s["faults"])
+        s = h.stats(timeout=0)
+        return int(s["bytes_fetched"]), int(s["faults"]), bool(s["settled"])
     except Exception:
-        return 0, 0
+        return 0, 0, True
 
 
 def _kernel_safe(frames: list, budget: int | None) -> list:
@@ -175,12 +206,12 @@ def _pickle_result(result: tuple, future: bool = False) -> list:
             return [pickle.dumps((False, MaybeEncodingError(type(e).__name__, type(value).__name__)), 5)]
 
 
-def _run_task(sock, msg, budget: int | None = None, future: bool = False) -> None:
+def _run_task(sock, msg, budget: int | None = None, future: bool = False) -> bool:
     """Run one task message and send its result. A task that raises
     ``SystemExit`` or ``KeyboardInterrupt`` ends the worker, as in the stdlib's
     pool (the task then fails with ``WorkerLostError``); with ``future``, as in
     ``ProcessPoolExecutor``'s worker, it is the task's exception and the worker
-    goes on."""
+    goes on. Returns whether the counters it reported were settled."""
     t0 = time.perf_counter()
     job, index, mode = transport.TASK_HDR.unpack(msg[1].buffer)
     func = args = kwds = payload = value = None
@@ -209,11 +240,13 @@ def _run_task(sock, msg, budget: int | None = None, future: bool = False) -> Non
     func = args = kwds = payload = value = msg = None
     frames = _encode_result(result, budget, future)
     result = None
-    lazy, faults = _native_counters()
+    lazy, faults, settled = _native_counters()
     seconds = time.perf_counter() - t0
     transport.send(
-        sock, [transport.RESULT, transport.RESULT_HDR.pack(job, index, seconds, lazy, faults), *frames]
+        sock,
+        [transport.RESULT, transport.RESULT_HDR.pack(job, index, seconds, lazy, faults, settled), *frames],
     )
+    return settled
 
 
 def _await_ack(sock) -> None:
@@ -339,13 +372,21 @@ def _worker_main(
                 raise  # printed by multiprocessing, exit code 1, as in the stdlib
         transport.send(sock, [transport.READY])
         completed = 0
+        recheck = 0  # ms until the counters are read again (0: they were settled)
         while maxtasks is None or completed < maxtasks:
-            if not sock.poll(transport.POLL_MS):
+            if not sock.poll(recheck or transport.POLL_MS):
+                if recheck:  # idle: report the counters once they settle
+                    counters = _native_counters()
+                    if counters[2]:
+                        transport.send(sock, [transport.COUNTERS, transport.COUNTERS_HDR.pack(*counters)])
+                        recheck = 0
+                    else:
+                        recheck = min(2 * recheck, transport.POLL_MS)
                 continue
             msg = transport.recv(sock)
             kind = msg[0].bytes
             if kind == transport.TASK:
-                _run_task(sock, msg, budget, future)
+                recheck = 0 if _run_task(sock, msg, budget, future) else _RECHECK_MS
                 msg = None
                 completed += 1
             elif kind == transport.STOP:
