@@ -567,6 +567,7 @@ def attach_all(descs: list) -> list[np.ndarray]:
         for region in _plan_regions([extents[i] for i in members]):
             by_owner.setdefault((seg.endpoint, seg.owner_pid), []).append((seg, [members[k] for k in region]))
     out: list = [None] * len(descs)
+    attach_timeout = settings.read().attach_timeout
     for (endpoint, owner_pid), regions in by_owner.items():
         specs = ffi.new("struct ls_attach[]", len(regions))
         for spec, (seg, members) in zip(specs, regions):
@@ -575,10 +576,12 @@ def attach_all(descs: list) -> list[np.ndarray]:
             spec.map_off = min(extents[i][0] for i in members)
             spec.map_len = max(extents[i][1] for i in members) - spec.map_off
         rc = lib.ls_client_attach(
-            endpoint.encode(), owner_pid, specs, len(regions), int(settings.read().attach_timeout * 1000)
+            endpoint.encode(), owner_pid, specs, len(regions), int(attach_timeout * 1000)
         )
         what = regions[0][0].id.hex()[:8] + (f" and {len(regions) - 1} more" if len(regions) > 1 else "")
-        _check(rc, f"attaching segment {what} of pid {owner_pid}")
+        _check(
+            rc, f"attaching segment {what} of pid {owner_pid} at {endpoint} (timeout {attach_timeout:g} s)"
+        )
         for spec, (_, members) in zip(specs, regions):
             raw = np.asarray(_Mapping(spec.addr, spec.map_len, spec.region))
             for i in members:
