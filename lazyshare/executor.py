@@ -401,7 +401,7 @@ class Executor(_StdExecutor):
         if wait:
             self._thread.join()
 
-    def stats(self) -> dict:
+    def stats(self, timeout: float = 0.25) -> dict:
         """The pool's counters (:meth:`lazyshare.Pool.stats`): tasks, bytes
         pickled, bytes moved lazily and page faults, per worker and in total."""
-        return self._state.pool.stats()
+        return self._state.pool.stats(timeout)

@@ -561,14 +561,20 @@ class Pool:
         for p in self._pool:
             p.join()
 
-    def stats(self) -> dict:
+    def stats(self, timeout: float = 0.25) -> dict:
         """Counters per live worker (by pid) and totals over the pool's life.
 
         ``tasks``: task messages completed (a map chunk is one task, as for
         ``maxtasksperchild``); ``bytes_pickled``: bytes of task frames sent;
         ``bytes_lazy``: bytes workers fetched lazily; ``faults``: their page faults.
+
+        A result never waits for its worker's counters, so a worker may still
+        be counting pages of requests in flight when its last result is in:
+        this waits at most ``timeout`` seconds for such workers to report
+        (``0``: the counters as they are now, for frequent readers such as a
+        progress bar).
         """
-        return self._core.stats()
+        return self._core.stats(timeout)
 
 
 def _apply_tasks(func, iterable):

@@ -80,7 +80,11 @@ def _fmt_bytes(n: float) -> str:
 def _moved(pool: Any) -> tuple[int, int]:
     if pool is None:
         return (0, 0)
-    t = pool.stats()["totals"]
+    try:
+        st = pool.stats(timeout=0)  # never wait: the bar shows what is counted now
+    except TypeError:  # a stats() without a timeout
+        st = pool.stats()
+    t = st["totals"]
     return (t["bytes_lazy"], t["bytes_pickled"])
 
 

@@ -41,6 +41,14 @@ def test_a_result_never_waits_for_page_requests_in_flight(tmp_path):
             # sync timeout; now a round trip (ms), asserted with a wide margin
             assert first < 0.2 + SYNC_TIMEOUT / 2, first
             assert max(later) < SYNC_TIMEOUT / 2, later
+            # the worker's counters stay unsettled: stats() waits its timeout at
+            # most, and a reader that asks for no wait (a progress bar) gets none
+            t0 = time.monotonic()
+            assert p.stats(timeout=0)["totals"]["tasks"] >= 5
+            assert time.monotonic() - t0 < 0.1
+            t0 = time.monotonic()
+            p.stats(timeout=0.3)
+            assert time.monotonic() - t0 < 0.3 + SYNC_TIMEOUT / 2
             p.terminate()
         p.join()
     finally:
