@@ -172,6 +172,12 @@ def capabilities() -> Capabilities:
         return _caps
 
 
+def detected_capabilities() -> Capabilities | None:
+    """The rung this process uses if it was already detected, else None
+    (nothing here attached or exported yet). Never probes: cheap on hot paths."""
+    return _caps
+
+
 # ---------------------------------------------------------------- descriptors
 
 

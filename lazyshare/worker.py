@@ -58,7 +58,7 @@ def _explain_efault(e: BaseException) -> None:
     referenced, and without a lazy mapping the fault is not one the advice
     could cure."""
     h = sys.modules.get("lazyshare.handler")
-    caps = getattr(h, "_caps", None)
+    caps = h.detected_capabilities() if h is not None else None
     if caps is None or caps.mode != "uffd-user-mode-only" or not isinstance(e, OSError):
         return
     if not (e.errno == errno.EFAULT or (e.errno is None and _NUMPY_SHORT_WRITE in str(e))):
@@ -157,7 +157,7 @@ def _kernel_safe(frames: list, budget: int | None) -> list:
     does. ``lazy_overlap`` is a bisect over the attached mappings.
     """
     h = sys.modules.get("lazyshare.handler")
-    caps = getattr(h, "_caps", None)  # None: nothing was attached in this process
+    caps = h.detected_capabilities() if h is not None else None  # None: nothing attached here
     if caps is None or caps.mode != "uffd-user-mode-only":
         return frames
     for i, frame in enumerate(frames):
