@@ -334,7 +334,7 @@ def test_export_rejects_bad_input_clearly(bad, exc):
     assert handler.pinned_segments() == before
 
 
-def test_read_only_array_exports_and_attaches_read_only():
+def test_read_only_array_exports_marked_read_only_and_its_content_arrives():
     a = np.arange(1 << 18, dtype=np.int64)
     a.flags.writeable = False
     with lazyshare.exported(a) as desc:
