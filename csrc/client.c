@@ -14,12 +14,22 @@
  *                                               fd, LAZYSHARE_DATA_PATH=wire): the payload
  *                                               comes in the reply -> UFFDIO_COPY here.
  *
+ * This file owns the fault loop (client_main), the regions and their tables,
+ * the in-flight requests, the commands from Python threads, budget eviction,
+ * write-protect faults, deadlines, the watchdog and the public ls_client_*
+ * functions. The connections to owners are conn.c's, the page sources
+ * source.c's (shared declarations: client_internal.h). Threads: the fault
+ * loop and everything it calls run on "lazyshare-fault"; the public ls_client_*
+ * functions on the calling Python thread (they reach the handler through the
+ * command queue, and read the region tree under tree_lock); watch_main is the
+ * watchdog thread ("lazyshare-watch").
+ *
  * Connecting to an owner never blocks this thread: connect, the ZMTP greeting
  * and READY and the userfaultfd offer are steps of a per-peer state machine
  * that this loop drives (P_CONNECTING -> P_GREETING -> P_OFFER -> P_READY, see
- * struct peer). An attach whose owner is not ready yet waits on that peer
- * until it is (then its HOLDs go out) or its deadline passes; faults on other
- * owners' regions are served meanwhile.
+ * struct peer in client_internal.h, and conn.c). An attach whose owner is not
+ * ready yet waits on that peer until it is (then its HOLDs go out) or its
+ * deadline passes; faults on other owners' regions are served meanwhile.
  *
  * Only this thread touches the regions, the in-flight table and the sockets;
  * Python threads reach it through the command queue (cmd_lock). A region is
@@ -54,10 +64,8 @@
  * no reply within fault_timeout) is fatal for the process (ls_fatal): the
  * faulting thread must never resume on zeros, and a hang is worse than an error.
  */
-#include "internal.h"
-#include "zmtp.h"
+#include "client_internal.h"
 
-#include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <search.h>
@@ -67,153 +75,8 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <sys/socket.h>
-#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
-
-#define MAX_PEERS 64
-#define EAGER_INFLIGHT 8 /* eager requests on the wire per region */
-
-/*
- * A connection is set up without ever blocking the handler thread, as a state
- * machine the poll loop drives:
- *   P_CONNECTING  non-blocking connect in progress (POLLOUT), or retried each
- *                 iteration while the owner's listen backlog is full (EAGAIN)
- *   P_GREETING    our greeting and READY sent (from tx); reading the owner's
- *   P_OFFER       our userfaultfd offered (OP_UFFD); reading the answer
- *   P_READY       requests flow; attaches queued on the peer send their HOLDs
- * An attach that finds its peer not ready waits on it (its regions are indexed
- * and counted, their HOLDs not sent); the peer's deadline is the latest of its
- * waiting attaches'. A set-up that fails or runs out of time fails those
- * attaches (-ESRCH: nobody listens; -ETIMEDOUT: accepted but never answered;
- * -EPROTO ...) and leaves the slot P_FAILED (never reused) until the last of
- * them lets go of it.
- */
-enum { P_FREE, P_CONNECTING, P_GREETING, P_OFFER, P_READY, P_FAILED };
-
-struct peer {
-    char endpoint[256];
-    int pid;
-    int state;           /* P_*; P_FREE: slot free */
-    int fd;              /* -1 when P_FREE or P_FAILED */
-    int refs;            /* regions and in-flight requests using it */
-    uint64_t deadline;   /* set-up deadline, ns (not P_READY) */
-    int connect_again;   /* P_CONNECTING: connect() said EAGAIN, try again */
-    int greeted;         /* P_GREETING: the owner's greeting was read */
-    int offer_sent;      /* P_OFFER: the OP_UFFD request left (else waiting for room) */
-    uint64_t last_check; /* last liveness check of pid, ns */
-    /* requests not yet written (the socket was full) */
-    uint8_t *tx;
-    size_t txlen, txcap;
-    /* reply being received: small frames in rx; a payload straight into stage */
-    uint8_t rx[4096];
-    size_t rxlen;
-    int have_rep;        /* rep holds a header whose payload frame comes next */
-    struct ls_rep rep;
-    uint8_t *stage;      /* page-aligned, LS_MAX_READ bytes: UFFDIO_COPY's source */
-    uint64_t dlen, dgot; /* payload length and bytes received; dlen 0: none pending */
-    int direct;          /* the owner holds our userfaultfd: INSTALL instead of READ */
-};
-
-/* One attach call: its regions' HOLDs are all sent at once; the caller wakes
- * when the last one is answered. */
-struct waiter {
-    pthread_mutex_t lock;
-    pthread_cond_t cond;
-    uint32_t pending; /* regions not answered yet */
-    int status;       /* the first error */
-};
-
-struct inflight;
-
-/* R_DYING: detached (unregistered, the owner told). It is unmapped at the end
- * of a loop iteration, after the progress that ls_client_sync waits for is
- * published (freeing the pages of a big mapping takes milliseconds), and, if
- * the owner may still be installing into it, only once every request for it
- * is answered: until then the range stays mapped, so no late install can land
- * in a new mapping (it finds nothing registered and fails). */
-enum { R_HOLDING, R_EAGER, R_ACTIVE, R_DYING };
-
-struct region {
-    struct ls_hnode h; /* key: id */
-    uint64_t id;
-    uintptr_t base;
-    uint64_t maplen; /* page-rounded */
-    uint64_t segoff; /* the segment's byte mapped at base (page-aligned) */
-    uint64_t seglen;
-    uint64_t npages;
-    uint8_t seg[LS_ID_BYTES];
-    struct peer *peer;
-    uint8_t *requested; /* bitmap, one bit per page */
-    int state;
-    int hold_sent;         /* its HOLD left (its peer was ready); else queued on the peer */
-    struct waiter *waiter; /* attach in progress */
-    int *status_out;       /* while attaching: where the caller reads its outcome */
-    uint64_t deadline;     /* attach deadline, ns */
-    uint64_t timeout;      /* attach timeout, ns: eager progress pushes the deadline */
-    struct ls_readahead ra; /* csrc/readahead.c */
-    uint64_t eager_next;   /* next page to request in eager mode */
-    int wp;                /* registered write-protect too: clean pages can be dropped */
-    uint8_t *dirty;        /* with wp: pages this process wrote (never dropped) */
-    uint64_t resident;     /* bytes installed from payload and not dropped */
-    int inflight;
-    struct inflight *ihead;       /* its requests on the wire */
-    struct region *aprev, *anext; /* the attaching list (waiter set) */
-    struct region *dprev, *dnext; /* the dying list (R_DYING) */
-    int in_ids, in_tree;
-};
-
-struct inflight {
-    struct ls_hnode h; /* key: tag */
-    uint64_t tag;
-    struct region *region;
-    uint64_t page, npages;
-    uint64_t sent;   /* ns */
-    uint64_t fault;  /* ns of the oldest fault waiting on it, 0 if none */
-    int nfaults;
-    int dontwake;    /* an INSTALL sent with LS_INSTALL_DONTWAKE */
-    int dying;       /* its region was detached: nobody waits for it */
-    struct peer *peer;
-    const struct page_source *src; /* what it was asked of: its reply goes back there */
-    struct inflight *prev, *next;   /* every request, oldest first */
-    struct inflight *rprev, *rnext; /* its region's */
-};
-
-/*
- * Page sources (as the page_read interface of CRIU's lazy-pages daemon): the
- * fault loop asks a source for a range of a region and later hands it the
- * reply; the source puts the pages in place. Two today:
- *   install_source  INSTALL: the owner UFFDIO_COPYs through the userfaultfd we
- *                   handed it (wakes the faulting thread itself); the reply
- *                   only confirms and counts
- *   wire_source     READ: the payload follows the reply, installed here with
- *                   UFFDIO_COPY / UFFDIO_ZEROPAGE, or memcpy'd on the eager rung
- * A source for a remote (TCP) owner would be a third, not a branch in each of
- * these functions.
- */
-struct fetch { /* a request taken off the in-flight table, its reply in hand */
-    struct region *region;
-    uint64_t page, npages;
-    uint64_t fault; /* ns of the oldest fault waiting on it, 0 if none */
-    int nfaults;
-    int dontwake;
-};
-
-struct page_source {
-    const char *name;
-    uint16_t op; /* the op its requests carry and its replies echo */
-    /* Send f's request (pages [f->page, f->page+f->npages) of f->region;
-     * f->fault says whether a thread waits): 0 or -errno. */
-    int (*request)(struct inflight *f);
-    /* f's reply (and its payload, has_data): put the pages in place. */
-    void (*complete)(struct peer *p, const struct fetch *f, const struct ls_rep *rep, const uint8_t *data,
-                     uint64_t datalen, int has_data);
-    /* Eager rung (no userfaultfd): keep pulling r's pages into plain memory;
-     * NULL if the source cannot fill memory that is not registered. */
-    void (*pull)(struct region *r);
-};
-static const struct page_source install_source, wire_source;
 
 enum { CMD_ATTACH, CMD_DETACH };
 
@@ -233,7 +96,7 @@ static struct cmd *cmd_head, *cmd_tail;
 static int cmd_fd = -1;
 static int client_running;
 static int client_mode = -1;
-static int uffd = -1;
+int client_uffd = -1;
 static _Atomic uint64_t next_region_id = 1;
 static pthread_t client_thread;
 
@@ -245,16 +108,16 @@ static void *region_tree;
 static struct ls_htab region_ids;
 static size_t nregions;
 static struct region *attaching, *dying;
-static struct peer peers[MAX_PEERS];
 static struct ls_htab infl_tags;
 static struct inflight *infl_oldest, *infl_newest, *infl_spare;
 static int ninfl;
 static _Atomic uint64_t next_tag = 1; /* written by the handler only; read by ls_client_sync */
 static _Atomic uint64_t oldest_tag = 1; /* published: every request below it is answered */
-static uint64_t min_pages = 4, max_pages = 1024;
+static uint64_t min_pages = 4;
+uint64_t client_max_pages = 1024;
 static uint64_t fault_timeout_ns = 60ull * 1000000000ull;
 static uint64_t spin_ns; /* ls_client_config.spin_us; 0 disables */
-static int direct_wanted = 1;    /* !ls_client_config.wire */
+int client_direct_wanted = 1; /* !ls_client_config.wire */
 static uint64_t last_activity;
 /* For the watchdog: the handler's loop count and how many requests it has on
  * the wire, published each iteration. */
@@ -386,186 +249,6 @@ static void dying_remove(struct region *r)
     r->dprev = r->dnext = NULL;
 }
 
-static void peer_close(struct peer *p)
-{
-    if (p->fd >= 0)
-        close(p->fd);
-    p->fd = -1;
-    free(p->tx);
-    free(p->stage);
-    p->tx = p->stage = NULL;
-    p->txlen = p->txcap = p->rxlen = 0;
-    p->state = P_FREE;
-}
-
-/* Append n bytes to the peer's send buffer: 0 or -ENOMEM. */
-static int tx_append(struct peer *p, const uint8_t *b, size_t n)
-{
-    if (p->txlen + n > p->txcap) {
-        size_t cap = p->txcap ? p->txcap : 4096;
-        while (cap < p->txlen + n)
-            cap *= 2;
-        uint8_t *nb = realloc(p->tx, cap);
-        if (!nb)
-            return -ENOMEM;
-        p->tx = nb;
-        p->txcap = cap;
-    }
-    memcpy(p->tx + p->txlen, b, n);
-    p->txlen += n;
-    return 0;
-}
-
-static int peer_addr(const struct peer *p, struct sockaddr_un *sa)
-{
-    *sa = (struct sockaddr_un){.sun_family = AF_UNIX};
-    if (strncmp(p->endpoint, "ipc://", 6) || strlen(p->endpoint + 6) >= sizeof sa->sun_path)
-        return -EINVAL;
-    strcpy(sa->sun_path, p->endpoint + 6);
-    return 0;
-}
-
-/* An owner that is not there: no socket file, or nobody listening on it. */
-static int connect_errno(int e)
-{
-    return e == ENOENT || e == ECONNREFUSED ? -ESRCH : -e;
-}
-
-static int peer_flush(struct peer *p);
-
-/* One non-blocking connect attempt: connected (-> P_GREETING), in progress
- * (POLLOUT tells), the listener's backlog full (EAGAIN on a Unix socket:
- * tried again on the next loop iteration), or -errno. */
-static int peer_try_connect(struct peer *p)
-{
-    struct sockaddr_un sa;
-    int rc = peer_addr(p, &sa);
-    if (rc < 0)
-        return rc;
-    p->connect_again = 0;
-    if (connect(p->fd, (struct sockaddr *)&sa, sizeof sa) == 0) {
-        p->state = P_GREETING;
-        return peer_flush(p); /* our greeting: the owner answers with its own */
-    }
-    if (errno == EAGAIN)
-        p->connect_again = 1;
-    else if (errno != EINPROGRESS && errno != EINTR) /* EINTR: it goes on asynchronously */
-        return connect_errno(errno);
-    return 0;
-}
-
-/* Open the socket and start connecting; our greeting and READY wait in tx. */
-static int peer_open(struct peer *p)
-{
-    struct sockaddr_un sa;
-    int rc = peer_addr(p, &sa);
-    if (rc < 0)
-        return rc;
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (fd < 0)
-        return -errno;
-    p->fd = fd;
-    p->state = P_CONNECTING;
-    uint8_t hello[ZMTP_GREETING + 64];
-    zmtp_greeting(hello, 0);
-    size_t n = ZMTP_GREETING + zmtp_ready(hello + ZMTP_GREETING, 64, "DEALER");
-    rc = tx_append(p, hello, n);
-    return rc < 0 ? rc : peer_try_connect(p);
-}
-
-/* The connection to an owner: an open one (ready or still being set up), or
- * a new one started without blocking; the handshake goes on in the loop
- * (peer_advance), and attaches wait on the peer until it is ready or its
- * deadline (the latest of theirs) passes. */
-static int peer_get(const char *endpoint, int pid, uint64_t deadline, struct peer **out)
-{
-    struct peer *free_slot = NULL;
-    for (int i = 0; i < MAX_PEERS; i++) {
-        struct peer *p = &peers[i];
-        if (p->state != P_FREE && p->state != P_FAILED && !strcmp(p->endpoint, endpoint)) {
-            if (p->state != P_READY && deadline > p->deadline)
-                p->deadline = deadline;
-            *out = p;
-            return 0;
-        }
-        if (p->state == P_FREE && !free_slot)
-            free_slot = p;
-    }
-    if (!free_slot)
-        return -EMFILE;
-    memset(free_slot, 0, sizeof *free_slot);
-    free_slot->fd = -1;
-    snprintf(free_slot->endpoint, sizeof free_slot->endpoint, "%s", endpoint);
-    free_slot->pid = pid;
-    free_slot->deadline = deadline;
-    int rc = peer_open(free_slot);
-    if (rc < 0) {
-        peer_close(free_slot);
-        return rc;
-    }
-    *out = free_slot;
-    return 0;
-}
-
-static void peer_put(struct peer *p)
-{
-    if (--p->refs == 0)
-        peer_close(p);
-}
-
-static int peer_flush(struct peer *p)
-{
-    size_t off = 0;
-    while (off < p->txlen) {
-        ssize_t w = write(p->fd, p->tx + off, p->txlen - off);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w < 0 && errno == EAGAIN)
-            break;
-        if (w <= 0)
-            return -errno;
-        off += (size_t)w;
-    }
-    memmove(p->tx, p->tx + off, p->txlen - off);
-    p->txlen -= off;
-    return 0;
-}
-
-/* Queue a request; an INSTALL carries dst (and flags), other ops ignore them. */
-static int send_req(struct peer *p, uint16_t op, const uint8_t *seg, uint64_t tag, uint64_t offset,
-                    uint64_t length, uint64_t dst, uint32_t flags)
-{
-    struct ls_req_install in = {
-        .rq = {
-            .magic = LS_MAGIC,
-            .version = LS_VERSION,
-            .op = op,
-            .pid = (uint32_t)getpid(),
-            .flags = op == LS_OP_INSTALL ? flags : 0,
-            .tag = tag,
-            .offset = offset,
-            .length = length,
-        },
-        .dst = dst,
-    };
-    memcpy(in.rq.seg, seg, LS_ID_BYTES);
-    size_t size = op == LS_OP_INSTALL ? sizeof in : sizeof in.rq;
-    if (p->state != P_READY)
-        return -ENOTCONN; /* nothing is sent before the handshake is over */
-    if (p->txlen + 9 + size > p->txcap) {
-        size_t cap = p->txcap ? p->txcap * 2 : 4096;
-        uint8_t *b = realloc(p->tx, cap);
-        if (!b)
-            return -ENOMEM;
-        p->tx = b;
-        p->txcap = cap;
-    }
-    p->txlen += zmtp_frame_header(p->tx + p->txlen, 0, size);
-    memcpy(p->tx + p->txlen, &in, size);
-    p->txlen += size;
-    /* Written now if the socket has room, else when poll says POLLOUT. */
-    return peer_flush(p);
-}
 
 /* The region's request covering page, if one is on the wire (a few at most:
  * the demand block and the read-ahead behind it). */
@@ -607,15 +290,8 @@ static void infl_remove(struct inflight *f)
     infl_spare = f;
 }
 
-/* Which source serves r's requests: the owner installs (it holds our
- * userfaultfd) into regions faulting lazily; anything else comes as payload. */
-static const struct page_source *source_for(const struct region *r)
-{
-    return r->peer->direct && r->state == R_ACTIVE ? &install_source : &wire_source;
-}
 
-/* Request pages [page, page+n) of r, which none requested yet. */
-static void request_run(struct region *r, uint64_t page, uint64_t n, uint64_t fault_ns)
+void request_run(struct region *r, uint64_t page, uint64_t n, uint64_t fault_ns)
 {
     struct inflight *f = infl_spare;
     if (f)
@@ -652,13 +328,13 @@ static void request_run(struct region *r, uint64_t page, uint64_t n, uint64_t fa
 }
 
 /* Request every not-yet-requested page of [from, to), in runs of at most
- * max_pages; the first run, if it starts at from, carries the fault. */
+ * client_max_pages; the first run, if it starts at from, carries the fault. */
 static void request_range(struct region *r, uint64_t from, uint64_t to, uint64_t fault_ns)
 {
     if (to > r->npages)
         to = r->npages;
     uint64_t start, n;
-    for (uint64_t p = from; ls_readahead_next_run(r->requested, p, to, max_pages, &start, &n); p = start + n)
+    for (uint64_t p = from; ls_readahead_next_run(r->requested, p, to, client_max_pages, &start, &n); p = start + n)
         request_run(r, start, n, start == from ? fault_ns : 0);
 }
 
@@ -666,7 +342,7 @@ static void wake_page(uintptr_t addr)
 {
     const uint64_t ps = ls_page_size();
     struct uffdio_range rg = {.start = addr & ~(ps - 1), .len = ps};
-    ioctl(uffd, UFFDIO_WAKE, &rg); /* ENOENT: the range was unregistered meanwhile */
+    ioctl(client_uffd, UFFDIO_WAKE, &rg); /* ENOENT: the range was unregistered meanwhile */
 }
 
 static void on_fault(uintptr_t addr, uint64_t now)
@@ -681,7 +357,7 @@ static void on_fault(uintptr_t addr, uint64_t now)
     uint64_t page = (addr - r->base) / ps;
 
     struct ls_readahead_plan plan;
-    ls_readahead_fault(&r->ra, page, r->npages, (uint32_t)min_pages, (uint32_t)max_pages, &plan);
+    ls_readahead_fault(&r->ra, page, r->npages, (uint32_t)min_pages, (uint32_t)client_max_pages, &plan);
     if (bit_get(r->requested, page)) {
         struct inflight *f = infl_find_page(r, page);
         if (f) {
@@ -698,29 +374,6 @@ static void on_fault(uintptr_t addr, uint64_t now)
         request_range(r, plan.ahead_from, plan.ahead_to, 0);
 }
 
-/* Install [off, off+len) of r from src, or as zero pages (src NULL).
- * wake 0: nobody is known to wait (a prefetched block): skip the wake-up walk.
- * A thread that faulted on it meanwhile is woken when its message is read
- * (on_fault finds the page installed and wakes it). */
-static int install(struct region *r, uint64_t off, const uint8_t *src, uint64_t len, int wake)
-{
-    uint64_t eexist = 0;
-    int rc = ls_uffd_fill(uffd, r->base + off, src, len, src && r->wp, !wake, &eexist);
-    CTR_ADD(eexist, eexist);
-    return rc;
-}
-
-/* Eager rung: no userfaultfd, the region is ordinary memory filled by memcpy. */
-static void eager_pump(struct region *r)
-{
-    while (r->inflight < EAGER_INFLIGHT && r->eager_next < r->npages) {
-        uint64_t n = r->npages - r->eager_next;
-        if (n > max_pages)
-            n = max_pages;
-        request_run(r, r->eager_next, n, 0);
-        r->eager_next += n;
-    }
-}
 
 /* Unlink, unmap and free a detached region (its range may be reused from now on). */
 static void region_free(struct region *r)
@@ -743,7 +396,7 @@ static void region_destroy(struct region *r, int tell_owner)
 {
     if (client_mode != LS_MODE_EAGER) {
         struct uffdio_range rg = {.start = r->base, .len = r->maplen};
-        if (ioctl(uffd, UFFDIO_UNREGISTER, &rg) < 0 && errno != EINVAL && errno != ENOENT)
+        if (ioctl(client_uffd, UFFDIO_UNREGISTER, &rg) < 0 && errno != EINVAL && errno != ENOENT)
             ls_fatal("UFFDIO_UNREGISTER failed: errno %d", errno);
     }
     if (tell_owner && r->peer && r->hold_sent)
@@ -767,7 +420,7 @@ static void reap_dying(void)
     }
 }
 
-static void attach_finish(struct region *r, int status)
+void attach_finish(struct region *r, int status)
 {
     struct waiter *w = r->waiter;
     int *out = r->status_out;
@@ -850,12 +503,11 @@ static void on_write_protect_fault(uintptr_t addr)
     uint64_t page = (addr - r->base) / ps;
     bit_set(r->dirty, page);
     struct uffdio_writeprotect wp = {.range = {.start = r->base + page * ps, .len = ps}, .mode = 0};
-    if (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) < 0 && errno != ENOENT)
+    if (ioctl(client_uffd, UFFDIO_WRITEPROTECT, &wp) < 0 && errno != ENOENT)
         ls_fatal("UFFDIO_WRITEPROTECT failed: errno %d", errno); /* it also wakes the writer */
 }
 
-/* Fetched pages of a write-protected region count against the budget. */
-static void account_fetched(struct region *r, uint64_t page, uint64_t npages)
+void account_fetched(struct region *r, uint64_t page, uint64_t npages)
 {
     if (!r->wp)
         return;
@@ -866,140 +518,6 @@ static void account_fetched(struct region *r, uint64_t page, uint64_t npages)
     enforce_budget();
 }
 
-static void record_latency(uint64_t fault_ns, int nfaults)
-{
-    if (!fault_ns)
-        return;
-    uint64_t dt = ls_now_ns() - fault_ns;
-    for (int i = 0; i < nfaults; i++)
-        ls_hist_add(dt);
-}
-
-/* ---- install_source: the owner copies through our userfaultfd ---- */
-
-static int install_request(struct inflight *f)
-{
-    const uint64_t ps = ls_page_size();
-    struct region *r = f->region;
-    f->dontwake = !f->fault; /* read-ahead: nobody to wake yet */
-    uint32_t flags = (r->wp ? LS_INSTALL_WP : 0) | (f->dontwake ? LS_INSTALL_DONTWAKE : 0);
-    return send_req(r->peer, LS_OP_INSTALL, r->seg, f->tag, r->segoff + f->page * ps, f->npages * ps,
-                    r->base + f->page * ps, flags);
-}
-
-static void install_complete(struct peer *p, const struct fetch *f, const struct ls_rep *rep,
-                             const uint8_t *data, uint64_t datalen, int has_data)
-{
-    (void)p, (void)data, (void)datalen, (void)has_data;
-    const uint64_t ps = ls_page_size();
-    struct region *r = f->region;
-    const uint64_t page = f->page, npages = f->npages;
-    if (!rep->status && rep->seglen <= npages * ps) {
-        /* Counted even for a region detached meanwhile: its reader may have
-         * been woken by this very install, done its work and let go. */
-        CTR_ADD(installs, 1);
-        CTR_ADD(bytes_fetched, rep->seglen);
-        CTR_ADD(bytes_zero, npages * ps - rep->seglen);
-    }
-    if (r->state == R_DYING)
-        return; /* freed by reap_dying */
-    if (rep->status)
-        ls_fatal("the owner (pid %d, %s) could not install pages %llu-%llu of a segment of %llu "
-                 "bytes: %s",
-                 r->peer->pid, r->peer->endpoint, (unsigned long long)page,
-                 (unsigned long long)(page + npages - 1), (unsigned long long)r->seglen,
-                 rep->status == -ENOENT ? "the segment was released while this process still maps it"
-                                        : strerror(-rep->status));
-    if (rep->offset != r->segoff + page * ps || rep->length != npages * ps || rep->seglen > npages * ps)
-        ls_fatal("malformed install reply from %s", r->peer->endpoint);
-    if (f->dontwake && f->nfaults) { /* faults arrived after the read-ahead was asked for */
-        struct uffdio_range rg = {.start = r->base + page * ps, .len = npages * ps};
-        ioctl(uffd, UFFDIO_WAKE, &rg);
-    }
-    if (rep->seglen)
-        account_fetched(r, page, npages);
-    record_latency(f->fault, f->nfaults);
-}
-
-static const struct page_source install_source = {
-    .name = "install",
-    .op = LS_OP_INSTALL,
-    .request = install_request,
-    .complete = install_complete,
-    .pull = NULL, /* it writes through a userfaultfd: no use for plain memory */
-};
-
-/* ---- wire_source: the payload follows the reply ---- */
-
-static int wire_request(struct inflight *f)
-{
-    const uint64_t ps = ls_page_size();
-    struct region *r = f->region;
-    return send_req(r->peer, LS_OP_READ, r->seg, f->tag, r->segoff + f->page * ps, f->npages * ps, 0, 0);
-}
-
-/* Eager rung: progress on r; attached once every page arrived. */
-static void eager_progress(struct region *r)
-{
-    r->deadline = ls_now_ns() + r->timeout; /* a big segment may take long: time progress */
-    eager_pump(r);
-    if (!r->inflight && r->eager_next >= r->npages) {
-        r->state = R_ACTIVE;
-        attach_finish(r, 0);
-    }
-}
-
-static void wire_complete(struct peer *p, const struct fetch *f, const struct ls_rep *rep, const uint8_t *data,
-                          uint64_t datalen, int has_data)
-{
-    (void)p;
-    const uint64_t ps = ls_page_size();
-    struct region *r = f->region;
-    const uint64_t page = f->page, npages = f->npages;
-    if (r->state == R_DYING)
-        return; /* freed by reap_dying */
-    if (!rep->status && (rep->flags & LS_REP_ZERO) && !has_data && rep->length == npages * ps &&
-        rep->offset == r->segoff + page * ps) {
-        CTR_ADD(bytes_zero, npages * ps);
-        if (r->state == R_EAGER) { /* fresh anonymous memory is already zero */
-            eager_progress(r);
-            return;
-        }
-        int rc = install(r, page * ps, NULL, npages * ps, 1);
-        if (rc < 0)
-            ls_fatal("UFFDIO_ZEROPAGE failed: errno %d", -rc);
-        record_latency(f->fault, f->nfaults);
-        return;
-    }
-    if (rep->status)
-        ls_fatal("the owner (pid %d, %s) refused pages %llu-%llu of segment of %llu bytes: %s",
-                 r->peer->pid, r->peer->endpoint, (unsigned long long)page,
-                 (unsigned long long)(page + npages - 1), (unsigned long long)r->seglen,
-                 rep->status == -ENOENT ? "the segment was released while this process still maps it"
-                                        : "error reply");
-    if (!has_data || datalen != npages * ps || rep->offset != r->segoff + page * ps)
-        ls_fatal("malformed page reply from %s", r->peer->endpoint);
-    if (r->state == R_EAGER) {
-        memcpy((uint8_t *)r->base + page * ps, data, npages * ps);
-        CTR_ADD(bytes_fetched, npages * ps);
-        eager_progress(r);
-        return;
-    }
-    CTR_ADD(bytes_fetched, npages * ps); /* before the wake: a woken reader sees it */
-    int rc = install(r, page * ps, data, npages * ps, f->nfaults > 0);
-    if (rc < 0)
-        ls_fatal("UFFDIO_COPY failed: errno %d", -rc);
-    account_fetched(r, page, npages);
-    record_latency(f->fault, f->nfaults);
-}
-
-static const struct page_source wire_source = {
-    .name = "wire",
-    .op = LS_OP_READ,
-    .request = wire_request,
-    .complete = wire_complete,
-    .pull = eager_pump,
-};
 
 static void on_hold_reply(const struct ls_rep *rep)
 {
@@ -1027,7 +545,7 @@ static void on_hold_reply(const struct ls_rep *rep)
 
 /* A reply: a HOLD's goes to its attach; a page request's back to the source
  * that sent it (after the request leaves the in-flight table). */
-static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *data, uint64_t datalen, int has_data)
+void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *data, uint64_t datalen, int has_data)
 {
     if (rep->op == LS_OP_HOLD) {
         on_hold_reply(rep);
@@ -1050,251 +568,8 @@ static void on_reply(struct peer *p, const struct ls_rep *rep, const uint8_t *da
     src->complete(p, &done, rep, data, datalen, has_data);
 }
 
-/* The owner's connection broke: fatal if anything still needs it. */
-static void peer_lost(struct peer *p, int err)
+void attach_peer_ready(struct peer *p)
 {
-    /* Detached regions waiting only for this owner's last answers need none. */
-    for (struct region *r = dying, *next; r; r = next) {
-        next = r->dnext;
-        if (r->peer == p)
-            region_free(r);
-    }
-    if (p->state == P_FREE)
-        return; /* that dropped the last reference: closed */
-    if (p->refs)
-        ls_fatal("lost the connection to the owner of a lazily mapped array (pid %d%s, %s): %s",
-                 p->pid, ls_pid_alive(p->pid) ? "" : ", exited", p->endpoint, strerror(err));
-    peer_close(p);
-}
-
-/* Read and dispatch what the owner sent: [header] or [header][payload] replies. */
-static void drain_peer(struct peer *p)
-{
-    const uint64_t ps = ls_page_size();
-    for (int budget = 0; budget < 4096 && p->state == P_READY; budget++) {
-        if (p->dlen) { /* a payload streams straight into the staging buffer */
-            ssize_t r = read(p->fd, p->stage + p->dgot, p->dlen - p->dgot);
-            if (r < 0 && errno == EINTR)
-                continue;
-            if (r < 0 && errno == EAGAIN)
-                return;
-            if (r <= 0) {
-                peer_lost(p, r ? errno : ECONNRESET);
-                return;
-            }
-            p->dgot += (uint64_t)r;
-            if (p->dgot == p->dlen) {
-                uint64_t n = p->dlen;
-                p->dlen = p->dgot = 0;
-                p->have_rep = 0;
-                on_reply(p, &p->rep, p->stage, n, 1);
-            }
-            continue;
-        }
-        /* Parse complete small frames out of rx. */
-        uint8_t flags;
-        uint64_t len;
-        size_t h = zmtp_parse_header(p->rx, p->rxlen, &flags, &len);
-        if (h && (flags & ZMTP_COMMAND) && len <= ZMTP_MAX_SMALL && p->rxlen >= h + len) {
-            memmove(p->rx, p->rx + h + len, p->rxlen - h - len); /* PING etc.: ignored */
-            p->rxlen -= h + len;
-            continue;
-        }
-        if (h && p->have_rep) { /* the payload frame */
-            if (len > LS_MAX_READ || len % ps || (flags & (ZMTP_MORE | ZMTP_COMMAND)) || !p->stage)
-                ls_fatal("malformed page payload from %s", p->endpoint);
-            uint64_t inbuf = p->rxlen - h < len ? p->rxlen - h : len;
-            memcpy(p->stage, p->rx + h, inbuf);
-            memmove(p->rx, p->rx + h + inbuf, p->rxlen - h - inbuf);
-            p->rxlen -= h + inbuf;
-            p->dlen = len;
-            p->dgot = inbuf;
-            if (!len)
-                ls_fatal("empty page payload from %s", p->endpoint);
-            if (inbuf == len) {
-                p->dlen = p->dgot = 0;
-                p->have_rep = 0;
-                on_reply(p, &p->rep, p->stage, len, 1);
-            }
-            continue;
-        }
-        if (h && p->rxlen >= h + len) { /* a reply header frame */
-            if (len != sizeof(struct ls_rep) || (flags & ZMTP_COMMAND))
-                ls_fatal("malformed reply header from %s", p->endpoint);
-            memcpy(&p->rep, p->rx + h, sizeof p->rep);
-            memmove(p->rx, p->rx + h + len, p->rxlen - h - len);
-            p->rxlen -= h + len;
-            if (p->rep.magic != LS_MAGIC || p->rep.version != LS_VERSION)
-                ls_fatal("reply of another protocol from %s", p->endpoint);
-            if (flags & ZMTP_MORE) {
-                p->have_rep = 1;
-            } else {
-                struct ls_rep rep = p->rep;
-                on_reply(p, &rep, NULL, 0, 0);
-            }
-            continue;
-        }
-        if (h && len > sizeof p->rx)
-            ls_fatal("oversized frame from %s", p->endpoint);
-        if (p->rxlen == sizeof p->rx)
-            ls_fatal("unparseable stream from %s", p->endpoint);
-        ssize_t r = read(p->fd, p->rx + p->rxlen, sizeof p->rx - p->rxlen);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0 && errno == EAGAIN)
-            return;
-        if (r <= 0) {
-            peer_lost(p, r ? errno : ECONNRESET);
-            return;
-        }
-        p->rxlen += (size_t)r;
-    }
-}
-
-/* ---- connection set-up (see P_*): every step returns at once ---- */
-
-/* Whether the owner runs as our uid: only such an owner is handed our
- * userfaultfd (it could ptrace us anyway); any other gets READ requests. */
-static int peer_is_us(int fd)
-{
-    struct ucred cred;
-    socklen_t len = sizeof cred;
-    return getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 && cred.uid == getuid();
-}
-
-/*
- * Hand our userfaultfd to the owner (OP_UFFD, the fd as SCM_RIGHTS): it then
- * installs pages into our mappings itself, one copy per byte. Sent once tx is
- * empty (the fd rides on the frame's first byte; what does not fit goes to tx).
- * Any refusal (an owner without the INSTALL path, a filter on fd passing)
- * leaves the peer on the READ path; only a broken connection is an error.
- */
-static int offer_send(struct peer *p)
-{
-    struct ls_req rq = {.magic = LS_MAGIC, .version = LS_VERSION, .op = LS_OP_UFFD, .pid = (uint32_t)getpid()};
-    uint8_t msg[9 + sizeof rq];
-    size_t n = zmtp_frame_header(msg, 0, sizeof rq);
-    memcpy(msg + n, &rq, sizeof rq);
-    n += sizeof rq;
-    union {
-        struct cmsghdr h;
-        char buf[CMSG_SPACE(sizeof(int))];
-    } ctl;
-    memset(&ctl, 0, sizeof ctl);
-    struct iovec iov = {msg, n};
-    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = &ctl, .msg_controllen = sizeof ctl};
-    struct cmsghdr *h = CMSG_FIRSTHDR(&m);
-    h->cmsg_level = SOL_SOCKET;
-    h->cmsg_type = SCM_RIGHTS;
-    h->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(h), &uffd, sizeof uffd);
-    ssize_t w;
-    do
-        w = sendmsg(p->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
-    while (w < 0 && errno == EINTR);
-    if (w < 0)
-        return errno == EAGAIN ? 0 : -errno; /* no room: POLLOUT brings us back */
-    p->offer_sent = 1;
-    return (size_t)w < n ? tx_append(p, msg + w, n - (size_t)w) : 0;
-}
-
-/* Consume what the handshake expects from rx: the owner's greeting, its READY
- * (its first command), then, if offered, the OP_UFFD answer (commands
- * skipped). Leaves the rest in rx for drain_peer. */
-static int handshake_parse(struct peer *p)
-{
-    if (p->state == P_GREETING && !p->greeted) {
-        if (p->rxlen < ZMTP_GREETING)
-            return 0;
-        if (zmtp_check_greeting(p->rx) < 0)
-            return -EPROTO;
-        memmove(p->rx, p->rx + ZMTP_GREETING, p->rxlen - ZMTP_GREETING);
-        p->rxlen -= ZMTP_GREETING;
-        p->greeted = 1;
-    }
-    while (p->state == P_GREETING || (p->state == P_OFFER && p->offer_sent)) {
-        uint8_t flags;
-        uint64_t len;
-        size_t h = zmtp_parse_header(p->rx, p->rxlen, &flags, &len);
-        if (h && len > ZMTP_MAX_SMALL)
-            return -EPROTO;
-        if (!h || p->rxlen < h + len)
-            return 0;
-        int command = (flags & ZMTP_COMMAND) != 0;
-        struct ls_rep rep;
-        if (!command && (p->state == P_GREETING || len != sizeof rep || (flags & ZMTP_MORE)))
-            return -EPROTO;
-        if (!command)
-            memcpy(&rep, p->rx + h, sizeof rep);
-        memmove(p->rx, p->rx + h + len, p->rxlen - h - len);
-        p->rxlen -= h + len;
-        if (p->state == P_GREETING) { /* READY: its properties need no answer */
-            p->state = uffd >= 0 && direct_wanted && peer_is_us(p->fd) ? P_OFFER : P_READY;
-        } else if (!command) {
-            if (rep.magic != LS_MAGIC || rep.op != LS_OP_UFFD)
-                return -EPROTO;
-            p->direct = rep.status == 0;
-            p->state = P_READY;
-        }
-    }
-    return 0;
-}
-
-/* Read (without blocking) and parse until the handshake is over or the
- * socket is empty. */
-static int handshake_read(struct peer *p)
-{
-    for (;;) {
-        int rc = handshake_parse(p);
-        if (rc < 0 || p->state == P_READY || (p->state == P_OFFER && !p->offer_sent))
-            return rc;
-        if (p->rxlen == sizeof p->rx)
-            return -EPROTO; /* nothing the handshake expects is that long */
-        ssize_t r = read(p->fd, p->rx + p->rxlen, sizeof p->rx - p->rxlen);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return errno == EAGAIN ? 0 : -errno;
-        if (r == 0)
-            return -ECONNRESET;
-        p->rxlen += (size_t)r;
-    }
-}
-
-/* The set-up failed or timed out: the attaches waiting on it fail (the
- * owner never saw their HOLDs); the slot is freed when the last lets go. */
-static void peer_fail(struct peer *p, int err)
-{
-    int status = err == -ESRCH || !ls_pid_alive(p->pid) ? -ESRCH : err;
-    if (p->fd >= 0)
-        close(p->fd);
-    p->fd = -1;
-    free(p->tx);
-    free(p->stage);
-    p->tx = p->stage = NULL;
-    p->txlen = p->txcap = p->rxlen = 0;
-    p->state = P_FAILED;
-    for (struct region *r = attaching, *next; r; r = next) {
-        next = r->anext;
-        if (r->peer == p)
-            attach_finish(r, status);
-    }
-    if (!p->refs)
-        peer_close(p);
-}
-
-/* The handshake is over: a staging buffer for payloads (READ path), then the
- * HOLDs of the attaches that waited for it. */
-static void peer_ready(struct peer *p)
-{
-    if (!p->direct) {
-        void *stage;
-        if (posix_memalign(&stage, ls_page_size(), LS_MAX_READ)) {
-            peer_fail(p, -ENOMEM); /* no HOLD was sent yet */
-            return;
-        }
-        p->stage = stage;
-    }
     for (struct region *r = attaching, *next; r; r = next) {
         next = r->anext;
         if (r->peer != p || r->hold_sent)
@@ -1306,43 +581,24 @@ static void peer_ready(struct peer *p)
     }
 }
 
-/* One step of a peer's set-up, on poll's events for it (or, while connect
- * must be retried, every iteration). */
-static void peer_advance(struct peer *p, short revents)
+void attach_peer_failed(struct peer *p, int status)
 {
-    int rc = 0;
-    if (p->state == P_CONNECTING) {
-        if (p->connect_again) {
-            rc = peer_try_connect(p);
-        } else if (revents) {
-            int err = 0;
-            socklen_t l = sizeof err;
-            if (getsockopt(p->fd, SOL_SOCKET, SO_ERROR, &err, &l) < 0)
-                rc = -errno;
-            else if (err)
-                rc = connect_errno(err);
-            else
-                p->state = P_GREETING;
-        }
-        if (rc < 0 || p->state == P_CONNECTING)
-            goto out;
-        revents |= POLLIN; /* the owner may have answered already */
+    for (struct region *r = attaching, *next; r; r = next) {
+        next = r->anext;
+        if (r->peer == p)
+            attach_finish(r, status);
     }
-    if (p->txlen && (rc = peer_flush(p)) < 0)
-        goto out;
-    if (revents & (POLLIN | POLLHUP | POLLERR))
-        rc = handshake_read(p);
-    if (!rc && p->state == P_OFFER && !p->offer_sent && !p->txlen) {
-        rc = offer_send(p);
-        if (!rc && p->offer_sent)
-            rc = handshake_read(p);
-    }
-out:
-    if (rc < 0)
-        peer_fail(p, rc);
-    else if (p->state == P_READY)
-        peer_ready(p);
 }
+
+void dying_peer_lost(struct peer *p)
+{
+    for (struct region *r = dying, *next; r; r = next) {
+        next = r->dnext;
+        if (r->peer == p)
+            region_free(r);
+    }
+}
+
 
 static void handle_commands(void)
 {
@@ -1396,11 +652,7 @@ static void handle_commands(void)
 
 static void check_deadlines(uint64_t now)
 {
-    for (int i = 0; i < MAX_PEERS; i++) {
-        struct peer *p = &peers[i];
-        if (p->state >= P_CONNECTING && p->state < P_READY && now > p->deadline)
-            peer_fail(p, -ETIMEDOUT);
-    }
+    conn_check_deadlines(now);
     for (struct region *r = attaching, *next; r; r = next) {
         next = r->anext;
         if (now > r->deadline) {
@@ -1438,23 +690,11 @@ static void *client_main(void *arg)
     struct peer *who[MAX_PEERS];
     struct uffd_msg msgs[64];
     for (;;) {
-        int n = 0, np = 0, retry = 0;
+        int n = 0, retry = 0;
         fds[n++] = (struct pollfd){.fd = cmd_fd, .events = POLLIN};
-        fds[n++] = (struct pollfd){.fd = uffd, .events = POLLIN}; /* -1 (eager): ignored */
-        for (int i = 0; i < MAX_PEERS; i++) {
-            struct peer *p = &peers[i];
-            if (p->state == P_FREE || p->state == P_FAILED)
-                continue;
-            short ev = POLLIN;
-            if (p->state == P_CONNECTING) {
-                ev = p->connect_again ? 0 : POLLOUT; /* retried below, without an event */
-                retry |= p->connect_again;
-            } else if (p->txlen || (p->state == P_OFFER && !p->offer_sent)) {
-                ev |= POLLOUT;
-            }
-            who[np++] = p;
-            fds[n++] = (struct pollfd){.fd = p->connect_again ? -1 : p->fd, .events = ev};
-        }
+        fds[n++] = (struct pollfd){.fd = client_uffd, .events = POLLIN}; /* -1 (eager): ignored */
+        int np = conn_pollfds(fds + n, who, &retry);
+        n += np;
         int timeout = retry ? 10 : (ninfl || nregions) ? 100 : -1;
         /* Spin briefly before sleeping while a reply or the next fault is likely:
          * on an idle VM each sleep/wake-up costs tens of microseconds, as much as
@@ -1473,9 +713,9 @@ static void *client_main(void *arg)
         uint64_t now = ls_now_ns();
         if (ready > 0)
             last_activity = now;
-        if (uffd >= 0 && fds[1].revents) {
+        if (client_uffd >= 0 && fds[1].revents) {
             for (;;) {
-                ssize_t got = read(uffd, msgs, sizeof msgs);
+                ssize_t got = read(client_uffd, msgs, sizeof msgs);
                 if (got < 0) {
                     if (errno == EINTR)
                         continue;
@@ -1495,22 +735,8 @@ static void *client_main(void *arg)
                     break;
             }
         }
-        for (int i = 0; i < np; i++) {
-            struct peer *p = who[i];
-            if (p->state >= P_CONNECTING && p->state < P_READY) {
-                if (fds[2 + i].revents || p->connect_again)
-                    peer_advance(p, fds[2 + i].revents);
-                continue;
-            }
-            if (p->state != P_READY)
-                continue;
-            if ((fds[2 + i].revents & POLLOUT) && peer_flush(p) < 0) {
-                peer_lost(p, errno);
-                continue;
-            }
-            if (fds[2 + i].revents & (POLLIN | POLLHUP | POLLERR))
-                drain_peer(p);
-        }
+        for (int i = 0; i < np; i++)
+            conn_on_events(who[i], fds[2 + i].revents);
         if (fds[0].revents)
             handle_commands();
         check_deadlines(ls_now_ns());
@@ -1558,12 +784,12 @@ static void *watch_main(void *arg)
             pthread_mutex_lock(&watch_lock);
             continue;
         }
-        struct pollfd pf = {.fd = uffd, .events = POLLIN};
+        struct pollfd pf = {.fd = client_uffd, .events = POLLIN};
         pthread_mutex_lock(&cmd_lock);
         int waiting = cmd_head != NULL;
         pthread_mutex_unlock(&cmd_lock);
         waiting |= atomic_load_explicit(&inflight_published, memory_order_relaxed) > 0;
-        waiting |= uffd >= 0 && poll(&pf, 1, 0) > 0;
+        waiting |= client_uffd >= 0 && poll(&pf, 1, 0) > 0;
         if (!waiting)
             since = now; /* idle, not wedged */
         else if (now - since > fault_timeout_ns)
@@ -1604,15 +830,15 @@ int ls_client_start(const struct ls_client_config *cfg)
     if (min_block < ps || max_block < min_block || max_block > LS_MAX_READ)
         return -EINVAL;
     min_pages = min_block / ps;
-    max_pages = max_block / ps;
+    client_max_pages = max_block / ps;
     fault_timeout_ns = (uint64_t)cfg->fault_timeout_ms * 1000000ull;
     spin_ns = (uint64_t)cfg->spin_us * 1000ull;
-    direct_wanted = !cfg->wire;
+    client_direct_wanted = !cfg->wire;
     if (mode != LS_MODE_EAGER) {
         int fd = ls_uffd_open(mode);
         if (fd < 0)
             return fd;
-        uffd = fd;
+        client_uffd = fd;
     }
     int rc = 0;
     cmd_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -1628,8 +854,7 @@ int ls_client_start(const struct ls_client_config *cfg)
     pthread_condattr_destroy(&ca);
     if (rc)
         goto close_fds;
-    for (int i = 0; i < MAX_PEERS; i++)
-        peers[i].fd = -1;
+    conn_reset();
     client_mode = mode;
     /* The watchdog first: it can be stopped and joined if the handler then
      * fails to start, whereas the handler, once running, owns the fds. */
@@ -1655,9 +880,9 @@ destroy_cond:
 close_fds:
     if (cmd_fd >= 0)
         close(cmd_fd);
-    if (uffd >= 0)
-        close(uffd);
-    cmd_fd = uffd = -1;
+    if (client_uffd >= 0)
+        close(client_uffd);
+    cmd_fd = client_uffd = -1;
     return -rc;
 }
 
@@ -1688,12 +913,12 @@ static int region_new(const struct ls_attach *a, uint64_t timeout_ns, struct reg
             .range = {.start = (uintptr_t)base, .len = maplen},
             .mode = UFFDIO_REGISTER_MODE_MISSING | (want_wp ? UFFDIO_REGISTER_MODE_WP : 0),
         };
-        int rc = ioctl(uffd, UFFDIO_REGISTER, &reg);
+        int rc = ioctl(client_uffd, UFFDIO_REGISTER, &reg);
         if (rc < 0 && want_wp) { /* no write-protect here (kernel < 5.7): no dropping either */
             want_wp = 0;
             reg.mode = UFFDIO_REGISTER_MODE_MISSING;
             reg.ioctls = 0;
-            rc = ioctl(uffd, UFFDIO_REGISTER, &reg);
+            rc = ioctl(client_uffd, UFFDIO_REGISTER, &reg);
         }
         if (rc < 0) {
             int e = errno;
@@ -1702,7 +927,7 @@ static int region_new(const struct ls_attach *a, uint64_t timeout_ns, struct reg
         }
         if (!(reg.ioctls & (1ULL << _UFFDIO_COPY)) || !(reg.ioctls & (1ULL << _UFFDIO_ZEROPAGE))) {
             struct uffdio_range rg = {.start = (uintptr_t)base, .len = maplen};
-            ioctl(uffd, UFFDIO_UNREGISTER, &rg);
+            ioctl(client_uffd, UFFDIO_UNREGISTER, &rg);
             munmap(base, maplen);
             return -EOPNOTSUPP;
         }
@@ -1717,7 +942,7 @@ static int region_new(const struct ls_attach *a, uint64_t timeout_ns, struct reg
         free(dirty);
         if (client_mode != LS_MODE_EAGER) {
             struct uffdio_range rg = {.start = (uintptr_t)base, .len = maplen};
-            ioctl(uffd, UFFDIO_UNREGISTER, &rg);
+            ioctl(client_uffd, UFFDIO_UNREGISTER, &rg);
         }
         munmap(base, maplen);
         return -ENOMEM;
@@ -1745,7 +970,7 @@ static void region_undo(struct region *r)
 {
     if (client_mode != LS_MODE_EAGER) {
         struct uffdio_range rg = {.start = r->base, .len = r->maplen};
-        ioctl(uffd, UFFDIO_UNREGISTER, &rg); /* EINVAL/ENOENT only: it is ours and registered */
+        ioctl(client_uffd, UFFDIO_UNREGISTER, &rg); /* EINVAL/ENOENT only: it is ours and registered */
     }
     munmap((void *)r->base, r->maplen);
     free(r->requested);
@@ -1926,9 +1151,9 @@ void ls_client_reset_after_fork(void)
     cmd_head = cmd_tail = NULL;
     if (cmd_fd >= 0)
         close(cmd_fd);
-    if (uffd >= 0)
-        close(uffd);
-    cmd_fd = uffd = -1;
+    if (client_uffd >= 0)
+        close(client_uffd);
+    cmd_fd = client_uffd = -1;
     client_running = 0;
     client_mode = -1;
     /* The parent's tables are left as they are (their memory is the child's
@@ -1938,9 +1163,7 @@ void ls_client_reset_after_fork(void)
     region_ids = (struct ls_htab){0};
     nregions = 0;
     attaching = dying = NULL;
-    memset(peers, 0, sizeof peers);
-    for (int i = 0; i < MAX_PEERS; i++)
-        peers[i].fd = -1;
+    conn_reset();
     infl_tags = (struct ls_htab){0};
     infl_oldest = infl_newest = infl_spare = NULL;
     ninfl = 0;
