@@ -176,3 +176,52 @@ int ls_readahead_next_run(const uint8_t *requested, uint64_t from, uint64_t to, 
 
 void ls_get_stats(struct ls_stats *out);
 void ls_reset_after_fork(void);
+
+/* ---- owner: dirty tracking (csrc/track.c) ---- */
+/*
+ * Which pages of ranges of this process's own memory were written since a
+ * point in time (UFFD_FEATURE_WP_ASYNC + PAGEMAP_SCAN, Linux 6.7+). Writes
+ * never wait and never fail: user-mode and kernel-mode (read(2) into the
+ * buffer) writes are recorded on both uffd rungs. A page zapped by
+ * MADV_DONTNEED is reported written. The first tracked 4 KiB write into a
+ * transparent huge page splits its PMD mapping (random reads of it get
+ * slower). A forked child tracks nothing (its calls answer -ENOENT; it may add
+ * ranges of its own). Thread-safe (one mutex); any thread.
+ */
+#define LS_TRACK_AUTO -1 /* ls_track_set_mode: the full rung if allowed, else user-mode-only */
+/* The rung of the tracking userfaultfd (LS_MODE_UFFD, LS_MODE_UFFD_USER or
+ * LS_TRACK_AUTO, the default): takes effect when it is next opened; -EBUSY if
+ * it is open at another rung and ranges are tracked, -EINVAL for other modes. */
+int ls_track_set_mode(int mode);
+/* Open the tracking userfaultfd if not yet: its rung (LS_MODE_*) or -errno. */
+int ls_track_mode(void);
+/* 1 if tracking works here (opens the tracking userfaultfd and keeps it), or
+ * -errno: -EINVAL (UFFDIO_API refuses WP_ASYNC: Linux < 6.7), -ENOSYS (no
+ * PAGEMAP_SCAN or no userfaultfd), -EPERM (this rung is not allowed). */
+int ls_track_supported(void);
+/* Start recording writes to [addr, addr+len): addr and len page-aligned
+ * (-EINVAL otherwise: widening is the caller's choice, and then neighbours on
+ * those pages are tracked too). The memory must be mapped (-ENOMEM), private
+ * anonymous (heap, stack, anonymous mappings), neither shared, file-backed,
+ * hugetlb nor KSM-mergeable (MADV_MERGEABLE: merging would drop the records)
+ * (-EOPNOTSUPP), nor registered with another userfaultfd (-EBUSY). A range
+ * overlapping a tracked one is refused (-EEXIST) unless that one was lost
+ * (-ENXIO below): it is replaced. Costs ~10 ms per GiB (write-protecting). */
+int ls_track_add(uint64_t addr, uint64_t len);
+/* The page ranges of [addr, addr+len) (page-aligned, inside one tracked range,
+ * -ENOENT otherwise) written since ls_track_add or the last scan with
+ * reprotect=1 of those pages: (start, end) address pairs in out[0..2n), sorted,
+ * merged where adjacent; returns n. reprotect=1 protects the reported pages
+ * again in the same walk (a write racing the scan is reported now or next time,
+ * never lost). n == max_ranges: there may be more; call again from
+ * out[2n-1] (the last end), which may answer 0. -ENXIO: tracking was lost (the
+ * memory was moved or resized by mremap / realloc, unmapped, or mapped anew):
+ * treat all of it as written, then ls_track_add again (the lost range is
+ * replaced) or ls_track_remove. -EINVAL: max_ranges 0 or above INT32_MAX. */
+int ls_track_dirty(uint64_t addr, uint64_t len, uint64_t *out, uint32_t max_ranges, int reprotect);
+/* Stop tracking the range added as exactly [addr, addr+len) (-ENOENT
+ * otherwise): unprotect and unregister what of it is still mapped (the memory
+ * may be gone already: fine). The range is forgotten even if that fails. */
+int ls_track_remove(uint64_t addr, uint64_t len);
+/* Ranges tracked now (lost ones included). */
+int ls_track_count(void);
