@@ -10,6 +10,7 @@ import json
 import mmap
 import os
 import sys
+import time
 
 import numpy as np
 from lazyshare._native import ffi, lib
@@ -36,11 +37,14 @@ MADV_MERGEABLE = 12
 MADV_NOHUGEPAGE = 15
 
 
-def raw_map(n: int, flags: int = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, fd: int = -1) -> int:
+def raw_map(
+    n: int, flags: int = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, fd: int = -1, fill: bool = True
+) -> int:
     """n bytes mapped with libc.mmap (not owned by a Python object), populated."""
     a = libc.mmap(None, n, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
     assert a != MAP_FAILED, os.strerror(ctypes.get_errno())
-    view(a, n)[:] = 1
+    if fill:
+        view(a, n)[:] = 1
     return a
 
 
@@ -293,6 +297,84 @@ def add_remove_loop():
 
 def supported():
     return {"supported": lib.ls_track_supported(), "mode": lib.ls_track_mode()}
+
+
+def thp():
+    """A transparent huge page: a 4 KiB write is reported as that page alone
+    (the kernel splits the PMD mapping on the first tracked write)."""
+    n = 8 << 20
+    raw = raw_map(n + (2 << 20), fill=False)
+    a = (raw + (2 << 20) - 1) // (2 << 20) * (2 << 20)
+    libc.madvise(a, n, 14)  # MADV_HUGEPAGE
+    view(a, n)[:] = 2
+    r = {"huge_before": anon_huge_kb(a), "add": lib.ls_track_add(a, n), "clean": dirty(a, n)}
+    r["huge_armed"] = anon_huge_kb(a)
+    view(a, n)[(512 + 3) * PS] = 1
+    r["reported"] = pages(dirty(a, n))
+    r["huge_after"] = anon_huge_kb(a)
+    r["remove"] = lib.ls_track_remove(a, n)
+    return r
+
+
+def anon_huge_kb(addr: int) -> int:
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                s, e = (int(x, 16) for x in head.split("-"))
+                inside = s <= addr < e
+            elif inside and line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    return -1
+
+
+def mirror_while_writing():
+    """A cache kept by copying only the reported pages equals the array, however
+    a writer thread races the reprotecting scans (no write is lost between a
+    report and the re-protection)."""
+    import threading
+
+    n = 16 << 20
+    a = raw_map(n)
+    v = view(a, n)
+    mirror = v.copy()
+    r = {"add": lib.ls_track_add(a, n)}
+    stop = threading.Event()
+    writes = [0]
+
+    def writer():
+        rng = np.random.default_rng(3)
+        while not stop.is_set():
+            idx = rng.integers(0, n // PS, 64)
+            v[idx * PS + rng.integers(0, PS, 64)] = rng.integers(0, 256, 64, dtype=np.uint8)
+            writes[0] += 64
+
+    th = threading.Thread(target=writer)
+    th.start()
+    scans = busy = 0
+    try:
+        while not writes[0]:
+            time.sleep(0.001)
+        t_end = time.monotonic() + 1.0
+        while time.monotonic() < t_end or scans < 50:
+            got = dirty(a, n)
+            for s, e in got:
+                mirror[s:e] = v[s:e]
+            scans += 1
+            busy += bool(got)
+            time.sleep(0.0005)  # let the writer run between scans too
+    finally:
+        stop.set()
+        th.join()
+    for s, e in dirty(a, n):
+        mirror[s:e] = v[s:e]
+    r["scans"] = scans
+    r["scans_with_writes"] = busy
+    r["writes"] = writes[0]
+    r["equal"] = bool((mirror == v).all())
+    r["remove"] = lib.ls_track_remove(a, n)
+    return r
 
 
 if __name__ == "__main__":

@@ -171,3 +171,22 @@ def test_add_remove_loop_leaves_no_fds_or_mappings():
     assert r["fds"][1] == r["fds"][0]
     assert r["maps"][1] <= r["maps"][0] + 2
     assert r["count"] == 0
+
+
+def test_huge_page_write_reported_at_4k_and_splits_only_that_huge_page():
+    r = case("thp")
+    assert r["add"] == 0 and r["clean"] == []
+    if r["huge_before"] < 8192:
+        pytest.skip("no transparent huge pages for this mapping")
+    assert r["huge_armed"] == 8192  # protecting keeps the PMD mappings
+    assert r["reported"] == [515]  # 4 KiB granularity inside a huge page
+    assert r["huge_after"] == 8192 - 2048  # the first tracked write split that one huge page
+    assert r["remove"] == 0
+
+
+def test_cache_of_reported_pages_stays_equal_under_a_racing_writer():
+    r = case("mirror_while_writing")
+    assert r["add"] == 0
+    assert r["scans"] >= 50 and r["scans_with_writes"] >= 10 and r["writes"] > 0
+    assert r["equal"]  # no write fell between a report and its re-protection
+    assert r["remove"] == 0
