@@ -15,17 +15,8 @@ import os
 import platform
 import time
 
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+from _libc import libc  # mmap/munmap signatures set
+
 libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 libc.syscall.restype = ctypes.c_long
 

@@ -32,6 +32,7 @@ import statistics
 import time
 
 import numpy as np
+from _libc import libc as _libc
 
 from lazyshare import handler, serialization
 
@@ -41,18 +42,6 @@ MiB = 1 << 20
 def _maps_lines() -> int:
     with open("/proc/self/maps") as f:
         return sum(1 for _ in f)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
 
 
 def _grow_maps(n: int) -> None:
