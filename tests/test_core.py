@@ -20,6 +20,7 @@ import _core_child as child
 import numpy as np
 import pytest
 import zmq
+from _proc import as_user
 from conftest import DEADLINE, wait_for
 
 import lazyshare
@@ -374,19 +375,7 @@ def _run_script(code, env_extra, user=None, timeout=DEADLINE):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]), **env_extra)
     cmd = [sys.executable, "-c", textwrap.dedent(code)]
     if user:
-        # Another user, with no capability but CAP_DAC_READ_SEARCH: enough to
-        # read this interpreter where it lives (under root's 0700 home), not to
-        # open /dev/userfaultfd (0600, needs write) or pass userfaultfd(2)'s
-        # CAP_SYS_PTRACE check.
-        cmd = [
-            "setpriv",
-            f"--reuid={user}",
-            f"--regid={user}",
-            "--clear-groups",
-            "--inh-caps=-all,+dac_read_search",
-            "--ambient-caps=-all,+dac_read_search",
-            "--",
-        ] + cmd
+        cmd = as_user(cmd, user)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -15,6 +15,7 @@ import sys
 import tempfile
 
 import pytest
+from _proc import as_user
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,17 +29,7 @@ def case(name, *args, env=None, user=None):
         os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]), **(env or {})
     )
     if user is not None:
-        # As tests/test_core.py does: no capability but CAP_DAC_READ_SEARCH, to
-        # read this interpreter where it lives, not to open /dev/userfaultfd.
-        cmd = [
-            "setpriv",
-            f"--reuid={user}",
-            f"--regid={user}",
-            "--clear-groups",
-            "--inh-caps=-all,+dac_read_search",
-            "--ambient-caps=-all,+dac_read_search",
-            "--",
-        ] + cmd
+        cmd = as_user(cmd, user)
     r = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=55)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
