@@ -5,6 +5,7 @@ socket file), and a later start succeeds."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import subprocess
@@ -323,12 +324,19 @@ def looplib(tmp_path_factory):
     return mod.lib
 
 
+_libc_eventfd = ctypes.CDLL(None, use_errno=True).eventfd
+_libc_eventfd.argtypes = [ctypes.c_uint, ctypes.c_int]
+
+
 @pytest.fixture
 def loop(looplib):
     fds = []
 
     def evfd(readable=True):
-        fd = os.eventfd(1 if readable else 0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # libc's eventfd (os.eventfd is Python 3.10+); EFD_* equal O_* on Linux
+        fd = _libc_eventfd(1 if readable else 0, os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "eventfd")
         fds.append(fd)
         return fd
 
