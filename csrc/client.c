@@ -2,8 +2,8 @@
  * The fault handler: one native thread ("lazyshare-fault") per attaching process.
  *
  *   Python (any thread, GIL released)          fault-handler thread (owns everything below)
- *   ls_client_attach: mmap + UFFDIO_REGISTER    poll(uffd, command eventfd, one ZMTP DEALER
- *                                               connection per owner, see zmtp.h)
+ *   ls_client_attach: mmap + UFFDIO_REGISTER    an epoll loop (loop.h) over uffd, the command
+ *                                               eventfd, one ZMTP DEALER connection per owner
  *     -> CMD_ATTACH, waits on its cond   ---->  HOLD round trip; region joins the table
  *   ls_client_detach -> CMD_DETACH       ---->  UFFDIO_UNREGISTER, munmap, RELEASE
  *   a thread touches a missing page  --kernel-> uffd_msg -> INSTALL request(s); the
@@ -118,7 +118,10 @@ uint64_t client_max_pages = 1024;
 static uint64_t fault_timeout_ns = 60ull * 1000000000ull;
 static uint64_t spin_ns; /* ls_client_config.spin_us; 0 disables */
 int client_direct_wanted = 1; /* !ls_client_config.wire */
-static uint64_t last_activity;
+/* The handler's event loop (loop.h): the userfaultfd, the command eventfd and
+ * each owner connection (conn.c) are registered in it. */
+static struct ls_loop client_loop = {.ep = -1};
+static struct ls_io cmd_io, uffd_io;
 /* For the watchdog: the handler's loop count and how many requests it has on
  * the wire, published each iteration. */
 static _Atomic uint64_t budget; /* bytes of fetched pages to keep; 0: no limit */
@@ -681,64 +684,89 @@ static void check_deadlines(uint64_t now)
     }
 }
 
+/* The userfaultfd has messages: faults and write-protect faults. */
+static void on_uffd_ready(int fd, uint32_t events, void *arg)
+{
+    (void)events, (void)arg;
+    struct uffd_msg msgs[64];
+    uint64_t now = ls_now_ns();
+    for (;;) {
+        ssize_t got = read(fd, msgs, sizeof msgs);
+        if (got < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN)
+                ls_fatal("read(userfaultfd) failed: errno %d", errno);
+            break;
+        }
+        for (size_t i = 0; i < (size_t)got / sizeof msgs[0]; i++) {
+            if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+                continue;
+            if (msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)
+                on_write_protect_fault((uintptr_t)msgs[i].arg.pagefault.address);
+            else
+                on_fault((uintptr_t)msgs[i].arg.pagefault.address, now);
+        }
+        if ((size_t)got < sizeof msgs)
+            break;
+    }
+}
+
+static void on_cmd_ready(int fd, uint32_t events, void *arg)
+{
+    (void)fd, (void)events, (void)arg;
+    handle_commands();
+}
+
+/* How long the loop may sleep: until the nearest deadline check_deadlines
+ * acts on (an attach's or a set-up's; a request turning 200 ms old, and every
+ * 100 ms while one is older: liveness and fault_timeout), 10 ms while a
+ * connect waits to be retried, no limit if nothing is pending. */
+static int loop_timeout(uint64_t now, int retrying)
+{
+    if (retrying)
+        return 10;
+    uint64_t d = conn_next_deadline();
+    for (struct region *r = attaching; r; r = r->anext)
+        if (r->deadline < d)
+            d = r->deadline;
+    if (infl_oldest) {
+        uint64_t due = infl_oldest->sent + 200000000ull;
+        if (due < now + 100000000ull)
+            due = now + 100000000ull;
+        if (due < d)
+            d = due;
+    }
+    if (d == UINT64_MAX)
+        return -1;
+    if (d <= now)
+        return 0;
+    uint64_t ms = (d - now + 999999) / 1000000 + 1; /* just past it: check_deadlines tests now > deadline */
+    return ms > 100 ? 100 : (int)ms;
+}
+
 static void *client_main(void *arg)
 {
     (void)arg;
     ls_block_signals();
     pthread_setname_np(pthread_self(), "lazyshare-fault");
-    struct pollfd fds[2 + MAX_PEERS];
-    struct peer *who[MAX_PEERS];
-    struct uffd_msg msgs[64];
+    int retrying = 0;
+    uint64_t last_event = 0; /* ns of the last iteration that had events */
     for (;;) {
-        int n = 0, retry = 0;
-        fds[n++] = (struct pollfd){.fd = cmd_fd, .events = POLLIN};
-        fds[n++] = (struct pollfd){.fd = client_uffd, .events = POLLIN}; /* -1 (eager): ignored */
-        int np = conn_pollfds(fds + n, who, &retry);
-        n += np;
-        int timeout = retry ? 10 : (ninfl || nregions) ? 100 : -1;
-        /* Spin briefly before sleeping while a reply or the next fault is likely:
-         * on an idle VM each sleep/wake-up costs tens of microseconds, as much as
-         * the fault itself. Bounded, so an idle handler sleeps. */
-        int ready = 0;
-        if (spin_ns && (ninfl || ls_now_ns() - last_activity < spin_ns)) {
-            uint64_t until = ls_now_ns() + spin_ns;
-            do {
-                ready = poll(fds, (nfds_t)n, 0);
-            } while (!ready && ls_now_ns() < until);
-        }
-        if (!ready)
-            ready = poll(fds, (nfds_t)n, timeout);
-        if (ready < 0 && errno != EINTR)
-            ls_fatal("poll failed in the fault handler: errno %d", errno);
+        /* The loop spins briefly before sleeping after activity (spin_ns): on
+         * an idle VM each sleep/wake-up costs tens of microseconds, as much as
+         * the fault itself. While requests are in flight a reply is due: spin
+         * too. Bounded, so an idle handler sleeps. Either way the spin lasts
+         * spin_ns from now. */
         uint64_t now = ls_now_ns();
-        if (ready > 0)
-            last_activity = now;
-        if (client_uffd >= 0 && fds[1].revents) {
-            for (;;) {
-                ssize_t got = read(client_uffd, msgs, sizeof msgs);
-                if (got < 0) {
-                    if (errno == EINTR)
-                        continue;
-                    if (errno != EAGAIN)
-                        ls_fatal("read(userfaultfd) failed: errno %d", errno);
-                    break;
-                }
-                for (size_t i = 0; i < (size_t)got / sizeof msgs[0]; i++) {
-                    if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
-                        continue;
-                    if (msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)
-                        on_write_protect_fault((uintptr_t)msgs[i].arg.pagefault.address);
-                    else
-                        on_fault((uintptr_t)msgs[i].arg.pagefault.address, now);
-                }
-                if ((size_t)got < sizeof msgs)
-                    break;
-            }
-        }
-        for (int i = 0; i < np; i++)
-            conn_on_events(who[i], fds[2 + i].revents);
-        if (fds[0].revents)
-            handle_commands();
+        if (spin_ns && (ninfl || now - last_event < spin_ns))
+            ls_loop_touch(&client_loop);
+        int n = ls_loop_run_once(&client_loop, loop_timeout(now, retrying));
+        if (n < 0)
+            ls_fatal("epoll_wait failed in the fault handler: errno %d", -n);
+        if (n > 0)
+            last_event = ls_now_ns();
+        retrying = conn_retry_connects();
         check_deadlines(ls_now_ns());
         atomic_store_explicit(&inflight_published, ninfl, memory_order_relaxed);
         uint64_t oldest = infl_oldest ? infl_oldest->tag : atomic_load_explicit(&next_tag, memory_order_relaxed);
@@ -846,6 +874,15 @@ int ls_client_start(const struct ls_client_config *cfg)
         rc = errno;
         goto close_fds;
     }
+    /* Registered before the handler runs (no thread runs the loop yet). */
+    if ((rc = -ls_loop_init(&client_loop, spin_ns)))
+        goto close_fds;
+    ls_io_init(&cmd_io, cmd_fd, on_cmd_ready, NULL);
+    if ((rc = -ls_loop_add(&client_loop, &cmd_io, EPOLLIN)))
+        goto close_fds;
+    ls_io_init(&uffd_io, client_uffd, on_uffd_ready, NULL);
+    if (client_uffd >= 0 && (rc = -ls_loop_add(&client_loop, &uffd_io, EPOLLIN)))
+        goto close_fds; /* eager rung: no userfaultfd */
     pthread_condattr_t ca;
     if ((rc = pthread_condattr_init(&ca)))
         goto close_fds;
@@ -854,7 +891,7 @@ int ls_client_start(const struct ls_client_config *cfg)
     pthread_condattr_destroy(&ca);
     if (rc)
         goto close_fds;
-    conn_reset();
+    conn_reset(&client_loop);
     client_mode = mode;
     /* The watchdog first: it can be stopped and joined if the handler then
      * fails to start, whereas the handler, once running, owns the fds. */
@@ -878,6 +915,7 @@ destroy_cond:
     pthread_cond_destroy(&watch_cond);
     client_mode = -1;
 close_fds:
+    ls_loop_close(&client_loop); /* before the fds it watches are closed */
     if (cmd_fd >= 0)
         close(cmd_fd);
     if (client_uffd >= 0)
@@ -1149,6 +1187,7 @@ void ls_client_reset_after_fork(void)
     pthread_mutex_init(&cmd_lock, NULL);
     pthread_mutex_init(&watch_lock, NULL); /* the watchdog is not in the child; ls_client_start sets up its cond */
     cmd_head = cmd_tail = NULL;
+    ls_loop_close(&client_loop); /* the parent's epoll instance: only closed, never changed */
     if (cmd_fd >= 0)
         close(cmd_fd);
     if (client_uffd >= 0)
@@ -1163,7 +1202,7 @@ void ls_client_reset_after_fork(void)
     region_ids = (struct ls_htab){0};
     nregions = 0;
     attaching = dying = NULL;
-    conn_reset();
+    conn_reset(NULL);
     infl_tags = (struct ls_htab){0};
     infl_oldest = infl_newest = infl_spare = NULL;
     ninfl = 0;

@@ -16,8 +16,7 @@
 #define LAZYSHARE_CLIENT_INTERNAL_H
 
 #include "internal.h"
-
-#include <poll.h>
+#include "loop.h"
 
 
 #define MAX_PEERS 64
@@ -25,8 +24,8 @@
 
 /*
  * A connection is set up without ever blocking the handler thread, as a state
- * machine the poll loop drives:
- *   P_CONNECTING  non-blocking connect in progress (POLLOUT), or retried each
+ * machine the event loop drives:
+ *   P_CONNECTING  non-blocking connect in progress (EPOLLOUT), or retried each
  *                 iteration while the owner's listen backlog is full (EAGAIN)
  *   P_GREETING    our greeting and READY sent (from tx); reading the owner's
  *   P_OFFER       our userfaultfd offered (OP_UFFD); reading the answer
@@ -45,6 +44,7 @@ struct peer {
     int pid;
     int state;           /* P_*; P_FREE: slot free */
     int fd;              /* -1 when P_FREE or P_FAILED */
+    struct ls_io io;     /* its registration in the handler's loop (conn.c) */
     int refs;            /* regions and in-flight requests using it */
     uint64_t deadline;   /* set-up deadline, ns (not P_READY) */
     int connect_again;   /* P_CONNECTING: connect() said EAGAIN, try again */
@@ -195,14 +195,14 @@ int send_req(struct peer *p, uint16_t op, const uint8_t *seg, uint64_t tag, uint
              uint64_t dst, uint32_t flags);
 /* Fail the set-ups that ran out of time. */
 void conn_check_deadlines(uint64_t now);
-/* The poll set of the open connections: fills fds and who (MAX_PEERS each),
- * returns their number; *retry set if a connect must be retried without an event. */
-int conn_pollfds(struct pollfd *fds, struct peer **who, int *retry);
-/* poll's revents for p (a connection conn_pollfds listed). */
-void conn_on_events(struct peer *p, short revents);
+/* The earliest set-up deadline (ns), UINT64_MAX if none. */
+uint64_t conn_next_deadline(void);
+/* Retry the connects that found the owner's backlog full (they have no event
+ * to wait for): how many still wait for room. */
+int conn_retry_connects(void);
 /* Forget every connection without touching it (a forked child; or before the
- * handler's first start). */
-void conn_reset(void);
+ * handler starts); connections are registered in loop l from then on. */
+void conn_reset(struct ls_loop *l);
 
 /* ---- source.c ---- */
 /* Which source serves r's requests. */

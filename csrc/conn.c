@@ -12,7 +12,6 @@
 #include "client_internal.h"
 #include "zmtp.h"
 
-#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,9 +20,43 @@
 #include <unistd.h>
 
 static struct peer peers[MAX_PEERS];
+static int peers_used;         /* slots [0, peers_used) have been used: the rest are free */
+static struct ls_loop *loop;   /* the handler's event loop (conn_reset) */
+
+static void peer_io(int fd, uint32_t events, void *arg);
+
+/* What the loop should tell about p: a connect in progress its end (EPOLLOUT),
+ * then replies (EPOLLIN), and room while requests wait in tx. Nothing while a
+ * connect must be retried: an unconnected socket reports EPOLLHUP. */
+static uint32_t peer_events(const struct peer *p)
+{
+    if (p->fd < 0 || p->state == P_FREE || p->state == P_FAILED || (p->state == P_CONNECTING && p->connect_again))
+        return 0;
+    if (p->state == P_CONNECTING)
+        return EPOLLOUT;
+    if (p->txlen || (p->state == P_OFFER && !p->offer_sent))
+        return EPOLLIN | EPOLLOUT;
+    return EPOLLIN;
+}
+
+/* Keep p's registration in step with peer_events (no syscall if unchanged):
+ * 0 or -errno (the caller fails or loses the peer). */
+static int peer_watch(struct peer *p)
+{
+    uint32_t ev = peer_events(p);
+    if (!ev) {
+        ls_loop_del(&p->io);
+        return 0;
+    }
+    if (p->io.loop)
+        return ls_loop_mod(&p->io, ev);
+    ls_io_init(&p->io, p->fd, peer_io, p);
+    return ls_loop_add(loop, &p->io, ev);
+}
 
 void peer_close(struct peer *p)
 {
+    ls_loop_del(&p->io); /* before close: epoll forgets an fd only once every copy is closed */
     if (p->fd >= 0)
         close(p->fd);
     p->fd = -1;
@@ -70,7 +103,7 @@ static int connect_errno(int e)
 static int peer_flush(struct peer *p);
 
 /* One non-blocking connect attempt: connected (-> P_GREETING), in progress
- * (POLLOUT tells), the listener's backlog full (EAGAIN on a Unix socket:
+ * (EPOLLOUT tells), the listener's backlog full (EAGAIN on a Unix socket:
  * tried again on the next loop iteration), or -errno. */
 static int peer_try_connect(struct peer *p)
 {
@@ -106,7 +139,9 @@ static int peer_open(struct peer *p)
     zmtp_greeting(hello, 0);
     size_t n = ZMTP_GREETING + zmtp_ready(hello + ZMTP_GREETING, 64, "DEALER");
     rc = tx_append(p, hello, n);
-    return rc < 0 ? rc : peer_try_connect(p);
+    if (!rc)
+        rc = peer_try_connect(p);
+    return rc < 0 ? rc : peer_watch(p);
 }
 
 /* The connection to an owner: an open one (ready or still being set up), or
@@ -118,6 +153,8 @@ int peer_get(const char *endpoint, int pid, uint64_t deadline, struct peer **out
     struct peer *free_slot = NULL;
     for (int i = 0; i < MAX_PEERS; i++) {
         struct peer *p = &peers[i];
+        if (i >= peers_used && free_slot)
+            break; /* none of the rest was ever used */
         if (p->state != P_FREE && p->state != P_FAILED && !strcmp(p->endpoint, endpoint)) {
             if (p->state != P_READY && deadline > p->deadline)
                 p->deadline = deadline;
@@ -129,6 +166,8 @@ int peer_get(const char *endpoint, int pid, uint64_t deadline, struct peer **out
     }
     if (!free_slot)
         return -EMFILE;
+    if (free_slot - peers >= peers_used)
+        peers_used = (int)(free_slot - peers) + 1;
     memset(free_slot, 0, sizeof *free_slot);
     free_slot->fd = -1;
     snprintf(free_slot->endpoint, sizeof free_slot->endpoint, "%s", endpoint);
@@ -164,7 +203,7 @@ static int peer_flush(struct peer *p)
     }
     memmove(p->tx, p->tx + off, p->txlen - off);
     p->txlen -= off;
-    return 0;
+    return peer_watch(p); /* EPOLLOUT while bytes wait */
 }
 
 int send_req(struct peer *p, uint16_t op, const uint8_t *seg, uint64_t tag, uint64_t offset, uint64_t length,
@@ -198,7 +237,7 @@ int send_req(struct peer *p, uint16_t op, const uint8_t *seg, uint64_t tag, uint
     p->txlen += zmtp_frame_header(p->tx + p->txlen, 0, size);
     memcpy(p->tx + p->txlen, &in, size);
     p->txlen += size;
-    /* Written now if the socket has room, else when poll says POLLOUT. */
+    /* Written now if the socket has room, else when the loop says EPOLLOUT. */
     return peer_flush(p);
 }
 
@@ -342,7 +381,7 @@ static int offer_send(struct peer *p)
         w = sendmsg(p->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
     while (w < 0 && errno == EINTR);
     if (w < 0)
-        return errno == EAGAIN ? 0 : -errno; /* no room: POLLOUT brings us back */
+        return errno == EAGAIN ? 0 : -errno; /* no room: EPOLLOUT brings us back */
     p->offer_sent = 1;
     return (size_t)w < n ? tx_append(p, msg + w, n - (size_t)w) : 0;
 }
@@ -415,6 +454,7 @@ static int handshake_read(struct peer *p)
 static void peer_fail(struct peer *p, int err)
 {
     int status = err == -ESRCH || !ls_pid_alive(p->pid) ? -ESRCH : err;
+    ls_loop_del(&p->io);
     if (p->fd >= 0)
         close(p->fd);
     p->fd = -1;
@@ -443,9 +483,9 @@ static void peer_ready(struct peer *p)
     attach_peer_ready(p);
 }
 
-/* One step of a peer's set-up, on poll's events for it (or, while connect
+/* One step of a peer's set-up, on the loop's events for it (or, while connect
  * must be retried, every iteration). */
-static void peer_advance(struct peer *p, short revents)
+static void peer_advance(struct peer *p, uint32_t revents)
 {
     int rc = 0;
     if (p->state == P_CONNECTING) {
@@ -463,11 +503,11 @@ static void peer_advance(struct peer *p, short revents)
         }
         if (rc < 0 || p->state == P_CONNECTING)
             goto out;
-        revents |= POLLIN; /* the owner may have answered already */
+        revents |= EPOLLIN; /* the owner may have answered already */
     }
     if (p->txlen && (rc = peer_flush(p)) < 0)
         goto out;
-    if (revents & (POLLIN | POLLHUP | POLLERR))
+    if (revents & (EPOLLIN | EPOLLHUP | EPOLLERR))
         rc = handshake_read(p);
     if (!rc && p->state == P_OFFER && !p->offer_sent && !p->txlen) {
         rc = offer_send(p);
@@ -475,6 +515,8 @@ static void peer_advance(struct peer *p, short revents)
             rc = handshake_read(p);
     }
 out:
+    if (!rc)
+        rc = peer_watch(p);
     if (rc < 0)
         peer_fail(p, rc);
     else if (p->state == P_READY)
@@ -482,56 +524,64 @@ out:
 }
 
 
-/* poll's revents for p: a step of its set-up, or its replies and queued requests. */
-void conn_on_events(struct peer *p, short revents)
+/* The loop's events for p: a step of its set-up, or its replies and the
+ * requests waiting for room. */
+static void peer_io(int fd, uint32_t events, void *arg)
 {
+    (void)fd;
+    struct peer *p = arg;
     if (p->state >= P_CONNECTING && p->state < P_READY) {
-        if (revents || p->connect_again)
-            peer_advance(p, revents);
+        peer_advance(p, events);
         return;
     }
     if (p->state != P_READY)
         return;
-    if ((revents & POLLOUT) && peer_flush(p) < 0) {
+    if ((events & EPOLLOUT) && peer_flush(p) < 0) {
         peer_lost(p, errno);
         return;
     }
-    if (revents & (POLLIN | POLLHUP | POLLERR))
+    if (events & (EPOLLIN | EPOLLHUP | EPOLLERR))
         drain_peer(p);
 }
 
-int conn_pollfds(struct pollfd *fds, struct peer **who, int *retry)
+int conn_retry_connects(void)
 {
-    int np = 0;
-    for (int i = 0; i < MAX_PEERS; i++) {
+    int waiting = 0;
+    for (int i = 0; i < peers_used; i++) {
         struct peer *p = &peers[i];
-        if (p->state == P_FREE || p->state == P_FAILED)
-            continue;
-        short ev = POLLIN;
-        if (p->state == P_CONNECTING) {
-            ev = p->connect_again ? 0 : POLLOUT; /* retried by conn_on_events, without an event */
-            *retry |= p->connect_again;
-        } else if (p->txlen || (p->state == P_OFFER && !p->offer_sent)) {
-            ev |= POLLOUT;
+        if (p->state == P_CONNECTING && p->connect_again) {
+            peer_advance(p, 0);
+            waiting += p->state == P_CONNECTING && p->connect_again;
         }
-        who[np] = p;
-        fds[np++] = (struct pollfd){.fd = p->connect_again ? -1 : p->fd, .events = ev};
     }
-    return np;
+    return waiting;
 }
 
 void conn_check_deadlines(uint64_t now)
 {
-    for (int i = 0; i < MAX_PEERS; i++) {
+    for (int i = 0; i < peers_used; i++) {
         struct peer *p = &peers[i];
         if (p->state >= P_CONNECTING && p->state < P_READY && now > p->deadline)
             peer_fail(p, -ETIMEDOUT);
     }
 }
 
-void conn_reset(void)
+uint64_t conn_next_deadline(void)
+{
+    uint64_t d = UINT64_MAX;
+    for (int i = 0; i < peers_used; i++) {
+        const struct peer *p = &peers[i];
+        if (p->state >= P_CONNECTING && p->state < P_READY && p->deadline < d)
+            d = p->deadline;
+    }
+    return d;
+}
+
+void conn_reset(struct ls_loop *l)
 {
     memset(peers, 0, sizeof peers);
     for (int i = 0; i < MAX_PEERS; i++)
         peers[i].fd = -1;
+    peers_used = 0;
+    loop = l;
 }

@@ -1,7 +1,7 @@
 /*
  * The fd-callback event loop (see loop.h): epoll, level-triggered, optional
  * spinning. Runs on whichever thread calls ls_loop_run_once (the page
- * server's "lazyshare-pages" threads). Depends on nothing else in the core,
+ * server's "lazyshare-pages" threads, the "lazyshare-fault" thread). Depends on nothing else in the core,
  * so that it can be built and tested alone.
  */
 #ifndef _GNU_SOURCE

@@ -1,8 +1,9 @@
 /*
  * A small fd-callback event loop over epoll, in the manner of redis's ae.c or
  * libuv's core (much smaller): no timers, no thread of its own. Whichever
- * thread calls ls_loop_run_once runs the loop; today the page server's
- * "lazyshare-pages" threads (csrc/server.c), one loop each.
+ * thread calls ls_loop_run_once runs the loop: the page server's
+ * "lazyshare-pages" threads (csrc/server.c), one loop each, and the fault
+ * handler's "lazyshare-fault" thread (csrc/client.c).
  *
  *   struct ls_loop L;            ls_loop_init(&L, spin_ns)
  *   struct ls_io io;             ls_io_init(&io, fd, on_ready, arg)
