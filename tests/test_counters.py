@@ -9,6 +9,8 @@ import textwrap
 import pytest
 from test_faults import FakeOwner, env_with
 
+from lazyshare import handler
+
 pytestmark = pytest.mark.timeout(60)
 
 CHILD = textwrap.dedent(
@@ -30,6 +32,8 @@ CHILD = textwrap.dedent(
 
 
 def test_counters_do_not_wait_for_a_request_in_flight(tmp_path):
+    if handler.capabilities().mode == "eager":
+        pytest.skip("the eager rung fetches a whole segment on attach: no request is left in flight")
     fake = FakeOwner(tmp_path, "silent")
     try:
         out = subprocess.run(
