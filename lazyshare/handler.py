@@ -628,13 +628,15 @@ def materialize(arr: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- stats
 
 
-def counters() -> tuple[int, int]:
-    """``(bytes_fetched, faults)`` of this process as they are now, without
-    waiting for requests still on the wire (read-ahead may add to them later).
-    Cheap: what a worker reports with every result."""
+def counters() -> tuple[int, int, bool]:
+    """``(bytes_fetched, faults, settled)`` of this process as they are now,
+    without waiting for requests still on the wire; ``settled`` is False while
+    some are (read-ahead may still add to the counts). Cheap: what a worker
+    reports with every result."""
+    settled = lib.ls_client_sync(0) != -errno.ETIMEDOUT
     s = ffi.new("struct ls_stats *")
     lib.ls_get_stats(s)
-    return int(s.bytes_fetched), int(s.faults)
+    return int(s.bytes_fetched), int(s.faults), settled
 
 
 def stats(timeout: float = 1.0) -> dict:

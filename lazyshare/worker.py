@@ -136,8 +136,7 @@ def _native_counters() -> tuple[int, int, bool]:
     if h is None:
         return 0, 0, True
     try:
-        s = h.stats(timeout=0)
-        return int(s["bytes_fetched"]), int(s["faults"]), bool(s["settled"])
+        return h.counters()
     except Exception:
         return 0, 0, True
 
