@@ -138,6 +138,10 @@ void ls_get_stats(struct ls_stats *s)
     s->bytes_served = LD(bytes_served);
     s->errors_served = LD(errors_served);
     s->segments_exported = LD(segments_exported);
+    s->cache_bytes_filled = LD(cache_bytes_filled);
+    s->caches_live = LD(caches_live);
+    s->cache_attaches = LD(cache_attaches);
+    s->cache_fallbacks = LD(cache_fallbacks);
 #undef LD
 }
 

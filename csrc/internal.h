@@ -65,6 +65,7 @@ struct ls_counters {
     _Atomic uint64_t faults, requests, installs, bytes_fetched, bytes_zero, regions_attached, eexist, bytes_dropped;
     _Atomic uint64_t hist[LS_HIST_BUCKETS];
     _Atomic uint64_t requests_served, bytes_served, errors_served, segments_exported;
+    _Atomic uint64_t cache_bytes_filled, caches_live, cache_attaches, cache_fallbacks;
 };
 extern struct ls_counters ls_ctr;
 #define CTR_ADD(field, n) atomic_fetch_add_explicit(&ls_ctr.field, (n), memory_order_relaxed)

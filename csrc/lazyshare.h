@@ -32,6 +32,8 @@
 #define LS_REP_ZERO 1   /* reply flag: the range reads as zeros, no payload */
 #define LS_INSTALL_WP 1       /* INSTALL flag: UFFDIO_COPY_MODE_WP, the consumer tracks writes */
 #define LS_INSTALL_DONTWAKE 2 /* INSTALL flag: nobody waits yet (read-ahead), skip the wake-up */
+#define LS_INSTALL_CACHED 4   /* INSTALL flag: dst maps the segment's page cache (MAP_PRIVATE of
+                                 its memfd): fill the cache, then wake dst (no copy into dst) */
 #define LS_MAX_READ 8388608   /* largest READ answered (8 MiB): bounds one request's copy */
 #define LS_REQ_BYTES 56
 #define LS_REQ_INSTALL_BYTES 64
@@ -61,6 +63,10 @@ struct ls_stats {
     uint64_t bytes_served;
     uint64_t errors_served;    /* error replies (bad request, unknown segment, ...) */
     uint64_t segments_exported;/* live exported segments */
+    uint64_t cache_bytes_filled; /* owner: bytes copied into page caches */
+    uint64_t caches_live;        /* owner: page caches alive */
+    uint64_t cache_attaches;     /* consumer: regions that map a page cache */
+    uint64_t cache_fallbacks;    /* consumer: regions that could not map one (anonymous instead) */
 };
 
 /* Which userfaultfd rungs this process can open (opens and closes them). */
@@ -92,6 +98,32 @@ int ls_vma_anon(uint64_t addr, uint64_t len);
  * touched (absent from /proc/self/pagemap) reads as zeros and is answered as a
  * zero range without payload. Never set it for file-backed memory. */
 int ls_server_export(const uint8_t *id, uint64_t addr, uint64_t len, int anon);
+/*
+ * A page cache for an exported segment, shared by every consumer on this host:
+ * a memfd of the segment's length (pages rounded up), empty at first. A
+ * consumer maps it MAP_PRIVATE (opening /proc/<owner pid>/fd/<fd>, checked by
+ * inode), so pages already cached map without a request and a consumer's
+ * writes stay its own (copy-on-write; the memfd never changes). A hole faults
+ * as MISSING; the INSTALL request (LS_INSTALL_CACHED) makes the owner copy the
+ * range from the segment into the memfd atomically (UFFDIO_COPY through a
+ * shared view registered with the owner's own userfaultfd: a page is in the
+ * cache whole or not at all) and wake the consumer. Never-written pages of an
+ * anonymous segment stay holes (the consumer gets zero pages). The cache lives
+ * as long as the segment (a consumer's mapping keeps the memfd's memory until
+ * it is unmapped). *fd and *ino: what a consumer needs to map it. 0, -EEXIST
+ * (it has one), -ENOENT, -EOPNOTSUPP (no userfaultfd here for shmem), -errno.
+ */
+int ls_server_cache(const uint8_t *id, int *fd, uint64_t *ino);
+/* Drop the cached pages of n byte ranges (offset, length pairs in ranges[0..2n),
+ * widened to whole pages) of a segment's cache: they are filled from the
+ * segment's memory again when next touched. Call it only while no consumer
+ * maps the cache for a call that must keep seeing the old bytes. The bytes
+ * dropped (of pages that were cached), or -errno (-ENOENT: no such segment or
+ * no cache). */
+int64_t ls_server_cache_punch(const uint8_t *id, const uint64_t *ranges, uint32_t n);
+/* Bytes resident in a segment's cache now (-ENOENT: none). */
+int64_t ls_server_cache_resident(const uint8_t *id);
+
 /* Stop offering a segment: 1 if freed now, 0 if mappings still hold it (its
  * id comes out of ls_server_pop_freed when the last one is gone). A holder is
  * a connection: a process that dies releases what it held. */
@@ -126,6 +158,9 @@ struct ls_attach {
     uint64_t off;            /* out: the segment offset mapped at addr (map_off rounded down) */
     uint64_t addr;           /* out */
     uint64_t region;         /* out: for ls_client_detach */
+    int32_t cache_fd;        /* in: the segment's page cache (ls_server_cache) in the owner, -1: none */
+    uint64_t cache_ino;      /* in: its inode, checked before mapping it */
+    int32_t cached;          /* out: 1 if the region maps the cache, 0 if anonymous memory */
 };
 /* Map n regions of segments served at endpoint by owner_pid; blocks until the
  * owner confirms every one (or timeout_ms passes); in eager mode until every

@@ -1291,3 +1291,25 @@ __attribute__((constructor)) static void server_register_fork_reset(void)
 {
     ls_on_fork_child(server_reset_after_fork); /* two users of eight slots: cannot fail */
 }
+
+int ls_server_cache(const uint8_t *id, int *fd, uint64_t *ino)
+{
+    (void)id;
+    *fd = -1;
+    *ino = 0;
+    return -EOPNOTSUPP;
+}
+
+int64_t ls_server_cache_punch(const uint8_t *id, const uint64_t *ranges, uint32_t n)
+{
+    (void)id;
+    (void)ranges;
+    (void)n;
+    return -ENOENT;
+}
+
+int64_t ls_server_cache_resident(const uint8_t *id)
+{
+    (void)id;
+    return -ENOENT;
+}
