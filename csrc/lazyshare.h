@@ -158,8 +158,8 @@ struct ls_attach {
     uint64_t off;            /* out: the segment offset mapped at addr (map_off rounded down) */
     uint64_t addr;           /* out */
     uint64_t region;         /* out: for ls_client_detach */
-    int32_t cache_fd;        /* in: the segment's page cache (ls_server_cache) in the owner, -1: none */
-    uint64_t cache_ino;      /* in: its inode, checked before mapping it */
+    int32_t cache_fd;        /* in: the segment's page cache (ls_server_cache): its fd in the owner */
+    uint64_t cache_ino;      /* in: its inode, checked before mapping it; 0: no cache */
     int32_t cached;          /* out: 1 if the region maps the cache, 0 if anonymous memory */
 };
 /* Map n regions of segments served at endpoint by owner_pid; blocks until the
