@@ -34,6 +34,7 @@
  * EPOLLOUT while the others are served).
  */
 #include "internal.h"
+#include "cache.h"
 #include "loop.h"
 #include "zmtp.h"
 
@@ -67,6 +68,7 @@ struct seg {
     int nholders;             /* mappings held, all connections together */
     int nconns, capconns;
     struct holder *holders;   /* one entry per connection holding it */
+    struct ls_cache *cache;   /* its page cache (ls_server_cache), NULL if none */
 };
 
 /* A run of payload bytes: the owner's memory, or zeros (src NULL). */
@@ -112,6 +114,7 @@ struct conn {
 
 static pthread_mutex_t seg_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct ls_htab segs; /* under seg_lock */
+static struct ls_cache *dead_caches; /* under seg_lock: freed segments' caches, destroyed by seg_unlock */
 static uint8_t *freed; /* ids freed but not yet popped by Python */
 static int nfreed, capfreed;
 static int freed_fd = -1;
@@ -135,6 +138,21 @@ static uint64_t seg_key(const uint8_t *id)
     uint64_t k;
     memcpy(&k, id, sizeof k);
     return k;
+}
+
+/* Release seg_lock, then destroy the caches of segments freed meanwhile:
+ * unmapping a view and closing a memfd of many cached pages takes a while, and
+ * no loop should wait for it to look a segment up. */
+static void seg_unlock(void)
+{
+    struct ls_cache *d = dead_caches;
+    dead_caches = NULL;
+    pthread_mutex_unlock(&seg_lock);
+    while (d) {
+        struct ls_cache *next = d->dead_next;
+        ls_cache_free(d);
+        d = next;
+    }
 }
 
 /* seg_lock held. */
@@ -192,6 +210,10 @@ static int seg_maybe_free(struct seg *s, int notify)
         memcpy(freed + (size_t)nfreed++ * LS_ID_BYTES, s->id, LS_ID_BYTES);
     }
     ls_htab_remove(&segs, &s->h);
+    if (s->cache) { /* nobody fills it any more (not busy): destroyed by seg_unlock */
+        s->cache->dead_next = dead_caches;
+        dead_caches = s->cache;
+    }
     free(s->holders);
     free(s);
     CTR_SUB(segments_exported, 1);
@@ -306,7 +328,7 @@ int ls_server_export(const uint8_t *id, uint64_t addr, uint64_t len, int anon)
     }
     CTR_ADD(segments_exported, 1);
 out:
-    pthread_mutex_unlock(&seg_lock);
+    seg_unlock();
     return rc;
 }
 
@@ -321,7 +343,7 @@ int ls_server_unexport(const uint8_t *id)
         s->exported = 0;
         rc = seg_maybe_free(s, 0); /* 1: Python drops the pin now; 0: later, via freed */
     }
-    pthread_mutex_unlock(&seg_lock);
+    seg_unlock();
     return rc;
 }
 
@@ -330,7 +352,7 @@ int ls_server_holders(const uint8_t *id)
     pthread_mutex_lock(&seg_lock);
     struct seg *s = seg_find(id);
     int n = s ? s->nholders : -ENOENT;
-    pthread_mutex_unlock(&seg_lock);
+    seg_unlock();
     return n;
 }
 
@@ -347,7 +369,7 @@ int ls_server_pop_freed(uint8_t *ids, int max)
     } else {
         n = 0; /* max <= 0, or nothing freed (freed may still be NULL) */
     }
-    pthread_mutex_unlock(&seg_lock);
+    seg_unlock();
     return n;
 }
 
@@ -391,7 +413,7 @@ static void conn_close(struct conn *c)
     struct drop_conn d = {c->id, 0};
     ls_htab_each(&segs, drop_conn_holds, &d);
     freed_any |= d.freed_any;
-    pthread_mutex_unlock(&seg_lock);
+    seg_unlock();
     if (freed_any)
         ls_eventfd_signal(freed_fd);
     ls_loop_del(&c->io); /* a no-op if it never joined its loop */
@@ -470,7 +492,7 @@ static int conn_flush(struct conn *c)
         pthread_mutex_lock(&seg_lock);
         c->dseg->busy--;
         f = seg_maybe_free(c->dseg, 1);
-        pthread_mutex_unlock(&seg_lock);
+        seg_unlock();
         c->dseg = NULL;
         if (f)
             ls_eventfd_signal(freed_fd);
@@ -625,7 +647,7 @@ static void serve_read(struct conn *c, const struct ls_req *rq)
             s->busy++; /* its memory (and page map) is read below, without the lock */
         }
     }
-    pthread_mutex_unlock(&seg_lock);
+    seg_unlock();
     if (status) {
         reply(c, rq, status, seglen, NULL, 0, 0);
         return;
@@ -635,7 +657,7 @@ static void serve_read(struct conn *c, const struct ls_req *rq)
         pthread_mutex_lock(&seg_lock);
         s->busy--;
         int f = seg_maybe_free(s, 1);
-        pthread_mutex_unlock(&seg_lock);
+        seg_unlock();
         if (f)
             ls_eventfd_signal(freed_fd);
     }
@@ -732,6 +754,25 @@ static int remote_fill(int fd, uint64_t dst, const uint8_t *src, uint64_t len, u
     return ls_uffd_fill(fd, dst, src, len, src && (flags & LS_INSTALL_WP), !!(flags & LS_INSTALL_DONTWAKE), NULL);
 }
 
+/* Whole pages [o, o+len) of an INSTALL (o: bytes into the request), from src
+ * (NULL: zeros). Into the consumer's mapping; or, for a region mapping the
+ * segment's cache, into the cache, then the consumer's waiting threads are
+ * woken (they find the pages there: no copy into dst). Zeros of a cached
+ * region are zero pages in the consumer's private mapping (UFFDIO_ZEROPAGE
+ * works there and leaves the memfd's hole alone: no page spent on zeros). */
+static int install_run(struct conn *c, const struct ls_req_install *in, struct ls_cache *cache, uint64_t o,
+                       const uint8_t *src, uint64_t len)
+{
+    const struct ls_req *rq = &in->rq;
+    if (!cache || !src)
+        return remote_fill(c->uffd, in->dst + o, src, len, rq->flags);
+    int rc = ls_cache_fill(cache, rq->offset + o, src, len);
+    if (rc || (rq->flags & LS_INSTALL_DONTWAKE))
+        return rc; /* read-ahead: nobody waits; the pages map without a fault */
+    struct uffdio_range w = {.start = in->dst + o, .len = len};
+    return ioctl(c->uffd, UFFDIO_WAKE, &w) < 0 ? -errno : 0;
+}
+
 /*
  * INSTALL: the READ's payload, UFFDIO_COPYed by this thread from the owner's
  * memory into the consumer's mapping (at dst, through the consumer's
@@ -739,7 +780,9 @@ static int remote_fill(int fd, uint64_t dst, const uint8_t *src, uint64_t len, u
  * a page mixing real bytes and zeros (the segment's last page, or a page of an
  * unaligned buffer straddling a written and an unwritten page) is assembled in
  * a bounce page first. The consumer's mm is only ever reached through its own
- * userfaultfd, and only ranges it registered there can be filled.
+ * userfaultfd, and only ranges it registered there can be filled. With
+ * LS_INSTALL_CACHED the bytes go into the segment's cache instead (see
+ * install_run); a segment without one answers -EPROTO.
  */
 #define URGENT_CHUNK (512u << 10) /* a read-ahead install lets demand in this often */
 
@@ -761,10 +804,13 @@ static void serve_install(struct conn *c, const struct ls_req_install *in)
     uint64_t seglen = s ? s->len : 0, padded = (seglen + ps - 1) / ps * ps;
     int status = 0;
     int64_t real = 0;
+    struct ls_cache *cache = NULL; /* kept by the busy reference below */
     if (!s)
         status = -ENOENT;
     else if (rq->offset >= padded || rq->length > padded - rq->offset)
         status = -ERANGE;
+    else if ((rq->flags & LS_INSTALL_CACHED) && !(cache = s->cache))
+        status = -EPROTO; /* the consumer maps a cache this segment does not have */
     if (!status) {
         uint64_t have = rq->offset < s->len ? s->len - rq->offset : 0;
         if (have > rq->length)
@@ -776,7 +822,7 @@ static void serve_install(struct conn *c, const struct ls_req_install *in)
         else
             s->busy++; /* its memory is read below, without the lock */
     }
-    pthread_mutex_unlock(&seg_lock);
+    seg_unlock();
     if (status) {
         c->nspans = 0;
         reply(c, rq, status, seglen, NULL, 0, 0);
@@ -793,7 +839,7 @@ static void serve_install(struct conn *c, const struct ls_req_install *in)
             int prefetch = (rq->flags & LS_INSTALL_DONTWAKE) && !c->nested;
             if (prefetch && run > URGENT_CHUNK)
                 run = URGENT_CHUNK; /* then look for demand installs that came meanwhile */
-            status = remote_fill(c->uffd, in->dst + o, sp->src, run, rq->flags);
+            status = install_run(c, in, cache, o, sp->src, run);
             if (prefetch && !status)
                 serve_urgent(c);
             if (sp->src)
@@ -816,7 +862,7 @@ static void serve_install(struct conn *c, const struct ls_req_install *in)
                 if (!sp->len)
                     i++;
             }
-            status = got == ps ? remote_fill(c->uffd, in->dst + o, bounce, ps, rq->flags) : -EPROTO;
+            status = got == ps ? install_run(c, in, cache, o, bounce, ps) : -EPROTO;
             o += ps;
         }
         while (i < c->nspans && !c->spans[i].len)
@@ -826,7 +872,7 @@ static void serve_install(struct conn *c, const struct ls_req_install *in)
     pthread_mutex_lock(&seg_lock);
     s->busy--;
     int freed_now = seg_maybe_free(s, 1);
-    pthread_mutex_unlock(&seg_lock);
+    seg_unlock();
     if (freed_now)
         ls_eventfd_signal(freed_fd);
     if (!status) {
@@ -858,7 +904,7 @@ static void serve_hold(struct conn *c, const struct ls_req *rq, int release)
         seglen = s->len;
         status = seg_hold(s, c->id, 1);
     }
-    pthread_mutex_unlock(&seg_lock);
+    seg_unlock();
     if (freed_now)
         ls_eventfd_signal(freed_fd);
     reply(c, rq, status, seglen, NULL, 0, 0);
@@ -1257,6 +1303,7 @@ static void server_reset_after_fork(void)
 {
     pthread_mutex_init(&seg_lock, NULL);
     segs = (struct ls_htab){0};
+    dead_caches = NULL; /* their memfds are closed by cache.c's own reset */
     freed = NULL;
     nfreed = capfreed = 0;
     server_running = 0;
@@ -1289,27 +1336,66 @@ static void server_reset_after_fork(void)
 
 __attribute__((constructor)) static void server_register_fork_reset(void)
 {
-    ls_on_fork_child(server_reset_after_fork); /* two users of eight slots: cannot fail */
+    ls_on_fork_child(server_reset_after_fork); /* a few users of eight slots: cannot fail */
 }
 
 int ls_server_cache(const uint8_t *id, int *fd, uint64_t *ino)
 {
-    (void)id;
+    const uint64_t ps = ls_page_size();
     *fd = -1;
     *ino = 0;
-    return -EOPNOTSUPP;
+    int rc;
+    /* Created under the lock (a handful of syscalls, once per segment): no
+     * second cache can race it, and the segment cannot go meanwhile. */
+    pthread_mutex_lock(&seg_lock);
+    struct seg *s = seg_find(id);
+    if (!s || !s->exported)
+        rc = -ENOENT;
+    else if (s->cache)
+        rc = -EEXIST;
+    else
+        rc = ls_cache_new((s->len + ps - 1) / ps * ps, &s->cache);
+    if (!rc) {
+        *fd = s->cache->fd;
+        *ino = s->cache->ino;
+    }
+    seg_unlock();
+    return rc;
 }
 
 int64_t ls_server_cache_punch(const uint8_t *id, const uint64_t *ranges, uint32_t n)
 {
-    (void)id;
-    (void)ranges;
-    (void)n;
-    return -ENOENT;
+    int64_t rc = 0;
+    struct ls_cache *cache = NULL;
+    pthread_mutex_lock(&seg_lock);
+    struct seg *s = seg_find(id);
+    if (!s || !(cache = s->cache))
+        rc = -ENOENT;
+    else if (n && !ranges)
+        rc = -EINVAL;
+    for (uint32_t i = 0; !rc && i < n; i++)
+        if (ranges[2 * i] > s->len || ranges[2 * i + 1] > s->len - ranges[2 * i])
+            rc = -ERANGE;
+    if (!rc)
+        s->busy++; /* the cache stays while the holes are punched, without the lock */
+    seg_unlock();
+    if (rc)
+        return rc;
+    rc = ls_cache_punch(cache, ranges, n);
+    pthread_mutex_lock(&seg_lock);
+    s->busy--;
+    int f = seg_maybe_free(s, 1);
+    seg_unlock();
+    if (f)
+        ls_eventfd_signal(freed_fd);
+    return rc;
 }
 
 int64_t ls_server_cache_resident(const uint8_t *id)
 {
-    (void)id;
-    return -ENOENT;
+    pthread_mutex_lock(&seg_lock);
+    struct seg *s = seg_find(id);
+    int64_t rc = s && s->cache ? ls_cache_resident(s->cache) : -ENOENT;
+    seg_unlock();
+    return rc;
 }

@@ -1,0 +1,42 @@
+/* lazyshare native core: the owner's page caches of segments (cache.c), used
+ * by the page server (server.c). Not parsed by cffi. */
+#ifndef LAZYSHARE_CACHE_H
+#define LAZYSHARE_CACHE_H
+
+#include "internal.h"
+
+/*
+ * One segment's page cache: a memfd of len bytes (whole pages), and a
+ * MAP_SHARED view of it registered MISSING with this process's "cache"
+ * userfaultfd. The view is only ever the destination of UFFDIO_COPY (which
+ * inserts each page into the memfd whole); nothing reads or writes it (a read
+ * of a hole would wait forever for a fill nobody sends). Consumers map the
+ * memfd MAP_PRIVATE by /proc/<pid>/fd/<fd>, checked by inode.
+ */
+struct ls_cache {
+    int fd;          /* the memfd */
+    uint8_t *view;   /* MAP_SHARED, MADV_DONTFORK: a forked child has no view */
+    uint64_t len;    /* bytes, a multiple of the page size */
+    uint64_t ino;
+    struct ls_cache *prev, *next; /* every cache, for a forked child to close */
+    struct ls_cache *dead_next;   /* server.c: destroyed once seg_lock is released */
+};
+
+/* A new empty cache of len bytes (a multiple of the page size). 0, or
+ * -EOPNOTSUPP (no userfaultfd here, or none that fills shmem), -errno. */
+int ls_cache_new(uint64_t len, struct ls_cache **out);
+/* Unregister and unmap the view, close the memfd (consumers' mappings keep its
+ * memory until they unmap it), free c. */
+void ls_cache_free(struct ls_cache *c);
+/* Copy [src, src+len) into the cache at off (both whole pages) without waking
+ * anyone. Pages already cached are skipped (another consumer filled them).
+ * Counts the bytes copied in cache_bytes_filled. 0, or -errno. Any thread. */
+int ls_cache_fill(struct ls_cache *c, uint64_t off, const uint8_t *src, uint64_t len);
+/* Bytes resident in the memfd now, or -errno. */
+int64_t ls_cache_resident(struct ls_cache *c);
+/* Drop the pages of n (offset, length) ranges, widened to whole pages and
+ * clipped to the cache (the caller checked them against the segment). The
+ * bytes dropped, or -errno. */
+int64_t ls_cache_punch(struct ls_cache *c, const uint64_t *ranges, uint32_t n);
+
+#endif
