@@ -25,6 +25,12 @@
  * many mappings it holds), so HOLD and RELEASE cost O(consumers), not
  * O(mappings).
  *
+ * A segment may have a page cache (cache.c, ls_server_cache): a memfd that
+ * consumers on this host map privately. An INSTALL with LS_INSTALL_CACHED
+ * copies into the cache instead of the consumer and wakes the consumer; the
+ * cache is destroyed with its segment, after seg_lock is released (see
+ * seg_unlock), since unmapping and closing many cached pages takes a while.
+ *
  * A request is never trusted: a frame that is not one 56-byte message gets
  * -EPROTO, an unknown or released segment -ENOENT, a range outside the
  * (page-padded) segment -ERANGE, a read over LS_MAX_READ -EINVAL. Bytes past the

@@ -14,12 +14,16 @@ import errno
 import fcntl
 import os
 import struct
+import subprocess
+import sys
+import textwrap
 import threading
 
 import numpy as np
 import pytest
 from _libc import libc
 from _zmtp import RawPeer
+from conftest import wait_for
 from lazyshare._native import ffi, lib
 
 import lazyshare
@@ -163,6 +167,24 @@ def test_release_frees_the_cache(seg):
     assert lib.ls_server_cache_resident(seg.id) == -errno.ENOENT
 
 
+def test_the_cache_lives_as_long_as_a_holder_keeps_the_segment(cached):
+    seg, fd, ino = cached
+    live = stats().caches_live
+    peer = RawPeer(transport.endpoint_path(seg.desc.endpoint))
+    try:
+        peer.send(transport.pack_request(transport.OP_HOLD, seg.id, tag=1))
+        assert transport.unpack_reply(peer.recv()[0])["status"] == 0
+        seg.release()  # no longer offered, still mapped by the holder
+        assert lib.ls_server_holders(seg.id) == 1
+        assert make_cache(seg.id)[0] == -errno.ENOENT  # no new cache for a released segment
+        assert lib.ls_server_cache_resident(seg.id) == 0 and os.fstat(fd).st_ino == ino
+        assert stats().caches_live == live
+    finally:
+        peer.close()  # the holder goes: the segment and its cache with it
+    assert wait_for(lambda: stats().caches_live == live - 1)
+    assert lib.ls_server_cache_resident(seg.id) == -errno.ENOENT
+
+
 def test_a_forked_child_keeps_no_cache(cached):
     seg, fd, _ = cached
     r, w = os.pipe()
@@ -284,6 +306,27 @@ def test_cached_read_ahead_fills_the_cache_and_maps_without_a_fault(session):
     ctypes.memset(con.base + 2 * PAGE, 0xAB, 10)
     assert os.pread(fd, 10, 2 * PAGE) == image[2 * PAGE : 2 * PAGE + 10]
     assert punch(seg.id, (0, PAGE)) == PAGE  # dropped: filled again when next asked for
+
+
+@needs_uffd
+def test_another_process_maps_the_cache_by_proc(session):
+    seg, fd, con, peer = session
+    assert install(peer, seg.id, 0, 2 * PAGE, con.base, CACHED | DONTWAKE)["status"] == 0
+    ino = os.fstat(fd).st_ino
+    child = textwrap.dedent(f"""
+        import mmap, os
+        fd = os.open("/proc/{os.getpid()}/fd/{fd}", os.O_RDONLY)
+        assert os.fstat(fd).st_ino == {ino}
+        m = mmap.mmap(fd, {2 * PAGE}, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        m[0:4] = b"mine"  # copy-on-write: the cache keeps its bytes
+        print(m[4:{2 * PAGE}].hex())
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL
+    )
+    assert out.returncode == 0, out.stderr
+    assert bytes.fromhex(out.stdout.strip()) == seg.content.tobytes()[4 : 2 * PAGE]
+    assert os.pread(fd, 4, 0) == seg.content.tobytes()[:4]
 
 
 @needs_uffd
