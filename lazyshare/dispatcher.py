@@ -36,7 +36,7 @@ from multiprocessing.pool import CLOSE, INIT, RUN, TERMINATE, MaybeEncodingError
 
 import zmq
 
-from . import policy, serialization, transport, worker
+from . import live, policy, serialization, transport, worker
 from .errors import LazyshareError, WorkerLostError
 
 #: After a worker's sentinel fires, results it sent just before dying may still be
@@ -424,6 +424,7 @@ class _Dispatcher:
             self._kill_all()
         finally:
             self._shutdown()
+            live.pool_ended()
 
     def _loop(self) -> None:
         core = self.core

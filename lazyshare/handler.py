@@ -189,6 +189,8 @@ class SegmentDescriptor:
     nbytes: int
     endpoint: str
     owner_pid: int
+    cache_fd: int = -1  # the segment's page cache on the owner's host (a memfd), if any
+    cache_ino: int = 0  # its inode (0: no cache)
 
     def __repr__(self) -> str:
         return f"SegmentDescriptor({self.id.hex()[:8]}…, {self.nbytes} bytes, pid {self.owner_pid})"
@@ -337,6 +339,95 @@ def export_memory(pin: Any, address: int, nbytes: int) -> SegmentDescriptor:
             _pins.pop(seg_id, None)
         _check(rc, "exporting a segment")
     return SegmentDescriptor(seg_id, nbytes, ep, os.getpid())
+
+
+def set_pin(seg_id: bytes, obj: Any) -> None:
+    """Keep ``obj`` alive while segment ``seg_id`` is offered (None: stop keeping
+    it; the caller then makes sure the memory outlives every mapping)."""
+    with _lock:
+        if obj is None:
+            _pins.pop(seg_id, None)
+        else:
+            _pins[seg_id] = obj
+
+
+def add_cache(seg: SegmentDescriptor) -> SegmentDescriptor:
+    """``seg`` with a page cache shared by the consumers of this host (see
+    ``ls_server_cache``), or ``seg`` itself where there can be none (no
+    userfaultfd here)."""
+    fd = ffi.new("int *")
+    ino = ffi.new("uint64_t *")
+    rc = lib.ls_server_cache(seg.id, fd, ino)
+    if rc in (-errno.EOPNOTSUPP, -errno.ENOSYS, -errno.EPERM):
+        return seg
+    _check(rc, "creating a page cache")
+    return dataclasses.replace(seg, cache_fd=int(fd[0]), cache_ino=int(ino[0]))
+
+
+def cache_punch(seg: SegmentDescriptor, ranges: list[tuple[int, int]]) -> int:
+    """Drop the cached pages of ``ranges`` (segment offsets ``(start, end)``):
+    the bytes dropped."""
+    if not ranges or not seg.cache_ino:
+        return 0
+    flat = ffi.new("uint64_t[]", [v for lo, hi in ranges for v in (lo, hi - lo)])
+    return _check(lib.ls_server_cache_punch(seg.id, flat, len(ranges)), "dropping cached pages")
+
+
+def cache_resident(seg: SegmentDescriptor) -> int:
+    """Bytes resident in ``seg``'s page cache (0: none)."""
+    if not seg.cache_ino:
+        return 0
+    rc = lib.ls_server_cache_resident(seg.id)
+    return 0 if rc == -errno.ENOENT else _check(rc, "reading a page cache's size")
+
+
+_track_rung_set = False
+
+
+def track_add(address: int, nbytes: int) -> int:
+    """Start recording writes to the page-aligned range: 0, or the -errno that
+    says why it cannot be tracked (see ``ls_track_add``)."""
+    global _track_rung_set
+    if not _track_rung_set:
+        # The parent's tracker runs at the rung its pools run at (a forced
+        # LAZYSHARE_MODE=uffd-user-mode-only holds for it too).
+        mode = capabilities().mode
+        if mode in ("uffd", "uffd-user-mode-only"):
+            lib.ls_track_set_mode(MODES[mode])  # -EBUSY: already open and in use at a rung
+        _track_rung_set = True
+    rc = lib.ls_track_supported()
+    if rc < 0:
+        return rc
+    rc = lib.ls_track_add(address, nbytes)
+    if rc == -errno.EEXIST:
+        return rc
+    return rc if rc < 0 else 0
+
+
+def track_dirty(address: int, nbytes: int, reprotect: bool) -> list[tuple[int, int]] | None:
+    """The written page ranges ``(start, end)`` of a tracked range since it was
+    last scanned with ``reprotect``, or None if tracking was lost (the memory
+    was moved, unmapped or mapped anew: treat all of it as written)."""
+    out: list[tuple[int, int]] = []
+    cap = 256
+    buf = ffi.new("uint64_t[]", 2 * cap)
+    cur, end = address, address + nbytes
+    while cur < end:
+        n = lib.ls_track_dirty(cur, end - cur, buf, cap, int(reprotect))
+        if n == -errno.ENXIO:
+            return None
+        _check(n, "scanning for written pages")
+        out.extend((int(buf[2 * i]), int(buf[2 * i + 1])) for i in range(n))
+        if n < cap:
+            break
+        cur = int(buf[2 * n - 1])
+    return out
+
+
+def track_remove(address: int, nbytes: int) -> None:
+    rc = lib.ls_track_remove(address, nbytes)
+    if rc != -errno.ENOENT:
+        _check(rc, "stopping write tracking")
 
 
 def _as_array(obj: Any) -> np.ndarray:
@@ -581,6 +672,8 @@ def attach_all(descs: list) -> list[np.ndarray]:
             spec.seglen = seg.nbytes
             spec.map_off = min(extents[i][0] for i in members)
             spec.map_len = max(extents[i][1] for i in members) - spec.map_off
+            if seg.cache_ino:
+                spec.cache_fd, spec.cache_ino = seg.cache_fd, seg.cache_ino
         rc = lib.ls_client_attach(
             endpoint.encode(), owner_pid, specs, len(regions), int(attach_timeout * 1000)
         )

@@ -143,7 +143,7 @@ from multiprocessing.pool import (
 )
 from typing import Any, Callable
 
-from . import serialization, startmethod, transport
+from . import live, serialization, startmethod, transport
 from .dispatcher import _abort_start, _Core, _Dispatcher, _feed_loop, _result_loop, _terminate_pool, _Worker
 from .errors import LazyshareError
 
@@ -347,6 +347,7 @@ class Pool:
             core.feeder = threading.Thread(
                 target=_feed_loop, args=(core,), name="lazyshare-feeder", daemon=True
             )
+            live.pool_started()  # ended by the dispatcher thread, however the pool ends
             for t in (core.dispatcher, core.result_thread, core.feeder):
                 t.start()
             self._terminate = util.Finalize(self, _terminate_pool, args=(core,), exitpriority=15)

@@ -118,6 +118,12 @@ def _handler():
     return handler
 
 
+def _live():
+    from . import live
+
+    return live
+
+
 class _LazyPickler(cloudpickle.Pickler):
     def __init__(self, file, exports: CallExports, buffer_callback, views: list):
         super().__init__(file, protocol=_PROTOCOL, buffer_callback=buffer_callback)
@@ -257,6 +263,7 @@ class CallExports:
         # None disables lazy export: everything is pickled.
         self.threshold = float("inf") if threshold is None else int(threshold)
         self._segments: dict[tuple[int, int], Any] = {}
+        self._gens: dict[tuple[int, int], Any] = {}  # segments kept across calls (lazyshare.live)
         self._uses: dict[tuple[int, int], int] = {}  # segment -> tasks using it
         self._tasks: dict[Any, tuple] = {}  # task -> the segments it uses
         self._using: set | None = None  # those of the task being pickled
@@ -279,18 +286,21 @@ class CallExports:
                 if using is not None:
                     using.add(key)
         if seg is None:
-            seg = h.export_memory(pin, low, high - low)
+            gen = _live().acquire(pin, low, high)
+            seg = h.export_memory(pin, low, high - low) if gen is None else gen.seg
             with self._lock:
                 closed = self.closed
                 if not closed:
                     self._segments[key] = seg
+                    if gen is not None:
+                        self._gens[key] = gen
                     self._uses[key] = 1
                     if using is not None:
                         using.add(key)
                     self.bytes_live += high - low
                     self.bytes_new += high - low
             if closed:  # closed meanwhile (the pool was terminated)
-                h.release(seg)
+                self._release(seg, gen)
                 raise ValueError("CallExports is closed")
         return h.ArrayDescriptor.for_view(seg, arr, low)
 
@@ -346,11 +356,16 @@ class CallExports:
                     del self._uses[key]
                     seg = self._segments.pop(key)
                     self.bytes_live -= seg.nbytes
-                    gone.append(seg)
-        if gone:
-            h = _handler()
-            for seg in gone:
-                h.release(seg)
+                    gone.append((seg, self._gens.pop(key, None)))
+        for seg, gen in gone:
+            self._release(seg, gen)
+
+    @staticmethod
+    def _release(seg, gen) -> None:
+        if gen is None:
+            _handler().release(seg)
+        else:
+            _live().release(gen)
 
     @property
     def segments(self) -> list:
@@ -362,15 +377,14 @@ class CallExports:
             if self.closed:
                 return
             self.closed = True
-            gone = list(self._segments.values())
+            gone = [(seg, self._gens.get(key)) for key, seg in self._segments.items()]
             self._segments.clear()
+            self._gens.clear()
             self._uses.clear()
             self._tasks.clear()
             self.bytes_live = 0
-        if gone:
-            h = _handler()
-            for seg in gone:
-                h.release(seg)
+        for seg, gen in gone:
+            self._release(seg, gen)
 
     def __enter__(self):
         return self

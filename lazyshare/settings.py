@@ -19,6 +19,10 @@ never reads the environment: :mod:`lazyshare.handler` hands it these values.
                             activity (default 50; 0 sleeps at once)
 ``LAZYSHARE_SERVER_THREADS`` page-server loops (default: one per CPU, at most 8)
 ``LAZYSHARE_RUNTIME_DIR``   where socket files go (see :mod:`lazyshare.transport`)
+``LAZYSHARE_CACHE``         ``1`` (default): arrays a call exports stay exported, with a
+                            page cache shared by the workers, until the array dies, and
+                            later calls fetch only pages written since; ``0``: one
+                            export per call (see :mod:`lazyshare.live`)
 ==========================  =========================================================
 """
 
@@ -43,6 +47,7 @@ class Settings:
     spin_us: int = 50
     server_threads: int = 0  # 0: one per CPU
     runtime_dir: str | None = None
+    cache: bool = True
 
 
 def _number(env, name: str, kind, default, minimum=0):
@@ -77,4 +82,14 @@ def read(env=None) -> Settings:
         spin_us=_number(env, "LAZYSHARE_SPIN_US", int, d.spin_us),
         server_threads=_number(env, "LAZYSHARE_SERVER_THREADS", int, d.server_threads),
         runtime_dir=env.get("LAZYSHARE_RUNTIME_DIR") or None,
+        cache=_flag(env, "LAZYSHARE_CACHE", d.cache),
     )
+
+
+def _flag(env, name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw not in ("0", "1"):
+        raise ValueError(f"{name}={raw!r}: expected 0 or 1")
+    return raw == "1"

@@ -1,0 +1,411 @@
+"""Segments that outlive a call (owner side).
+
+A pool call exports each base allocation its arguments live in (see
+:class:`lazyshare.serialization.CallExports`). Here such a segment is kept for
+as long as the parent's array lives, instead of for one call:
+
+* **a page cache shared by the workers of this host** (``ls_server_cache``: a
+  memfd each worker maps privately): pages one task fetched map into every later
+  task, in any worker, without a request, and a task's writes stay its own;
+* **write tracking** (``ls_track_*``: ``UFFD_FEATURE_WP_ASYNC`` and
+  ``PAGEMAP_SCAN``): before a call reuses the segment, the pages the parent wrote
+  since the previous call are dropped from the cache, so only they move again;
+* **released when the array dies** (a weakref callback): tracking stops, the
+  segment is unexported and its cache goes with it; workers keep nothing between
+  tasks, so nothing is left in them either.
+
+A segment's bytes are one *generation* of the array. A call that finds the
+array written since the generation began starts a new one: in place (the written
+pages are dropped from the cache) when no running call uses the old one, else as
+a fresh segment with an empty cache (the running call keeps the old one until
+its tasks are done). A write to the array while a call that uses it is running
+cannot be held back here (the tracking never blocks the writer): it is
+detected, the pages are fetched again by later calls, and a warning names the
+array once (tasks of the running call may have seen the new bytes in pages they
+had not read yet).
+
+Memory that cannot be tracked (file-backed, shared, KSM-mergeable, or already
+tracked through a neighbouring array sharing a page) still gets the shared
+cache, but every call drops the whole of it: correct, with no reuse across
+calls. ``LAZYSHARE_CACHE=0`` turns all of this off (one export per call, as
+before).
+
+The owner's memory stays pinned (a strong reference in
+:mod:`lazyshare.handler`) while a call uses it and until no worker maps it any
+more; between calls only a weak reference is kept, so the array dies when the
+program drops it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+import weakref
+from typing import Any
+
+from . import settings
+
+__all__ = ["acquire", "release", "stats", "live_segments", "forget_all"]
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _handler():
+    global _h
+    if _h is None:
+        from . import handler
+
+        _h = handler
+    return _h
+
+
+_h = None
+
+
+class _Gen:
+    """One exported segment (with its cache) and the calls using it."""
+
+    __slots__ = ("seg", "entry", "users", "idle_since_pin")
+
+    def __init__(self, seg, entry: _Entry):
+        self.seg = seg
+        self.entry = entry
+        self.users = 0  # calls (CallExports) using it now
+        self.idle_since_pin = False
+
+
+class _Entry:
+    """A base allocation of this process that calls have exported."""
+
+    __slots__ = (
+        "key",
+        "ref",
+        "gen",
+        "tracked",
+        "trackable",
+        "between",
+        "calls_untracked",
+        "page_lo",
+        "page_len",
+        "warned",
+        "desc",
+        "dead",
+    )
+
+    def __init__(self, key: tuple[int, int], ref: weakref.ref, desc: str):
+        self.key = key
+        self.ref = ref
+        self.gen: _Gen | None = None
+        self.tracked = False
+        self.page_lo = key[0] // _PAGE * _PAGE
+        self.page_len = -(-key[1] // _PAGE) * _PAGE - self.page_lo
+        self.warned = False
+        self.desc = desc
+        self.dead = False
+        self.trackable = False  # tracking was accepted for this memory
+        self.between = True  # tracked between calls too (else only while calls run)
+        self.calls_untracked = 0  # calls since tracking between calls stopped
+
+
+_lock = threading.RLock()
+_entries: dict[tuple[int, int], _Entry] = {}
+_by_root: dict[int, _Entry] = {}  # id(root object) -> its entry (a resized array moves)
+_idle: set[_Gen] = set()  # generations no call uses, still pinned until no worker maps them
+_idle_wake = threading.Event()
+_idle_thread: threading.Thread | None = None
+_totals = {"bytes_invalidated": 0, "generations": 0}
+_pools = 0  # pools of this process running now
+#: A segment found mostly rewritten stops being tracked for this many calls.
+_RETRACK_AFTER = 8
+
+
+def _dead_ref():
+    return None
+
+
+def _describe(root: Any) -> str:
+    shape = getattr(root, "shape", None)
+    dtype = getattr(root, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"a {dtype} array of shape {tuple(shape)}"
+    return f"a {type(root).__name__}"
+
+
+def enabled() -> bool:
+    """Whether segments outlive calls here: the setting, and a rung on which
+    workers map pages lazily (on the eager rung they copy whole segments)."""
+    return settings.read().cache and _handler().capabilities().mode != "eager"
+
+
+def acquire(root: Any, low: int, high: int) -> _Gen | None:
+    """The generation of the segment for ``[low, high)`` (the allocation of
+    ``root``) that a new call uses, or None where segments cannot outlive the
+    call (then the caller exports for the call alone)."""
+    if not enabled():
+        return None
+    key = (low, high)
+    h = _handler()
+    with _lock:
+        e = _entries.get(key)
+        if e is not None and e.ref() is not root:
+            return None  # the same memory reached through another object: not ours to keep
+        if e is None:
+            old = _by_root.get(id(root))
+            if old is not None and old.ref() is root:
+                _retire(old)  # resized (moved or shrunk): the old extent is gone
+            try:
+                ref = weakref.ref(root, _died)
+            except TypeError:
+                return None
+            e = _Entry(key, ref, _describe(root))
+            e.gen = _new_gen(e, root)
+            if h.track_add(e.page_lo, e.page_len) == 0:
+                e.tracked = e.trackable = True
+            _entries[key] = e
+            _by_root[id(root)] = e
+        else:
+            _refresh(e, root)
+        g = e.gen
+        g.users += 1
+        if g.users == 1:
+            _idle.discard(g)
+            h.set_pin(g.seg.id, root)
+        return g
+
+
+def release(g: _Gen) -> None:
+    """A call that acquired ``g`` is done with it."""
+    h = _handler()
+    with _lock:
+        g.users -= 1
+        if g.users > 0:
+            return
+        e = g.entry
+        if e.dead or g is not e.gen:  # retired: gone once no worker maps it
+            h.release(g.seg)
+            return
+        if _pools == 0:  # no pool left to reuse it
+            _retire(e)
+            return
+        if e.tracked and not e.warned and _written_inside(e, h.track_dirty(e.page_lo, e.page_len, False)):
+            _warn_written(e)
+        if e.tracked and not e.between:
+            h.track_remove(e.page_lo, e.page_len)
+            e.tracked = False
+        _idle.add(g)
+    _unpin_when_unmapped()
+
+
+def _new_gen(e: _Entry, root: Any) -> _Gen:
+    h = _handler()
+    low, high = e.key
+    seg = h.export_memory(root, low, high - low)
+    try:
+        seg = h.add_cache(seg)
+    except BaseException:
+        h.release(seg)
+        raise
+    _totals["generations"] += 1
+    return _Gen(seg, e)
+
+
+def _refresh(e: _Entry, root: Any) -> None:
+    """Before a call reuses ``e``: start a new generation if the parent wrote
+    to it since the current one began."""
+    h = _handler()
+    low, high = e.key
+    whole = [(low, high)]
+    if e.tracked:
+        ranges = h.track_dirty(e.page_lo, e.page_len, reprotect=True)
+        if ranges is None:  # tracking lost (moved, unmapped and mapped anew): all written
+            h.track_remove(e.page_lo, e.page_len)
+            e.tracked = h.track_add(e.page_lo, e.page_len) == 0
+            ranges = whole
+        elif e.between and sum(b - a for a, b in ranges) * 2 >= e.page_len:
+            # Mostly rewritten since the last call: tracking between calls costs
+            # the parent a fault per page it writes and saves little. Track only
+            # while calls run (writes during a call are still reported) and drop
+            # the whole cache at each call, until _RETRACK_AFTER calls from now.
+            e.between = False
+            e.calls_untracked = 0
+    elif e.trackable and h.track_add(e.page_lo, e.page_len) == 0:
+        e.tracked = True  # armed for this call (tracking only while calls run)
+        e.calls_untracked += 1
+        if e.calls_untracked >= _RETRACK_AFTER:
+            e.between = True  # and between calls again: the writes may have calmed
+        ranges = whole
+    else:
+        ranges = whole
+    if not ranges:
+        return
+    g = e.gen
+    if g.users > 0:  # a running call still reads this generation: keep it for that call
+        if _written_inside(e, ranges):
+            _warn_written(e)
+        e.gen = _new_gen(e, root)
+        return
+    spans = []
+    for a, b in ranges:
+        a, b = max(a, low) - low, min(b, high) - low
+        if a < b:
+            spans.append((a, b))
+    _totals["bytes_invalidated"] += h.cache_punch(g.seg, spans)
+
+
+def _written_inside(e: _Entry, ranges) -> bool:
+    """Whether ``ranges`` (None: tracking lost) cover a page lying wholly in the
+    array. The first and last pages may be shared with other objects (the heap)
+    whose writes are no sign of the array being written: they are dropped from
+    the cache like the others, but never warned about."""
+    if ranges is None:
+        return True
+    lo = -(-e.key[0] // _PAGE) * _PAGE
+    hi = e.key[1] // _PAGE * _PAGE
+    return any(min(b, hi) > max(a, lo) for a, b in ranges)
+
+
+def _warn_written(e: _Entry) -> None:
+    if e.warned:
+        return
+    e.warned = True
+    warnings.warn(
+        f"lazyshare: this process wrote to {e.desc} while tasks that read it were running. "
+        "Those tasks may have seen the new values in pages they had not read yet "
+        "(lazyshare does not hold back the parent's writes to keep a snapshot as of "
+        "submission); later calls see the new values. Write to it once the call's "
+        "results are in, or pass a copy.",
+        _handler().LazyshareWarning,
+        stacklevel=4,
+    )
+
+
+def _retire(e: _Entry) -> None:
+    """Forget ``e`` (its array died or moved): no new call gets it; its
+    current generation goes once no call uses it."""
+    h = _handler()
+    if e.dead:
+        return
+    e.dead = True
+    e.ref = _dead_ref  # the array's weak reference goes now (numpy's resize checks for one)
+    if _entries.get(e.key) is e:
+        del _entries[e.key]
+    for k, v in list(_by_root.items()):
+        if v is e:
+            del _by_root[k]
+    if e.tracked:
+        try:
+            h.track_remove(e.page_lo, e.page_len)
+        except OSError:
+            pass
+        e.tracked = False
+    g = e.gen
+    if g is not None and g.users == 0:
+        _idle.discard(g)
+        h.release(g.seg)  # its pin, if still held, goes once no worker maps it
+
+
+def _died(ref: weakref.ref) -> None:
+    # The array is being deallocated (its memory is freed right after this):
+    # no worker maps it (it was unpinned only once none did).
+    if _h is None or _lock is None:
+        return
+    try:
+        with _lock:
+            for e in list(_entries.values()):
+                if e.ref is ref:
+                    _retire(e)
+    except Exception:  # interpreter shutdown: the process's exit frees it all
+        if not sys.is_finalizing():
+            raise
+
+
+def _unpin_when_unmapped() -> None:
+    """Drop the strong reference of idle generations whose last mapping is
+    gone (workers detach right after their task; checked every 20 ms by a
+    daemon thread while some are waiting)."""
+    global _idle_thread
+    h = _handler()
+    with _lock:
+        for g in list(_idle):
+            if h.holders(g.seg) <= 0:
+                _idle.discard(g)
+                h.set_pin(g.seg.id, None)
+        if _idle and (_idle_thread is None or not _idle_thread.is_alive()):
+            _idle_thread = threading.Thread(target=_idle_loop, name="lazyshare-unpin", daemon=True)
+            _idle_thread.start()
+
+
+def _idle_loop() -> None:
+    while True:
+        _idle_wake.wait(0.02)
+        with _lock:
+            if not _idle:
+                return
+        try:
+            _unpin_when_unmapped()
+        except Exception:  # the page server is gone (exit): nothing left to unpin for
+            return
+
+
+def pool_started() -> None:
+    global _pools
+    with _lock:
+        _pools += 1
+
+
+def pool_ended() -> None:
+    """A pool's dispatcher is done. Once no pool of this process runs, kept
+    segments are let go as their calls finish: the weak reference to each
+    array goes too (numpy refuses ``ndarray.resize`` on an array that has one)."""
+    global _pools
+    with _lock:
+        _pools -= 1
+        if _pools <= 0:
+            _pools = 0
+            forget_all()
+
+
+def live_segments() -> int:
+    """Allocations kept across calls now."""
+    with _lock:
+        return len(_entries)
+
+
+def stats() -> dict:
+    """``segments``: allocations kept across calls; ``bytes_cached``: bytes in
+    their page caches on this host; ``bytes_invalidated``: cached bytes
+    dropped because the parent wrote them (fetched again if touched);
+    ``generations``: segments exported for them so far."""
+    h = _handler()
+    with _lock:
+        gens = [e.gen for e in _entries.values() if e.gen is not None]
+        cached = sum(h.cache_resident(g.seg) for g in gens)
+        return {
+            "segments": len(gens),
+            "bytes_cached": cached,
+            "bytes_invalidated": _totals["bytes_invalidated"],
+            "generations": _totals["generations"],
+        }
+
+
+def forget_all() -> None:
+    """Retire every kept segment that no call uses (tests, and a process that
+    wants its memory back now)."""
+    with _lock:
+        for e in list(_entries.values()):
+            if e.gen is None or e.gen.users == 0:
+                _retire(e)
+
+
+def _after_fork_in_child() -> None:
+    global _lock, _idle_thread
+    _lock = threading.RLock()
+    _entries.clear()
+    _by_root.clear()
+    _idle.clear()
+    _idle_thread = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
