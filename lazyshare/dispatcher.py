@@ -392,7 +392,7 @@ class _Core:
         for c in workers.values():
             for k in totals:
                 totals[k] += c[k]
-        return {"workers": workers, "totals": totals}
+        return {"workers": workers, "totals": totals, "cache": live.stats()}
 
 
 # --------------------------------------------------------------------------- dispatcher

@@ -732,6 +732,13 @@ def counters() -> tuple[int, int, bool]:
     return int(s.bytes_fetched), int(s.faults), settled
 
 
+def owner_counters() -> dict:
+    """This process's counters as owner, without waiting."""
+    s = ffi.new("struct ls_stats *")
+    lib.ls_get_stats(s)
+    return {"cache_bytes_filled": s.cache_bytes_filled, "caches_live": s.caches_live}
+
+
 def stats(timeout: float = 1.0) -> dict:
     """This process's counters, as consumer and as owner.
 
@@ -767,6 +774,10 @@ def stats(timeout: float = 1.0) -> dict:
         "bytes_served": s.bytes_served,
         "errors_served": s.errors_served,
         "segments_exported": s.segments_exported,
+        "caches_live": s.caches_live,
+        "cache_bytes_filled": s.cache_bytes_filled,
+        "cache_attaches": s.cache_attaches,
+        "cache_fallbacks": s.cache_fallbacks,
         "mode": capabilities().mode,
         "settled": settled,
     }

@@ -374,17 +374,22 @@ def live_segments() -> int:
 
 
 def stats() -> dict:
-    """``segments``: allocations kept across calls; ``bytes_cached``: bytes in
-    their page caches on this host; ``bytes_invalidated``: cached bytes
-    dropped because the parent wrote them (fetched again if touched);
-    ``generations``: segments exported for them so far."""
+    """This process's segments kept across calls (all its pools together):
+    ``segments``: allocations kept now; ``bytes_cached``: bytes in their page
+    caches on this host now; ``bytes_filled``: bytes copied into page caches
+    so far (what the workers fetched: each page once, whichever worker
+    touched it first); ``bytes_invalidated``: cached bytes dropped because
+    the parent wrote them (fetched again if touched); ``generations``:
+    segments exported for them so far (a new one when the parent wrote to an
+    array that a running call still reads)."""
     h = _handler()
     with _lock:
         gens = [e.gen for e in _entries.values() if e.gen is not None]
-        cached = sum(h.cache_resident(g.seg) for g in gens)
+        cached = sum(h.cache_resident(g.seg) for g in gens) if gens else 0
         return {
             "segments": len(gens),
             "bytes_cached": cached,
+            "bytes_filled": h.owner_counters()["cache_bytes_filled"] if _h is not None else 0,
             "bytes_invalidated": _totals["bytes_invalidated"],
             "generations": _totals["generations"],
         }

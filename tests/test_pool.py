@@ -510,7 +510,8 @@ def test_no_leftovers(how):
 def test_stats_shape(pool):
     pool.map(f.sqr, range(10), chunksize=5)
     s = pool.stats()
-    assert set(s) == {"workers", "totals"}
+    assert set(s) == {"workers", "totals", "cache"}
+    assert set(s["cache"]) == {"segments", "bytes_cached", "bytes_filled", "bytes_invalidated", "generations"}
     keys = {"tasks", "bytes_pickled", "bytes_lazy", "faults"}
     assert set(s["totals"]) == keys
     assert set(s["workers"]) == {w.pid for w in pool._pool}
