@@ -66,6 +66,7 @@
  */
 #include "client_internal.h"
 
+#include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <search.h>
@@ -75,6 +76,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -348,6 +350,43 @@ static void wake_page(uintptr_t addr)
     ioctl(client_uffd, UFFDIO_WAKE, &rg); /* ENOENT: the range was unregistered meanwhile */
 }
 
+/* A cached region: whether page reads without a fault now (its pte is
+ * present, or the memfd has the page). */
+static int page_mapped(const struct region *r, uint64_t page)
+{
+    const uint64_t ps = ls_page_size();
+    unsigned char v = 0;
+    if (mincore((void *)(r->base + page * ps), ps, &v) < 0)
+        return 1; /* cannot tell: wake, as for any page already installed */
+    return v & 1;
+}
+
+/*
+ * A cached region faulted on a page requested and answered before, which
+ * neither its pte nor the memfd has: the owner punched it out of the cache
+ * (ls_server_cache_punch) while this region mapped it. Waking would fault again
+ * at once, forever; fetch it again instead, with the pages of the demand block
+ * that went the same way (answered, not in flight, not mapped).
+ */
+static void refetch_punched(struct region *r, const struct ls_readahead_plan *plan, uint64_t now)
+{
+    const uint64_t ps = ls_page_size();
+    uint64_t n = plan->to - plan->from;
+    unsigned char vec[256];
+    if (n > sizeof vec)
+        n = sizeof vec;
+    if (mincore((void *)(r->base + plan->from * ps), n * ps, vec) < 0) {
+        n = 1; /* cannot tell for the block: the faulting page alone, found missing above */
+        vec[0] = 0;
+    }
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t pg = plan->from + i;
+        if (!(vec[i] & 1) && bit_get(r->requested, pg) && !infl_find_page(r, pg))
+            r->requested[pg >> 3] &= (uint8_t)~(1u << (pg & 7));
+    }
+    request_range(r, plan->from, plan->from + n, now);
+}
+
 static void on_fault(uintptr_t addr, uint64_t now)
 {
     CTR_ADD(faults, 1);
@@ -367,6 +406,8 @@ static void on_fault(uintptr_t addr, uint64_t now)
             if (!f->fault)
                 f->fault = now;
             f->nfaults++;
+        } else if (r->cached && !page_mapped(r, page)) {
+            refetch_punched(r, &plan, now);
         } else {
             wake_page(addr); /* installed after the fault was queued */
         }
@@ -473,8 +514,8 @@ static void enforce_budget(void)
         fifo_head = (fifo_head + 1) % fifo_cap;
         fifo_len--;
         struct region *r = region_by_id(b.region);
-        if (!r || r->state != R_ACTIVE)
-            continue;
+        if (!r || r->state != R_ACTIVE || r->cached)
+            continue; /* a cached region's pages are the cache's: never dropped (never queued either) */
         uint64_t dropped = 0;
         for (uint64_t pg = b.page; pg < b.page + b.npages;) {
             while (pg < b.page + b.npages && bit_get(r->dirty, pg))
@@ -513,7 +554,7 @@ static void on_write_protect_fault(uintptr_t addr)
 void account_fetched(struct region *r, uint64_t page, uint64_t npages)
 {
     if (!r->wp)
-        return;
+        return; /* not droppable (no write-protect here, or a cached region): not counted */
     const uint64_t ps = ls_page_size();
     r->resident += npages * ps;
     resident_total += npages * ps;
@@ -924,8 +965,73 @@ close_fds:
     return -rc;
 }
 
-/* Map and register the region for one ls_attach entry (in the caller's thread). */
-static int region_new(const struct ls_attach *a, uint64_t timeout_ns, struct region **out)
+/* Whether a registration of a region offers what its sources need:
+ * UFFDIO_COPY (payloads) and UFFDIO_ZEROPAGE (zero ranges). A private mapping
+ * of a memfd reports both, as anonymous memory does (checked on Linux 6.18). */
+static int reg_usable(const struct uffdio_register *reg)
+{
+    return (reg->ioctls & (1ULL << _UFFDIO_COPY)) && (reg->ioctls & (1ULL << _UFFDIO_ZEROPAGE));
+}
+
+/*
+ * Map bytes [off, off+maplen) of the segment's page cache privately and
+ * register them MISSING: the memfd (fd a->cache_fd in owner_pid, opened by
+ * /proc and checked by inode and size) supplies the pages cached already; a
+ * hole faults like a missing anonymous page. Never write-protected: the budget
+ * must not drop its pages (MADV_DONTNEED on a private file mapping would
+ * discard this process's own writes too; the cached pages are the owner's
+ * memfd's, not this process's). Registering shmem needs no feature requested
+ * at UFFDIO_API (UFFD_FEATURE_MISSING_SHMEM is only reported). The mapping, or
+ * MAP_FAILED (nothing left behind: the caller maps anonymous memory instead).
+ */
+static void *map_cache(const struct ls_attach *a, int owner_pid, uint64_t off, uint64_t maplen)
+{
+    char path[64];
+    if (a->cache_fd < 0 || owner_pid <= 0 || off > (uint64_t)INT64_MAX - maplen)
+        return MAP_FAILED;
+    snprintf(path, sizeof path, "/proc/%d/fd/%d", owner_pid, (int)a->cache_fd);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return MAP_FAILED;
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        close(fd);
+        return MAP_FAILED;
+    }
+    if (!S_ISREG(st.st_mode) || (uint64_t)st.st_ino != a->cache_ino || st.st_size < 0 ||
+        (uint64_t)st.st_size < off + maplen) {
+        close(fd); /* not the cache named (another file took that fd number), or too short */
+        return MAP_FAILED;
+    }
+    void *base = mmap(NULL, maplen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd, (off_t)off);
+    close(fd); /* the mapping keeps the memfd */
+    if (base == MAP_FAILED)
+        return MAP_FAILED;
+    if (madvise(base, maplen, MADV_DONTFORK) < 0) { /* see region_new */
+        munmap(base, maplen);
+        return MAP_FAILED;
+    }
+    struct uffdio_register reg = {
+        .range = {.start = (uintptr_t)base, .len = maplen},
+        .mode = UFFDIO_REGISTER_MODE_MISSING,
+    };
+    if (ioctl(client_uffd, UFFDIO_REGISTER, &reg) < 0) {
+        munmap(base, maplen);
+        return MAP_FAILED;
+    }
+    if (!reg_usable(&reg)) {
+        struct uffdio_range rg = {.start = (uintptr_t)base, .len = maplen};
+        ioctl(client_uffd, UFFDIO_UNREGISTER, &rg); /* ours and registered: cannot fail */
+        munmap(base, maplen);
+        return MAP_FAILED;
+    }
+    return base;
+}
+
+/* Map and register the region for one ls_attach entry (in the caller's
+ * thread): the segment's page cache if it names one and this rung faults
+ * lazily (else, or if it cannot be mapped, anonymous memory as without). */
+static int region_new(const struct ls_attach *a, int owner_pid, uint64_t timeout_ns, struct region **out)
 {
     const uint64_t ps = ls_page_size();
     if (!a->seglen || !a->map_len || a->map_off >= a->seglen || a->map_len > a->seglen - a->map_off)
@@ -934,19 +1040,23 @@ static int region_new(const struct ls_attach *a, uint64_t timeout_ns, struct reg
     uint64_t maplen = (end - off + ps - 1) / ps * ps;
     if (maplen < end - off)
         return -EOVERFLOW;
-    void *base = mmap(NULL, maplen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                      -1, 0);
-    int want_wp = client_mode != LS_MODE_EAGER && atomic_load(&budget) > 0;
-    if (base == MAP_FAILED)
-        return -errno;
-    /* A forked child never sees these pages: its registration would be gone and
-     * it would read zeros; with DONTFORK the child's access faults loudly. */
-    if (madvise(base, maplen, MADV_DONTFORK) < 0) {
-        int e = errno;
-        munmap(base, maplen);
-        return -e;
+    int want_cache = client_mode != LS_MODE_EAGER && a->cache_ino != 0;
+    void *base = want_cache ? map_cache(a, owner_pid, off, maplen) : MAP_FAILED;
+    int cached = base != MAP_FAILED;
+    int want_wp = !cached && client_mode != LS_MODE_EAGER && atomic_load(&budget) > 0;
+    if (!cached) {
+        base = mmap(NULL, maplen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (base == MAP_FAILED)
+            return -errno;
+        /* A forked child never sees these pages: its registration would be gone and
+         * it would read zeros; with DONTFORK the child's access faults loudly. */
+        if (madvise(base, maplen, MADV_DONTFORK) < 0) {
+            int e = errno;
+            munmap(base, maplen);
+            return -e;
+        }
     }
-    if (client_mode != LS_MODE_EAGER) {
+    if (!cached && client_mode != LS_MODE_EAGER) {
         struct uffdio_register reg = {
             .range = {.start = (uintptr_t)base, .len = maplen},
             .mode = UFFDIO_REGISTER_MODE_MISSING | (want_wp ? UFFDIO_REGISTER_MODE_WP : 0),
@@ -963,7 +1073,7 @@ static int region_new(const struct ls_attach *a, uint64_t timeout_ns, struct reg
             munmap(base, maplen);
             return -e;
         }
-        if (!(reg.ioctls & (1ULL << _UFFDIO_COPY)) || !(reg.ioctls & (1ULL << _UFFDIO_ZEROPAGE))) {
+        if (!reg_usable(&reg)) {
             struct uffdio_range rg = {.start = (uintptr_t)base, .len = maplen};
             ioctl(client_uffd, UFFDIO_UNREGISTER, &rg);
             munmap(base, maplen);
@@ -995,6 +1105,11 @@ static int region_new(const struct ls_attach *a, uint64_t timeout_ns, struct reg
     r->requested = bits;
     r->dirty = dirty;
     r->wp = want_wp;
+    r->cached = cached;
+    if (cached)
+        CTR_ADD(cache_attaches, 1);
+    else if (want_cache)
+        CTR_ADD(cache_fallbacks, 1); /* the region works without it */
     r->state = R_HOLDING;
     ls_readahead_init(&r->ra, (uint32_t)min_pages);
     r->timeout = timeout_ns;
@@ -1049,7 +1164,7 @@ int ls_client_attach(const char *endpoint, int owner_pid, struct ls_attach *a, u
         if (!(undo[prepared] = calloc(1, sizeof **undo)))
             rc = -ENOMEM;
     for (; !rc && made < n; made++) {
-        rc = region_new(&a[made], (uint64_t)timeout_ms * 1000000ull, &rs[made]);
+        rc = region_new(&a[made], owner_pid, (uint64_t)timeout_ms * 1000000ull, &rs[made]);
         if (rc < 0)
             break;
     }
@@ -1076,6 +1191,7 @@ int ls_client_attach(const char *endpoint, int owner_pid, struct ls_attach *a, u
         a[i].off = r->segoff;
         a[i].map_len = r->maplen;
         a[i].region = r->id;
+        a[i].cached = r->cached;
     }
     /* The peer table belongs to the handler thread: the endpoint rides along
      * in the command and is resolved there. From here on the regions (and rs)

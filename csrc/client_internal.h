@@ -102,6 +102,8 @@ struct region {
     uint64_t timeout;      /* attach timeout, ns: eager progress pushes the deadline */
     struct ls_readahead ra; /* csrc/readahead.c */
     uint64_t eager_next;   /* next page to request in eager mode */
+    int cached;            /* maps the segment's page cache (MAP_PRIVATE of the owner's memfd):
+                              INSTALLs fill the cache; never write-protected, never dropped */
     int wp;                /* registered write-protect too: clean pages can be dropped */
     uint8_t *dirty;        /* with wp: pages this process wrote (never dropped) */
     uint64_t resident;     /* bytes installed from payload and not dropped */

@@ -59,7 +59,10 @@ static int install_request(struct inflight *f)
     const uint64_t ps = ls_page_size();
     struct region *r = f->region;
     f->dontwake = !f->fault; /* read-ahead: nobody to wake yet */
-    uint32_t flags = (r->wp ? LS_INSTALL_WP : 0) | (f->dontwake ? LS_INSTALL_DONTWAKE : 0);
+    /* A cached region: the owner fills the segment's cache and wakes us (a
+     * range of zeros it installs as zero pages here, leaving the cache's hole). */
+    uint32_t flags = (r->wp ? LS_INSTALL_WP : 0) | (f->dontwake ? LS_INSTALL_DONTWAKE : 0) |
+                     (r->cached ? LS_INSTALL_CACHED : 0);
     return send_req(r->peer, LS_OP_INSTALL, r->seg, f->tag, r->segoff + f->page * ps, f->npages * ps,
                     r->base + f->page * ps, flags);
 }
