@@ -1029,8 +1029,9 @@ static void *map_cache(const struct ls_attach *a, int owner_pid, uint64_t off, u
 }
 
 /* Map and register the region for one ls_attach entry (in the caller's
- * thread): the segment's page cache if it names one and this rung faults
- * lazily (else, or if it cannot be mapped, anonymous memory as without). */
+ * thread): the segment's page cache if it names one, this rung faults lazily
+ * and no budget is set (a budget needs pages it can drop: write-protected
+ * anonymous memory); else, or if the cache cannot be mapped, anonymous memory. */
 static int region_new(const struct ls_attach *a, int owner_pid, uint64_t timeout_ns, struct region **out)
 {
     const uint64_t ps = ls_page_size();
@@ -1040,7 +1041,7 @@ static int region_new(const struct ls_attach *a, int owner_pid, uint64_t timeout
     uint64_t maplen = (end - off + ps - 1) / ps * ps;
     if (maplen < end - off)
         return -EOVERFLOW;
-    int want_cache = client_mode != LS_MODE_EAGER && a->cache_ino != 0;
+    int want_cache = client_mode != LS_MODE_EAGER && a->cache_ino != 0 && !atomic_load(&budget);
     void *base = want_cache ? map_cache(a, owner_pid, off, maplen) : MAP_FAILED;
     int cached = base != MAP_FAILED;
     int want_wp = !cached && client_mode != LS_MODE_EAGER && atomic_load(&budget) > 0;

@@ -276,28 +276,31 @@ def test_pages_punched_from_the_cache_under_a_mapping_are_fetched_again(consumer
 
 
 @needs_uffd
-def test_the_budget_never_drops_pages_of_a_cached_region(consumers, data_path):
-    """Its pages are the cache's (and dropping a private file page would lose
-    the consumer's writes): a cached region is not write-protected and not
-    counted against the budget, whereas an anonymous one is trimmed to it."""
+def test_a_budget_maps_anonymous_memory_and_never_drops_pages_of_a_cached_region(consumers, data_path):
+    """A budget needs pages it can drop: under one, a region attached does not
+    map the cache (anonymous, write-protected memory instead, trimmed to the
+    budget; no fallback counted). A cached region attached before the budget
+    was set is never trimmed: its pages are the cache's, and dropping a page of
+    a private file mapping would lose the consumer's writes."""
     n = 8 << 20
     a, desc, seg = export(n, seed=11, cache=True)
+    raw = bytearray(a.tobytes())
     try:
         c = consumers()
         assert c("budget", 1 << 20) == 0
-        assert c("attach", seg, desc.offset, n, seg.cache_fd, seg.cache_ino)["cached"] == 1
-        assert c("write", 100, b"\x01\x02") == "ok"
+        r = c("attach", seg, desc.offset, n, seg.cache_fd, seg.cache_ino)
+        assert r["rc"] == 0 and r["cached"] == 0 and r["fallbacks"] == 0 and r["attaches"] == 0
         got, cost, _, _ = c("read")
-        assert cost["bytes_dropped"] == 0
-        raw = bytearray(a.tobytes())
-        raw[100:102] = b"\x01\x02"
-        assert got == digest(raw)
-        got, cost, _, _ = c("read")  # again: nothing was dropped, nothing moves
-        assert got == digest(raw) and cost["requests"] == 0 and cost["bytes_dropped"] == 0
-        d = consumers()  # the same budget on anonymous memory drops pages
+        assert got == digest(raw) and cost["bytes_dropped"] > 0
+
+        d = consumers()
+        assert d("attach", seg, desc.offset, n, seg.cache_fd, seg.cache_ino)["cached"] == 1
         assert d("budget", 1 << 20) == 0
-        assert d("attach", seg, desc.offset, n, -1, 0)["cached"] == 0
+        assert d("write", 100, b"\x01\x02") == "ok"
+        raw[100:102] = b"\x01\x02"
         got, cost, _, _ = d("read")
-        assert got == digest(a.tobytes()) and cost["bytes_dropped"] > 0
+        assert got == digest(raw) and cost["bytes_dropped"] == 0
+        got, cost, _, _ = d("read")  # again: nothing was dropped, nothing moves
+        assert got == digest(raw) and cost["requests"] == 0 and cost["bytes_dropped"] == 0
     finally:
         lazyshare.release(desc)
