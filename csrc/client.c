@@ -332,12 +332,37 @@ void request_run(struct region *r, uint64_t page, uint64_t n, uint64_t fault_ns)
     CTR_ADD(requests, 1);
 }
 
+/*
+ * A cached region: mark the pages of [from, to) that map already (cached by
+ * another consumer, or present here) as requested, so that read-ahead asks only
+ * for the cache's holes (the owner would skip the others, but its reply would
+ * count them as fetched). A page punched from the cache later faults and is
+ * fetched again (refetch_punched). keep_first: from carries a fault; it is
+ * requested whatever mincore says (its reply wakes the faulting thread).
+ */
+static void skip_cached(struct region *r, uint64_t from, uint64_t to, int keep_first)
+{
+    const uint64_t ps = ls_page_size();
+    unsigned char vec[512];
+    for (uint64_t p = from + (keep_first ? 1 : 0); p < to;) {
+        uint64_t n = to - p > sizeof vec ? sizeof vec : to - p;
+        if (mincore((void *)(r->base + p * ps), n * ps, vec) < 0)
+            return; /* cannot tell: request them all, as for anonymous memory */
+        for (uint64_t i = 0; i < n; i++)
+            if (vec[i] & 1)
+                bit_set(r->requested, p + i);
+        p += n;
+    }
+}
+
 /* Request every not-yet-requested page of [from, to), in runs of at most
  * client_max_pages; the first run, if it starts at from, carries the fault. */
 static void request_range(struct region *r, uint64_t from, uint64_t to, uint64_t fault_ns)
 {
     if (to > r->npages)
         to = r->npages;
+    if (r->cached && from < to)
+        skip_cached(r, from, to, fault_ns != 0);
     uint64_t start, n;
     for (uint64_t p = from; ls_readahead_next_run(r->requested, p, to, client_max_pages, &start, &n); p = start + n)
         request_run(r, start, n, start == from ? fault_ns : 0);

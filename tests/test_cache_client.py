@@ -304,3 +304,29 @@ def test_a_budget_maps_anonymous_memory_and_never_drops_pages_of_a_cached_region
         assert got == digest(raw) and cost["requests"] == 0 and cost["bytes_dropped"] == 0
     finally:
         lazyshare.release(desc)
+
+
+@needs_uffd
+def test_read_ahead_asks_only_for_the_holes_of_the_cache(consumers, monkeypatch):
+    """Pages the cache holds are not requested by read-ahead (the owner would
+    skip them, but its reply would count them as fetched): after pairs of pages
+    are punched out of a filled cache, a new consumer reading everything
+    fetches exactly those pages."""
+    monkeypatch.setenv("LAZYSHARE_DATA_PATH", "install")
+    n = 4 << 20
+    a, desc, seg = export(n, seed=13, cache=True)
+    try:
+        first = consumers()
+        assert first("attach", seg, desc.offset, n, seg.cache_fd, seg.cache_ino)["cached"] == 1
+        assert first("read")[0] == digest(a.tobytes())
+        assert first("detach") == 0
+        # adjacent pairs: the second fault of a pair is sequential and would read ahead
+        holes = [(k * 16 * PAGE, (k * 16 + 2) * PAGE) for k in range(1, n // (16 * PAGE) - 1)]
+        assert handler.cache_punch(seg, holes) == 2 * PAGE * len(holes)
+        second = consumers()
+        assert second("attach", seg, desc.offset, n, seg.cache_fd, seg.cache_ino)["cached"] == 1
+        got, cost, _, _ = second("read")
+        assert got == digest(a.tobytes())
+        assert cost["bytes_fetched"] == 2 * PAGE * len(holes), cost
+    finally:
+        lazyshare.release(desc)
