@@ -306,7 +306,7 @@ class _Core:
             frames = serialization._dumps_small(self.threshold_value, payload)
             if frames is None:
                 if exports is None:
-                    exports = serialization.CallExports(self.threshold)
+                    exports = serialization.CallExports(self.threshold, self)
                     self.exports[job] = exports
                 frames = exports.dumps(payload, index)
                 new = exports.bytes_new
@@ -424,7 +424,7 @@ class _Dispatcher:
             self._kill_all()
         finally:
             self._shutdown()
-            live.pool_ended()
+            live.pool_ended(self.core)
 
     def _loop(self) -> None:
         core = self.core

@@ -30,6 +30,10 @@ cache, but every call drops the whole of it: correct, with no reuse across
 calls. ``LAZYSHARE_CACHE=0`` turns all of this off (one export per call, as
 before).
 
+A segment is kept while a pool whose calls used it runs: when the last such
+pool ends (closed and joined, terminated, or collected), the segment and its
+cache go, though the array lives on (a later pool exports it afresh).
+
 The owner's memory stays pinned (a strong reference in
 :mod:`lazyshare.handler`) while a call uses it and until no worker maps it any
 more; between calls only a weak reference is kept, so the array dies when the
@@ -65,12 +69,17 @@ _h = None
 
 
 class _Gen:
-    """One exported segment (with its cache) and the calls using it."""
+    """One exported segment (with its cache) and the calls using it. The
+    segment covers the allocation's pages whole, from ``base`` (its first
+    page): the cache's pages are then the parent's pages, so a parent write to
+    one page drops one cached page, not the two it would straddle if the
+    segment began where the allocation does (inside its first page)."""
 
-    __slots__ = ("seg", "entry", "users", "idle_since_pin")
+    __slots__ = ("seg", "entry", "users", "idle_since_pin", "base")
 
     def __init__(self, seg, entry: _Entry):
         self.seg = seg
+        self.base = entry.page_lo
         self.entry = entry
         self.users = 0  # calls (CallExports) using it now
         self.idle_since_pin = False
@@ -92,6 +101,7 @@ class _Entry:
         "warned",
         "desc",
         "dead",
+        "pools",
     )
 
     def __init__(self, key: tuple[int, int], ref: weakref.ref, desc: str):
@@ -107,6 +117,7 @@ class _Entry:
         self.trackable = False  # tracking was accepted for this memory
         self.between = True  # tracked between calls too (else only while calls run)
         self.calls_untracked = 0  # calls since tracking between calls stopped
+        self.pools: set[int] = set()  # ids of the running pools whose calls used it
 
 
 _lock = threading.RLock()
@@ -116,7 +127,7 @@ _idle: set[_Gen] = set()  # generations no call uses, still pinned until no work
 _idle_wake = threading.Event()
 _idle_thread: threading.Thread | None = None
 _totals = {"bytes_invalidated": 0, "generations": 0}
-_pools = 0  # pools of this process running now
+_pools: set[int] = set()  # ids of this process's pools running now
 #: A segment found mostly rewritten stops being tracked for this many calls.
 _RETRACK_AFTER = 8
 
@@ -139,15 +150,17 @@ def enabled() -> bool:
     return settings.read().cache and _handler().capabilities().mode != "eager"
 
 
-def acquire(root: Any, low: int, high: int) -> _Gen | None:
+def acquire(root: Any, low: int, high: int, pool: Any) -> _Gen | None:
     """The generation of the segment for ``[low, high)`` (the allocation of
-    ``root``) that a new call uses, or None where segments cannot outlive the
-    call (then the caller exports for the call alone)."""
+    ``root``) that a new call of ``pool`` uses, or None where segments cannot
+    outlive the call (then the caller exports for the call alone)."""
     if not enabled():
         return None
     key = (low, high)
     h = _handler()
     with _lock:
+        if id(pool) not in _pools:
+            return None  # not started, or ended: nothing would let it go
         e = _entries.get(key)
         if e is not None and e.ref() is not root:
             return None  # the same memory reached through another object: not ours to keep
@@ -167,6 +180,7 @@ def acquire(root: Any, low: int, high: int) -> _Gen | None:
             _by_root[id(root)] = e
         else:
             _refresh(e, root)
+        e.pools.add(id(pool))
         g = e.gen
         g.users += 1
         if g.users == 1:
@@ -186,7 +200,7 @@ def release(g: _Gen) -> None:
         if e.dead or g is not e.gen:  # retired: gone once no worker maps it
             h.release(g.seg)
             return
-        if _pools == 0:  # no pool left to reuse it
+        if not e.pools:  # no running pool left to reuse it
             _retire(e)
             return
         if e.tracked and not e.warned and _written_inside(e, h.track_dirty(e.page_lo, e.page_len, False)):
@@ -200,8 +214,7 @@ def release(g: _Gen) -> None:
 
 def _new_gen(e: _Entry, root: Any) -> _Gen:
     h = _handler()
-    low, high = e.key
-    seg = h.export_memory(root, low, high - low)
+    seg = h.export_memory(root, e.page_lo, e.page_len)
     try:
         seg = h.add_cache(seg)
     except BaseException:
@@ -248,7 +261,7 @@ def _refresh(e: _Entry, root: Any) -> None:
         return
     spans = []
     for a, b in ranges:
-        a, b = max(a, low) - low, min(b, high) - low
+        a, b = max(a, e.page_lo) - e.page_lo, min(b, e.page_lo + e.page_len) - e.page_lo
         if a < b:
             spans.append((a, b))
     _totals["bytes_invalidated"] += h.cache_punch(g.seg, spans)
@@ -349,22 +362,23 @@ def _idle_loop() -> None:
             return
 
 
-def pool_started() -> None:
-    global _pools
+def pool_started(pool: Any) -> None:
+    """``pool`` (a pool's core) runs: its calls may keep segments."""
     with _lock:
-        _pools += 1
+        _pools.add(id(pool))
 
 
-def pool_ended() -> None:
-    """A pool's dispatcher is done. Once no pool of this process runs, kept
-    segments are let go as their calls finish: the weak reference to each
-    array goes too (numpy refuses ``ndarray.resize`` on an array that has one)."""
-    global _pools
+def pool_ended(pool: Any) -> None:
+    """``pool``'s dispatcher is done (safe to call twice). The segments that no
+    other running pool used are let go as their calls finish: the weak
+    reference to each array goes too (numpy refuses ``ndarray.resize`` on an
+    array that has one)."""
     with _lock:
-        _pools -= 1
-        if _pools <= 0:
-            _pools = 0
-            forget_all()
+        _pools.discard(id(pool))
+        for e in list(_entries.values()):
+            e.pools.discard(id(pool))
+            if not e.pools and (e.gen is None or e.gen.users == 0):
+                _retire(e)
 
 
 def live_segments() -> int:
@@ -410,6 +424,7 @@ def _after_fork_in_child() -> None:
     _entries.clear()
     _by_root.clear()
     _idle.clear()
+    _pools.clear()
     _idle_thread = None
 
 

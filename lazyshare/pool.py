@@ -347,7 +347,7 @@ class Pool:
             core.feeder = threading.Thread(
                 target=_feed_loop, args=(core,), name="lazyshare-feeder", daemon=True
             )
-            live.pool_started()  # ended by the dispatcher thread, however the pool ends
+            live.pool_started(core)  # ended by the dispatcher thread, however the pool ends
             for t in (core.dispatcher, core.result_thread, core.feeder):
                 t.start()
             self._terminate = util.Finalize(self, _terminate_pool, args=(core,), exitpriority=15)
@@ -356,6 +356,7 @@ class Pool:
             # stop what was started, or it would outlive the failed constructor.
             self._core = None
             _abort_start(core, workers)
+            live.pool_ended(core)
             raise
         self._state = RUN
 
@@ -471,7 +472,7 @@ class Pool:
             chunksize = 0
         length = len(iterable)
         core = self._core
-        exports = serialization.CallExports(self._threshold)
+        exports = serialization.CallExports(self._threshold, self._core)
         result = self._register(
             _MapResult,
             (
@@ -503,7 +504,7 @@ class Pool:
     def imap(self, func: Callable[[Any], Any], iterable: Iterable[Any], chunksize: int = 1) -> Iterator[Any]:
         """Lazy :meth:`map`: results in order, as an iterator."""
         self._check_running()
-        exports = serialization.CallExports(self._threshold)
+        exports = serialization.CallExports(self._threshold, self._core)
         if chunksize == 1:
             return self._register(_IMapIterator, (), exports, (transport.APPLY, _apply_tasks(func, iterable)))
         if chunksize < 1:
@@ -518,7 +519,7 @@ class Pool:
     ) -> Iterator[Any]:
         """Like :meth:`imap`, results in completion order."""
         self._check_running()
-        exports = serialization.CallExports(self._threshold)
+        exports = serialization.CallExports(self._threshold, self._core)
         if chunksize == 1:
             return self._register(
                 _IMapUnorderedIterator, (), exports, (transport.APPLY, _apply_tasks(func, iterable))

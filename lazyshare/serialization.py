@@ -259,9 +259,12 @@ class CallExports:
     a segment is never released between being found and being counted).
     """
 
-    def __init__(self, threshold: int | None = DEFAULT_THRESHOLD):
+    def __init__(self, threshold: int | None = DEFAULT_THRESHOLD, pool: Any = None):
         # None disables lazy export: everything is pickled.
         self.threshold = float("inf") if threshold is None else int(threshold)
+        # The pool the call runs in: segments are kept across its calls
+        # (lazyshare.live) while it runs. None: exported for this call alone.
+        self.pool = pool
         self._segments: dict[tuple[int, int], Any] = {}
         self._gens: dict[tuple[int, int], Any] = {}  # segments kept across calls (lazyshare.live)
         self._uses: dict[tuple[int, int], int] = {}  # segment -> tasks using it
@@ -286,7 +289,7 @@ class CallExports:
                 if using is not None:
                     using.add(key)
         if seg is None:
-            gen = _live().acquire(pin, low, high)
+            gen = None if self.pool is None else _live().acquire(pin, low, high, self.pool)
             seg = h.export_memory(pin, low, high - low) if gen is None else gen.seg
             with self._lock:
                 closed = self.closed
@@ -302,7 +305,10 @@ class CallExports:
             if closed:  # closed meanwhile (the pool was terminated)
                 self._release(seg, gen)
                 raise ValueError("CallExports is closed")
-        return h.ArrayDescriptor.for_view(seg, arr, low)
+        else:
+            gen = self._gens.get(key)
+        # A kept segment begins at its allocation's first page (see live._Gen).
+        return h.ArrayDescriptor.for_view(seg, arr, low if gen is None else gen.base)
 
     def dumps(self, obj, task=None) -> list:
         """Pickle ``obj``; its segments stay offered until ``task_done(task)``
