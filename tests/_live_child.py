@@ -1,0 +1,364 @@
+"""Cases of test_live.py, each run in a fresh interpreter (``python
+_live_child.py NAME``, as root or as user nobody): write tracking and kept
+segments change the process, so none of it happens in the test process. A
+case prints a dict as JSON on the last line of stdout."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import mmap
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+import lazyshare
+from lazyshare import handler, live
+
+PS = mmap.PAGESIZE
+MB = 1 << 20
+N = 16  # tasks per call
+
+
+# ---------------------------------------------------------------- task functions (run in workers)
+
+
+def chunk_sum(a, i, n=N, delay=0.0):
+    if delay:
+        time.sleep(delay)
+    k = len(a) // n
+    return float(a[i * k : (i + 1) * k].sum(dtype=np.float64))
+
+
+def write_then_sum(a, value):
+    a[:] = value
+    return float(a.sum(dtype=np.float64))
+
+
+def whole_sum(a):
+    return float(a.sum(dtype=np.float64))
+
+
+def cache_maps(_):
+    """(pid, mappings of a page cache, memfds open) in this worker."""
+    with open("/proc/self/maps") as f:
+        n = sum("lazyshare-cache" in line for line in f)
+    fds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds += "lazyshare-cache" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    time.sleep(0.05)
+    return os.getpid(), n, fds
+
+
+# ---------------------------------------------------------------- helpers (parent)
+
+
+def sums(pool, a, delay=0.0):
+    return pool.starmap(chunk_sum, [(a, i, N, delay) for i in range(N)])
+
+
+def expect(a):
+    return [chunk_sum(a, i) for i in range(N)]
+
+
+def lazy_bytes(pool) -> int:
+    return pool.stats(timeout=2.0)["totals"]["bytes_lazy"]
+
+
+def own_cache_fds() -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += "lazyshare-cache" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return n
+
+
+def wait_released(timeout=10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        gc.collect()
+        if live.live_segments() == 0 and own_cache_fds() == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def caught():
+    w = warnings.catch_warnings(record=True)
+    rec = w.__enter__()
+    warnings.simplefilter("always")
+    return w, rec
+
+
+def written_warnings(rec) -> int:
+    return sum("while tasks that read it were running" in str(x.message) for x in rec)
+
+
+# ---------------------------------------------------------------- cases
+
+
+def case_snapshot():
+    """Zeros, then the parent writes ones while the tasks wait: what the tasks
+    saw, whether a warning said so, and what the next call sees."""
+    a = np.zeros(32 * MB // 8)
+    w, rec = caught()
+    with lazyshare.Pool(2) as p:
+        r = p.starmap_async(chunk_sum, [(a, i, N, 0.4) for i in range(N)])
+        time.sleep(0.1)
+        a[:] = 1.0
+        first = r.get(60)
+        second = sums(p, a)
+    w.__exit__(None, None, None)
+    return {
+        "first": first,
+        "second": second,
+        "chunk": float(len(a) // N),
+        "warned": written_warnings(rec),
+        "mode": handler.capabilities().mode,
+    }
+
+
+def case_dirty():
+    """1% of the pages written between calls: the bytes the next call moves."""
+    a = np.random.default_rng(1).random(64 * MB // 8)
+    with lazyshare.Pool(2) as p:
+        ok = sums(p, a) == expect(a)
+        b0 = lazy_bytes(p)
+        ok &= sums(p, a) == expect(a)
+        b1 = lazy_bytes(p)
+        pages = len(a) * 8 // PS
+        pick = np.random.default_rng(2).choice(pages, pages // 100, replace=False)
+        a[pick * (PS // 8)] += 1.0
+        ok &= sums(p, a) == expect(a)
+        b2 = lazy_bytes(p)
+        st = live.stats()
+    return {
+        "ok": bool(ok),
+        "first": b0,
+        "unchanged": b1 - b0,
+        "after_1pct": b2 - b1,
+        "changed": len(pick) * PS,
+        "bytes": a.nbytes,
+        "stats": st,
+    }
+
+
+def case_freed():
+    """The array dies between calls: its segment, cache and tracking go, in
+    the parent and in every worker."""
+    a = np.random.default_rng(3).random(16 * MB // 8)
+    with lazyshare.Pool(2) as p:
+        ok = sums(p, a) == expect(a)
+        kept = live.live_segments()
+        del a
+        released = wait_released()
+        seen = {}
+        deadline = time.monotonic() + 20
+        while len(seen) < 2 and time.monotonic() < deadline:
+            for pid, maps, fds in p.map(cache_maps, range(4), chunksize=1):
+                seen[pid] = (maps, fds)
+        b = np.ones(16 * MB // 8)
+        ok &= sums(p, b) == expect(b)
+    return {
+        "ok": bool(ok),
+        "kept": kept,
+        "released": released,
+        "workers": list(seen.values()),
+        "tracked": handler.lib.ls_track_count(),
+    }
+
+
+def case_realloc():
+    """The array is resized in place (realloc: mremap moves it) between
+    pools; while a pool runs numpy refuses (the kept segment's weak reference),
+    once none does it works, and the next pool sees the new extent."""
+    a = np.arange(8 * MB // 8, dtype=np.float64)
+    with lazyshare.Pool(2) as p:
+        ok = sums(p, a) == expect(a)
+        try:
+            a.resize(32 * MB // 8, refcheck=False)
+            refused = False
+        except ValueError:
+            refused = True
+    kept_after = live.live_segments()
+    a.resize(32 * MB // 8, refcheck=False)
+    a[:] = np.arange(len(a), dtype=np.float64) * 2
+    with lazyshare.Pool(2) as p:
+        ok &= sums(p, a) == expect(a)
+        a[: len(a) // 2] = -3.0
+        ok &= sums(p, a) == expect(a)
+    return {"ok": bool(ok), "refused": refused, "kept_after": kept_after}
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.mremap.restype = ctypes.c_void_p
+    libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def case_mremap():
+    """Memory moved away and a new mapping put back at its address (tracking
+    lost): the next call sees the new bytes."""
+    libc = _libc()
+    n = 16 * MB
+    addr = libc.mmap(None, n, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    a = np.ctypeslib.as_array((ctypes.c_double * (n // 8)).from_address(addr))
+    a[:] = 1.0
+    with lazyshare.Pool(2) as p:
+        ok = sums(p, a) == expect(a)
+        spot = libc.mmap(None, n, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        tmp = libc.mremap(addr, n, n, 3, ctypes.c_void_p(spot))  # MAYMOVE|FIXED: away from addr
+        assert tmp == spot
+        moved = np.ctypeslib.as_array((ctypes.c_double * (n // 8)).from_address(tmp))
+        moved[:] = 5.0
+        back = libc.mremap(tmp, n, n, 3, ctypes.c_void_p(addr))  # MREMAP_FIXED: back at addr
+        assert back == addr
+        ok &= sums(p, a) == [5.0 * (len(a) // N)] * N
+    return {"ok": bool(ok)}
+
+
+def case_dontneed():
+    """MADV_DONTNEED in the parent between calls: the pages read as zeros again."""
+    libc = _libc()
+    n = 16 * MB
+    addr = libc.mmap(None, n, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    a = np.ctypeslib.as_array((ctypes.c_double * (n // 8)).from_address(addr))
+    a[:] = 2.0
+    with lazyshare.Pool(2) as p:
+        ok = sums(p, a) == expect(a)
+        assert libc.madvise(addr, n // 2, 4) == 0  # MADV_DONTNEED: first half
+        ok &= sums(p, a) == expect(a)
+        ok &= expect(a)[0] == 0.0
+    return {"ok": bool(ok)}
+
+
+def case_fork():
+    """The parent forks while tracking: the child's writes are its own, the
+    parent's later writes are seen."""
+    a = np.random.default_rng(4).random(16 * MB // 8)
+    with lazyshare.Pool(2) as p:
+        ok = sums(p, a) == expect(a)
+        pid = os.fork()
+        if pid == 0:
+            a[:] = -1.0
+            os._exit(0)
+        os.waitpid(pid, 0)
+        ok &= sums(p, a) == expect(a)
+        a[: len(a) // 3] = 9.0
+        ok &= sums(p, a) == expect(a)
+    return {"ok": bool(ok)}
+
+
+def case_task_writes():
+    """A task writes its argument; the next task in the same worker sees the
+    parent's data."""
+    a = np.random.default_rng(5).random(16 * MB // 8)
+    want = float(a.sum(dtype=np.float64))
+    with lazyshare.Pool(1) as p:
+        first = p.apply(write_then_sum, (a, 7.0))
+        second = p.apply(whole_sum, (a,))
+        third = p.map(whole_sum, [a, a])
+    return {
+        "ok": first == 7.0 * len(a) and second == want and third == [want, want],
+        "parent_intact": float(a.sum(dtype=np.float64)) == want,
+    }
+
+
+def case_kernel_write():
+    """The parent's kernel-mode writes (readinto) between calls and during one."""
+    a = np.zeros(16 * MB // 8)
+    src = np.random.default_rng(6).random(len(a))
+    src2 = src * 2
+    with tempfile.TemporaryFile() as f:
+        f.write(src.tobytes())
+        f.write(src2.tobytes())
+        w, rec = caught()
+        with lazyshare.Pool(2) as p:
+            ok = sums(p, a) == expect(a)
+            f.seek(0)
+            f.readinto(memoryview(a).cast("B"))
+            ok &= bool((a == src).all())
+            ok &= sums(p, a) == expect(a)
+            r = p.starmap_async(chunk_sum, [(a, i, N, 0.3) for i in range(N)])
+            time.sleep(0.05)
+            f.readinto(memoryview(a).cast("B"))  # during the call
+            r.get(60)
+            ok &= bool((a == src2).all())
+            ok &= sums(p, a) == expect(a)
+        w.__exit__(None, None, None)
+    return {"ok": bool(ok), "warned": written_warnings(rec), "mode": handler.capabilities().mode}
+
+
+def _counts():
+    with open("/proc/self/maps") as f:
+        maps = sum(1 for _ in f)
+    fds = len(os.listdir("/proc/self/fd"))
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * PS
+    return maps, fds, rss
+
+
+def case_churn():
+    """Many arrays created, used and dropped in a loop: no growth."""
+    marks = []
+    with lazyshare.Pool(2) as p:
+        ok = True
+        for i in range(40):
+            a = np.full(8 * MB // 8, float(i))
+            ok &= sums(p, a) == expect(a)
+            del a
+            if i in (9, 39):
+                wait_released()
+                marks.append(_counts())
+        released = wait_released()
+        stats = p.stats(timeout=1.0)["totals"]
+    (m1, f1, r1), (m2, f2, r2) = marks
+    return {
+        "ok": bool(ok),
+        "released": released,
+        "maps": [m1, m2],
+        "fds": [f1, f2],
+        "rss_growth": r2 - r1,
+        "segments": handler.lib.ls_track_count(),
+        "lazy": stats["bytes_lazy"],
+    }
+
+
+def case_untracked():
+    """Memory that cannot be tracked (a shared mapping): each call sees the
+    parent's current bytes."""
+    m = mmap.mmap(-1, 16 * MB)
+    a = np.frombuffer(m, dtype=np.float64)
+    a[:] = 1.0
+    with lazyshare.Pool(2) as p:
+        ok = sums(p, a) == expect(a)
+        a[::1000] = 3.0
+        ok &= sums(p, a) == expect(a)
+    del a
+    return {"ok": bool(ok)}
+
+
+if __name__ == "__main__":
+    out = globals()["case_" + sys.argv[1]]()
+    print(json.dumps(out))
