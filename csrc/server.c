@@ -226,6 +226,19 @@ static int seg_maybe_free(struct seg *s, int notify)
     return 1;
 }
 
+/* Drop a reference taken with busy++ (under seg_lock) by a request that
+ * used the segment without the lock; frees it if that was the last thing
+ * keeping it. */
+static void seg_unbusy(struct seg *s)
+{
+    pthread_mutex_lock(&seg_lock);
+    s->busy--;
+    int f = seg_maybe_free(s, 1);
+    seg_unlock();
+    if (f)
+        ls_eventfd_signal(freed_fd);
+}
+
 /*
  * PROCMAP_QUERY (Linux 6.11+, linux/fs.h): ask /proc/self/maps for the VMA
  * covering an address (or the next one) in O(log n), instead of reading and
@@ -494,14 +507,8 @@ static int conn_flush(struct conn *c)
     c->txoff = c->txlen = 0;
     c->nspans = c->cur = 0;
     if (c->dseg) {
-        int f;
-        pthread_mutex_lock(&seg_lock);
-        c->dseg->busy--;
-        f = seg_maybe_free(c->dseg, 1);
-        seg_unlock();
+        seg_unbusy(c->dseg);
         c->dseg = NULL;
-        if (f)
-            ls_eventfd_signal(freed_fd);
     }
     return 1;
 }
@@ -659,14 +666,8 @@ static void serve_read(struct conn *c, const struct ls_req *rq)
         return;
     }
     reply(c, rq, 0, seglen, s, have, rq->length);
-    if (c->dseg != s) { /* no payload after all (zeros, or out of memory): drop the reference */
-        pthread_mutex_lock(&seg_lock);
-        s->busy--;
-        int f = seg_maybe_free(s, 1);
-        seg_unlock();
-        if (f)
-            ls_eventfd_signal(freed_fd);
-    }
+    if (c->dseg != s) /* no payload after all (zeros, or out of memory): drop the reference */
+        seg_unbusy(s);
 }
 
 /* OP_UFFD: adopt the userfaultfd that came with the request. Anything else
@@ -875,12 +876,7 @@ static void serve_install(struct conn *c, const struct ls_req_install *in)
             i++;
     }
     c->nspans = 0;
-    pthread_mutex_lock(&seg_lock);
-    s->busy--;
-    int freed_now = seg_maybe_free(s, 1);
-    seg_unlock();
-    if (freed_now)
-        ls_eventfd_signal(freed_fd);
+    seg_unbusy(s);
     if (!status) {
         CTR_ADD(requests_served, 1);
         CTR_ADD(bytes_served, (uint64_t)real);
@@ -1388,12 +1384,7 @@ int64_t ls_server_cache_punch(const uint8_t *id, const uint64_t *ranges, uint32_
     if (rc)
         return rc;
     rc = ls_cache_punch(cache, ranges, n);
-    pthread_mutex_lock(&seg_lock);
-    s->busy--;
-    int f = seg_maybe_free(s, 1);
-    seg_unlock();
-    if (f)
-        ls_eventfd_signal(freed_fd);
+    seg_unbusy(s);
     return rc;
 }
 

@@ -16,6 +16,7 @@ import time
 import warnings
 
 import numpy as np
+from _libc import libc
 
 import lazyshare
 from lazyshare import handler, live
@@ -200,30 +201,17 @@ def case_realloc():
     return {"ok": bool(ok), "refused": refused, "kept_after": kept_after}
 
 
-def _libc():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_long,
-    ]
-    libc.mremap.restype = ctypes.c_void_p
-    libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
+def _anon(n: int):
+    """A fresh private anonymous mapping of ``n`` bytes, as a float64 array."""
+    addr = libc.mmap(None, n, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    return addr, np.ctypeslib.as_array((ctypes.c_double * (n // 8)).from_address(addr))
 
 
 def case_mremap():
     """Memory moved away and a new mapping put back at its address (tracking
     lost): the next call sees the new bytes."""
-    libc = _libc()
     n = 16 * MB
-    addr = libc.mmap(None, n, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-    a = np.ctypeslib.as_array((ctypes.c_double * (n // 8)).from_address(addr))
+    addr, a = _anon(n)
     a[:] = 1.0
     with lazyshare.Pool(2) as p:
         ok = sums(p, a) == expect(a)
@@ -240,10 +228,8 @@ def case_mremap():
 
 def case_dontneed():
     """MADV_DONTNEED in the parent between calls: the pages read as zeros again."""
-    libc = _libc()
     n = 16 * MB
-    addr = libc.mmap(None, n, 3, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-    a = np.ctypeslib.as_array((ctypes.c_double * (n // 8)).from_address(addr))
+    addr, a = _anon(n)
     a[:] = 2.0
     with lazyshare.Pool(2) as p:
         ok = sums(p, a) == expect(a)

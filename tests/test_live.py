@@ -67,10 +67,10 @@ def case(name: str, rung: str = "uffd", env: dict | None = None) -> dict:
 @pytest.mark.parametrize("rung", RUNGS)
 def test_write_during_a_call_is_reported_and_the_next_call_sees_it(rung):
     r = case("snapshot", rung)
-    # Tasks that had not read their pages yet may have seen the ones: either
-    # way a warning names the array, and no task saw a mixture within a page
-    # it had read... each chunk sum is all zeros or all ones here only if the
-    # chunk was read whole before or after: just check the range.
+    # No rung holds back the parent's writes yet: a task that had not read its
+    # pages may have seen ones (its sum lies between 0 and the chunk's size).
+    # What is promised: one warning naming the array, and the next call sees
+    # the ones everywhere.
     assert r["warned"] == 1
     for s in r["first"]:
         assert 0.0 <= s <= r["chunk"]
