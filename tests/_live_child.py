@@ -345,6 +345,30 @@ def case_untracked():
     return {"ok": bool(ok)}
 
 
+def case_zeros():
+    """A tracked array never written (np.zeros): its pages are zeros without
+    payload and without a page of cache, call after call; a page written
+    between calls moves, the rest stay zeros."""
+    a = np.zeros(64 * MB // 8)
+    with lazyshare.Pool(2) as p:
+        before = lazy_bytes(p)
+        ok = sums(p, a) == expect(a)
+        ok &= sums(p, a) == expect(a)
+        first = lazy_bytes(p) - before
+        cached = p.stats()["cache"]["bytes_cached"]
+        a[len(a) // 2] = 7.0  # one page written
+        before = lazy_bytes(p)
+        ok &= sums(p, a) == expect(a)
+        after_write = lazy_bytes(p) - before
+    return {
+        "ok": bool(ok),
+        "first": first,
+        "cached": cached,
+        "after_write": after_write,
+        "mode": handler.capabilities().mode,
+    }
+
+
 if __name__ == "__main__":
     out = globals()["case_" + sys.argv[1]]()
     print(json.dumps(out))

@@ -145,3 +145,15 @@ def test_cache_off_exports_per_call():
     assert r["ok"]
     assert r["unchanged"] >= r["bytes"] * 0.9  # everything moves again
     assert r["stats"]["segments"] == 0
+
+
+@needs_tracking
+@pytest.mark.parametrize("rung", RUNGS)
+def test_never_written_pages_stay_zeros_without_payload(rung):
+    r = case("zeros", rung)
+    assert r["ok"]
+    # Tracking marks never-written pages; they still go as zero pages: no
+    # bytes, no cache (but the first page, which holds the allocator's header).
+    assert r["first"] <= 2 * 4096
+    assert r["cached"] <= 2 * 4096
+    assert 0 < r["after_write"] <= 2 * 4096
