@@ -49,14 +49,8 @@ def cache_maps(_):
     """(pid, mappings of a page cache, memfds open) in this worker."""
     with open("/proc/self/maps") as f:
         n = sum("lazyshare-cache" in line for line in f)
-    fds = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            fds += "lazyshare-cache" in os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            pass
     time.sleep(0.05)
-    return os.getpid(), n, fds
+    return os.getpid(), n, own_cache_fds()
 
 
 # ---------------------------------------------------------------- helpers (parent)
@@ -75,6 +69,7 @@ def lazy_bytes(pool) -> int:
 
 
 def own_cache_fds() -> int:
+    """Page-cache memfds open in this process."""
     n = 0
     for fd in os.listdir("/proc/self/fd"):
         try:
