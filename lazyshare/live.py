@@ -51,7 +51,7 @@ from typing import Any
 
 from . import settings
 
-__all__ = ["acquire", "release", "stats", "live_segments", "forget_all"]
+__all__ = ["acquire", "release", "stats", "live_segments"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -75,14 +75,17 @@ class _Gen:
     one page drops one cached page, not the two it would straddle if the
     segment began where the allocation does (inside its first page)."""
 
-    __slots__ = ("seg", "entry", "users", "idle_since_pin", "base")
+    __slots__ = ("seg", "entry", "users", "idle_since_pin")
 
     def __init__(self, seg, entry: _Entry):
         self.seg = seg
-        self.base = entry.page_lo
         self.entry = entry
         self.users = 0  # calls (CallExports) using it now
         self.idle_since_pin = False
+
+    @property
+    def base(self) -> int:
+        return self.entry.page_lo
 
 
 class _Entry:
@@ -407,15 +410,6 @@ def stats() -> dict:
             "bytes_invalidated": _totals["bytes_invalidated"],
             "generations": _totals["generations"],
         }
-
-
-def forget_all() -> None:
-    """Retire every kept segment that no call uses (tests, and a process that
-    wants its memory back now)."""
-    with _lock:
-        for e in list(_entries.values()):
-            if e.gen is None or e.gen.users == 0:
-                _retire(e)
 
 
 def _after_fork_in_child() -> None:

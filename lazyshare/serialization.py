@@ -284,6 +284,7 @@ class CallExports:
         using = self._using
         with self._lock:
             seg = self._segments.get(key)
+            gen = self._gens.get(key)
             if seg is not None and (using is None or key not in using):
                 self._uses[key] += 1  # a use outside a task is never done: kept until close
                 if using is not None:
@@ -305,8 +306,6 @@ class CallExports:
             if closed:  # closed meanwhile (the pool was terminated)
                 self._release(seg, gen)
                 raise ValueError("CallExports is closed")
-        else:
-            gen = self._gens.get(key)
         # A kept segment begins at its allocation's first page (see live._Gen).
         return h.ArrayDescriptor.for_view(seg, arr, low if gen is None else gen.base)
 
