@@ -75,13 +75,12 @@ class _Gen:
     one page drops one cached page, not the two it would straddle if the
     segment began where the allocation does (inside its first page)."""
 
-    __slots__ = ("seg", "entry", "users", "idle_since_pin")
+    __slots__ = ("seg", "entry", "users")
 
     def __init__(self, seg, entry: _Entry):
         self.seg = seg
         self.entry = entry
         self.users = 0  # calls (CallExports) using it now
-        self.idle_since_pin = False
 
     @property
     def base(self) -> int:
