@@ -571,16 +571,19 @@ static int64_t build_payload(struct conn *c, const struct seg *s, const uint8_t 
             if (hi > (uintptr_t)p + n)
                 hi = (uintptr_t)p + n;
             int touched = (ent[i] & (3ull << 62)) != 0; /* bit 63 present, 62 swapped */
-            /* A page that is there but holds only zeros goes as zeros too.
-             * Write tracking (UFFD_FEATURE_WP_UNPOPULATED) marks the pages
-             * never written, and pagemap shows that marker as a swapped page
-             * (without CAP_SYS_ADMIN, exactly like a page swapped out): read
-             * it to tell. A marker reads as zeros, and the zero page then
-             * mapped under it (protection kept) shows as present, so present
-             * pages are checked the same way (a non-zero page stops memcmp at
-             * its first byte, usually). Pages absent altogether are never
-             * read: that would map a huge zero page ahead of the reader. */
-            if (touched && hi - lo <= sizeof zeros && !memcmp((const void *)lo, zeros, hi - lo))
+            /* A write-protected page (bit 57: the parent's write tracking)
+             * that holds only zeros goes as zeros too. Tracking
+             * (UFFD_FEATURE_WP_UNPOPULATED) marks the pages never written,
+             * and pagemap shows that marker as a swapped page (without
+             * CAP_SYS_ADMIN, exactly like a page swapped out): read it to
+             * tell. A marker reads as zeros, and the zero page then mapped
+             * under it (protection kept) shows as present, so present pages
+             * are checked the same way (a non-zero page stops memcmp at its
+             * first byte, usually). Untracked memory is never read here: an
+             * absent page is zeros, and reading one would map a huge zero
+             * page ahead of the reader. */
+            if (touched && (ent[i] & (1ull << 57)) && hi - lo <= sizeof zeros &&
+                !memcmp((const void *)lo, zeros, hi - lo))
                 touched = 0;
             if (span_add(c, touched ? (const uint8_t *)lo : NULL, hi - lo) < 0)
                 return -ENOMEM;
