@@ -216,6 +216,72 @@ int64_t ls_cache_punch(struct ls_cache *c, const uint64_t *ranges, uint32_t n)
     return before > after ? before - after : 0; /* fills racing the punch may add pages */
 }
 
+/* refresh: count page pg as differing, and punch it with the run before it. */
+static int64_t refresh_mark(struct ls_cache *c, uint64_t pg, int punch, uint64_t *lo, uint64_t *hi)
+{
+    const uint64_t ps = ls_page_size();
+    if (!punch)
+        return 0;
+    if (*hi == pg && *hi > *lo) {
+        *hi += ps;
+        return 0;
+    }
+    int64_t rc = 0;
+    if (*hi > *lo) {
+        uint64_t r[2] = {*lo, *hi - *lo};
+        rc = ls_cache_punch(c, r, 1);
+    }
+    *lo = pg;
+    *hi = pg + ps;
+    return rc < 0 ? rc : 0;
+}
+
+int64_t ls_cache_refresh(struct ls_cache *c, uint64_t off, const uint8_t *src, uint64_t len, int punch)
+{
+    const uint64_t ps = ls_page_size();
+    if (off > c->len || len > c->len - off)
+        return -EINVAL;
+    int64_t differ = 0, rc = 0;
+    const uint64_t end = off + len;
+    uint64_t lo = 0, hi = 0; /* the run of pages to punch next */
+    for (uint64_t pos = off / ps * ps; pos < end && !rc;) {
+        unsigned char vec[512];
+        uint64_t n = (end - pos + ps - 1) / ps < sizeof vec ? (end - pos + ps - 1) / ps : sizeof vec;
+        if (mincore(c->view + pos, n * ps, vec) < 0)
+            return -errno;
+        for (uint64_t i = 0, j; i < n && !rc; i = j) {
+            uint64_t pg = pos + i * ps;
+            j = i + 1;
+            if (vec[i] & 1) { /* resident: compare (the view reads it without a fill) */
+                uint64_t a = pg < off ? off : pg, b = pg + ps > end ? end : pg + ps;
+                if (memcmp(c->view + a, src + (a - off), b - a)) {
+                    differ += (int64_t)ps;
+                    rc = refresh_mark(c, pg, punch, &lo, &hi);
+                }
+                continue;
+            }
+            /* Not resident: holes (nothing stale), or pages swapped out, which
+             * cannot be compared without reading them in: taken as differing. */
+            for (; j < n && !(vec[j] & 1); j++)
+                ;
+            uint64_t run_end = pos + j * ps;
+            off_t d = lseek(c->fd, (off_t)pg, SEEK_DATA);
+            if (d < 0 && errno != ENXIO)
+                return -errno;
+            for (uint64_t q = d < 0 ? run_end : (uint64_t)d / ps * ps; q < run_end && !rc; q += ps) {
+                differ += (int64_t)ps;
+                rc = refresh_mark(c, q, punch, &lo, &hi);
+            }
+        }
+        pos += n * ps;
+    }
+    if (!rc && hi > lo) {
+        uint64_t r[2] = {lo, hi - lo};
+        rc = ls_cache_punch(c, r, 1);
+    }
+    return rc < 0 ? rc : differ;
+}
+
 /* ---- after fork ---- */
 
 /* In a forked child: the parent's caches are not the child's. Close their

@@ -38,5 +38,22 @@ int64_t ls_cache_resident(struct ls_cache *c);
  * clipped to the cache (the caller checked them against the segment). The
  * bytes dropped, or -errno. */
 int64_t ls_cache_punch(struct ls_cache *c, const uint64_t *ranges, uint32_t n);
+/* Of the bytes [src, src+len) of the segment's memory (cache offset off, any
+ * alignment), those in pages resident in the cache that differ from it: their
+ * pages are punched if punch, and counted either way (bytes of whole pages).
+ * Reads only resident pages of the view (a hole would wait forever). The count,
+ * or -errno. */
+int64_t ls_cache_refresh(struct ls_cache *c, uint64_t off, const uint8_t *src, uint64_t len, int punch);
+
+/* track.c: snapshots on a sync-tracked range (ls_track_add_sync) that starts
+ * at addr. While one is open, the first write to each block of the range
+ * copies the block's bytes into c first (cache offset = address - base, up to
+ * clen) and the writer waits for it. The caller keeps c alive until
+ * ls_track_snap_del. 0, -ENOENT (no such sync range), -ENOMEM. */
+int ls_track_snap_add(uint64_t addr, struct ls_cache *c, uint64_t base, uint64_t clen);
+/* Close it: 1 if the snapshot could not be kept whole (a block failed to copy,
+ * or the process discarded pages of the range with madvise), 0 if it was,
+ * -ENOENT if there is none (the range was removed meanwhile). */
+int ls_track_snap_del(uint64_t addr, struct ls_cache *c);
 
 #endif

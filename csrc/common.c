@@ -139,6 +139,8 @@ void ls_get_stats(struct ls_stats *s)
     s->errors_served = LD(errors_served);
     s->segments_exported = LD(segments_exported);
     s->cache_bytes_filled = LD(cache_bytes_filled);
+    s->snap_bytes_preserved = LD(snap_bytes_preserved);
+    s->snap_faults = LD(snap_faults);
     s->caches_live = LD(caches_live);
     s->cache_attaches = LD(cache_attaches);
     s->cache_fallbacks = LD(cache_fallbacks);

@@ -66,6 +66,7 @@ struct ls_counters {
     _Atomic uint64_t hist[LS_HIST_BUCKETS];
     _Atomic uint64_t requests_served, bytes_served, errors_served, segments_exported;
     _Atomic uint64_t cache_bytes_filled, caches_live, cache_attaches, cache_fallbacks;
+    _Atomic uint64_t snap_bytes_preserved, snap_faults;
 };
 extern struct ls_counters ls_ctr;
 #define CTR_ADD(field, n) atomic_fetch_add_explicit(&ls_ctr.field, (n), memory_order_relaxed)

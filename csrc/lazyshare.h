@@ -67,6 +67,8 @@ struct ls_stats {
     uint64_t caches_live;        /* owner: page caches alive */
     uint64_t cache_attaches;     /* consumer: regions that map a page cache */
     uint64_t cache_fallbacks;    /* consumer: regions that could not map one (anonymous instead) */
+    uint64_t snap_bytes_preserved; /* owner: bytes copied into caches before the parent overwrote them */
+    uint64_t snap_faults;          /* owner: the parent's writes that waited on a synchronous tracker */
 };
 
 /* Which userfaultfd rungs this process can open (opens and closes them). */
@@ -123,6 +125,29 @@ int ls_server_cache(const uint8_t *id, int *fd, uint64_t *ino);
 int64_t ls_server_cache_punch(const uint8_t *id, const uint64_t *ranges, uint32_t n);
 /* Bytes resident in a segment's cache now (-ENOENT: none). */
 int64_t ls_server_cache_resident(const uint8_t *id);
+/* Of n byte ranges (offset, length pairs) of a segment, the cached pages whose
+ * bytes in the range differ from the segment's memory now: punched if punch
+ * (then fetched again when touched), counted either way (bytes). A page not
+ * cached is neither (it is filled from the memory as it is when touched). Call
+ * it with punch only while no consumer maps the cache for a call that must
+ * keep seeing the old bytes. -ENOENT (no segment or cache), -ERANGE. */
+int64_t ls_server_cache_refresh(const uint8_t *id, const uint64_t *ranges, uint32_t n, int punch);
+/* Copy [off, off+len) of a segment (whole pages) into its cache now, where
+ * not cached yet. 0 or -errno. */
+int ls_server_cache_fill(const uint8_t *id, uint64_t off, uint64_t len);
+/*
+ * Snapshot as of now (full rung): while it is open, a write by this process
+ * to [addr, addr+len) -- a range tracked with ls_track_add_sync, inside the
+ * segment -- first copies the 2 MiB block it falls in into the segment's
+ * cache (the writer waits for it), and consumers of the segment that do not
+ * map the cache get their pages through it, so that every consumer reads the
+ * bytes as they were when it opened. Several may be open on one range (one
+ * per segment). 0, -ENOENT (no such segment, cache or sync range), -ERANGE.
+ */
+int ls_server_snap_begin(const uint8_t *id, uint64_t addr, uint64_t len);
+/* Close it: 0 if it was kept whole, 1 if not (a block could not be copied,
+ * or this process discarded pages of it with madvise), -ENOENT. */
+int ls_server_snap_end(const uint8_t *id, uint64_t addr);
 
 /* Stop offering a segment: 1 if freed now, 0 if mappings still hold it (its
  * id comes out of ls_server_pop_freed when the last one is gone). A holder is
@@ -243,6 +268,18 @@ int ls_track_supported(void);
  * overlapping a tracked one is refused (-EEXIST) unless that one was lost
  * (-ENXIO below): it is replaced. Costs ~10 ms per GiB (write-protecting). */
 int ls_track_add(uint64_t addr, uint64_t len);
+/* ls_track_add, synchronously (full rung only: -EPERM on the user-mode-only
+ * rung, where a kernel-mode write to a protected page would fail with EFAULT):
+ * the first write to each 2 MiB block (aligned, clipped to the range) waits
+ * for the "lazyshare-snap" thread, which copies the block into the open
+ * snapshots (ls_server_snap_begin) and unprotects it. ls_track_dirty reports
+ * written blocks, not pages; ls_server_cache_refresh tells the pages apart.
+ * Only for whole pages of a buffer that is freed after ls_track_remove, never
+ * before: the tracker itself (under its lock, and the snapshot thread) never
+ * writes such a buffer, but memory handed out again by malloc could be
+ * written there, and that write would wait forever. A MADV_DONTNEED of the
+ * range marks its blocks written. */
+int ls_track_add_sync(uint64_t addr, uint64_t len);
 /* The page ranges of [addr, addr+len) (page-aligned, inside one tracked range,
  * -ENOENT otherwise) written since ls_track_add or the last scan with
  * reprotect=1 of those pages: (start, end) address pairs in out[0..2n), sorted,

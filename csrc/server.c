@@ -75,6 +75,8 @@ struct seg {
     int nconns, capconns;
     struct holder *holders;   /* one entry per connection holding it */
     struct ls_cache *cache;   /* its page cache (ls_server_cache), NULL if none */
+    int snaps;                /* snapshots open (ls_server_snap_begin): consumers not mapping
+                                 the cache are served through it (the memory may change) */
 };
 
 /* A run of payload bytes: the owner's memory, or zeros (src NULL). */
@@ -116,6 +118,8 @@ struct conn {
     struct span *spans2; /* swapped in for a demand install served inside another */
     int nspans2, capspans2;
     int nested;
+    uint8_t *vbuf; /* bytes read back from a segment's cache (see via_cache) */
+    size_t vcap;
 };
 
 static pthread_mutex_t seg_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -451,6 +455,7 @@ static void conn_close(struct conn *c)
     pthread_mutex_unlock(&conns_lock);
     free(c->spans);
     free(c->spans2);
+    free(c->vbuf);
     free(c);
 }
 
@@ -543,6 +548,52 @@ static int span_add(struct conn *c, const uint8_t *src, uint64_t len)
 }
 
 /*
+ * While a snapshot is open on a segment (ls_server_snap_begin), its memory may
+ * change under a request: the bytes as of the snapshot are those in the cache
+ * (a block is copied there before the parent's first write to it). Requests
+ * that fill the cache need nothing more (a page is filled from the memory only
+ * while the memory still holds the snapshot's bytes, see track.c). Others --
+ * consumers not mapping the cache, and payload replies -- fill the cache with
+ * the range, then read it back from the memfd (pread: a hole reads as zeros,
+ * never waits) and send that. Only for whole-page segments (kept segments are).
+ */
+#define URGENT_CHUNK (512u << 10) /* a read-ahead install lets demand in this often */
+
+static int via_cache(const struct seg *s)
+{
+    return s->snaps > 0 && s->cache && s->len % ls_page_size() == 0;
+}
+
+static uint8_t *conn_vbuf(struct conn *c, size_t need)
+{
+    if (c->vcap < need) {
+        uint8_t *b = realloc(c->vbuf, need);
+        if (!b)
+            return NULL;
+        c->vbuf = b;
+        c->vcap = need;
+    }
+    return c->vbuf;
+}
+
+/* The snapshot's bytes of [src, src+len) (whole pages of s's memory) into buf. */
+static int read_snapshot(const struct seg *s, const uint8_t *src, uint64_t len, uint8_t *buf)
+{
+    uint64_t off = (uint64_t)(src - s->addr);
+    int rc = ls_cache_fill(s->cache, off, src, len);
+    for (uint64_t k = 0; !rc && k < len;) {
+        ssize_t r = pread(s->cache->fd, buf + k, len - k, (off_t)(off + k));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            rc = r < 0 ? -errno : -EIO;
+        else
+            k += (uint64_t)r;
+    }
+    return rc;
+}
+
+/*
  * The payload for [p, p+n) of a segment. For private anonymous memory, a page
  * absent from /proc/self/pagemap (neither present nor swapped) was never
  * written: its bytes are zeros and are sent from a static page, never read from
@@ -625,6 +676,20 @@ static void reply(struct conn *c, const struct ls_req *rq, int status, uint64_t 
     uint32_t flags = 0;
     if (s) {
         int64_t real = have ? build_payload(c, s, s->addr + rq->offset, have) : 0;
+        if (real > 0 && via_cache(s)) { /* the payload from the snapshot, copied now */
+            uint8_t *b = conn_vbuf(c, (size_t)have);
+            for (int i = 0; b && i < c->nspans && real > 0; i++) {
+                struct span *sp = &c->spans[i];
+                if (!sp->src)
+                    continue;
+                uint64_t o = (uint64_t)(sp->src - (s->addr + rq->offset));
+                if (read_snapshot(s, sp->src, sp->len, b + o) < 0)
+                    real = -ENOMEM;
+                sp->src = b + o;
+            }
+            if (!b)
+                real = -ENOMEM;
+        }
         if (real < 0) {
             c->nspans = 0;
             status = -ENOMEM;
@@ -781,10 +846,21 @@ static int remote_fill(int fd, uint64_t dst, const uint8_t *src, uint64_t len, u
  * woken (they find the pages there: no copy into dst). Zeros of a cached
  * region are zero pages in the consumer's private mapping (UFFDIO_ZEROPAGE
  * works there and leaves the memfd's hole alone: no page spent on zeros). */
-static int install_run(struct conn *c, const struct ls_req_install *in, struct ls_cache *cache, uint64_t o,
-                       const uint8_t *src, uint64_t len)
+static int install_run(struct conn *c, const struct ls_req_install *in, struct ls_cache *cache,
+                       const struct seg *vseg, uint64_t o, const uint8_t *src, uint64_t len)
 {
     const struct ls_req *rq = &in->rq;
+    if (!cache && src && vseg) { /* not mapping the cache: the snapshot's bytes, through it */
+        uint8_t *b = conn_vbuf(c, URGENT_CHUNK);
+        int rc = b ? 0 : -ENOMEM;
+        for (uint64_t k = 0; !rc && k < len; k += URGENT_CHUNK) {
+            uint64_t piece = len - k < URGENT_CHUNK ? len - k : URGENT_CHUNK;
+            rc = read_snapshot(vseg, src + k, piece, b);
+            if (!rc)
+                rc = remote_fill(c->uffd, in->dst + o + k, b, piece, rq->flags);
+        }
+        return rc;
+    }
     if (!cache || !src)
         return remote_fill(c->uffd, in->dst + o, src, len, rq->flags);
     int rc = ls_cache_fill(cache, rq->offset + o, src, len);
@@ -805,7 +881,6 @@ static int install_run(struct conn *c, const struct ls_req_install *in, struct l
  * LS_INSTALL_CACHED the bytes go into the segment's cache instead (see
  * install_run); a segment without one answers -EPROTO.
  */
-#define URGENT_CHUNK (512u << 10) /* a read-ahead install lets demand in this often */
 
 static void serve_install(struct conn *c, const struct ls_req_install *in)
 {
@@ -826,6 +901,7 @@ static void serve_install(struct conn *c, const struct ls_req_install *in)
     int status = 0;
     int64_t real = 0;
     struct ls_cache *cache = NULL; /* kept by the busy reference below */
+    const struct seg *vseg = NULL; /* s, if served through its cache (via_cache) */
     if (!s)
         status = -ENOENT;
     else if (rq->offset >= padded || rq->length > padded - rq->offset)
@@ -842,6 +918,8 @@ static void serve_install(struct conn *c, const struct ls_req_install *in)
             status = -ENOMEM;
         else
             s->busy++; /* its memory is read below, without the lock */
+        if (!cache && via_cache(s))
+            vseg = s;
     }
     seg_unlock();
     if (status) {
@@ -860,7 +938,7 @@ static void serve_install(struct conn *c, const struct ls_req_install *in)
             int prefetch = (rq->flags & LS_INSTALL_DONTWAKE) && !c->nested;
             if (prefetch && run > URGENT_CHUNK)
                 run = URGENT_CHUNK; /* then look for demand installs that came meanwhile */
-            status = install_run(c, in, cache, o, sp->src, run);
+            status = install_run(c, in, cache, vseg, o, sp->src, run);
             if (prefetch && !status)
                 serve_urgent(c);
             if (sp->src)
@@ -883,7 +961,7 @@ static void serve_install(struct conn *c, const struct ls_req_install *in)
                 if (!sp->len)
                     i++;
             }
-            status = got == ps ? install_run(c, in, cache, o, bounce, ps) : -EPROTO;
+            status = got == ps ? install_run(c, in, cache, NULL, o, bounce, ps) : -EPROTO;
             o += ps;
         }
         while (i < c->nspans && !c->spans[i].len)
@@ -1409,4 +1487,94 @@ int64_t ls_server_cache_resident(const uint8_t *id)
     int64_t rc = s && s->cache ? ls_cache_resident(s->cache) : -ENOENT;
     seg_unlock();
     return rc;
+}
+
+/* A segment with a cache, busy-referenced for use without the lock: the
+ * checks shared by the calls below. */
+static struct seg *seg_get_cached(const uint8_t *id, int *rc)
+{
+    pthread_mutex_lock(&seg_lock);
+    struct seg *s = seg_find(id);
+    *rc = 0;
+    if (!s || !s->cache)
+        *rc = -ENOENT;
+    else
+        s->busy++;
+    seg_unlock();
+    return *rc ? NULL : s;
+}
+
+int64_t ls_server_cache_refresh(const uint8_t *id, const uint64_t *ranges, uint32_t n, int punch)
+{
+    int rc;
+    if (n && !ranges)
+        return -EINVAL;
+    struct seg *s = seg_get_cached(id, &rc);
+    if (!s)
+        return rc;
+    int64_t total = 0;
+    for (uint32_t i = 0; i < n && total >= 0; i++) {
+        uint64_t off = ranges[2 * i], len = ranges[2 * i + 1];
+        if (off > s->len || len > s->len - off) {
+            total = -ERANGE;
+            break;
+        }
+        int64_t r = len ? ls_cache_refresh(s->cache, off, s->addr + off, len, punch) : 0;
+        total = r < 0 ? r : total + r;
+    }
+    seg_unbusy(s);
+    return total;
+}
+
+int ls_server_cache_fill(const uint8_t *id, uint64_t off, uint64_t len)
+{
+    const uint64_t ps = ls_page_size();
+    int rc;
+    struct seg *s = seg_get_cached(id, &rc);
+    if (!s)
+        return rc;
+    if (off % ps || len % ps || off > s->len || len > s->len - off)
+        rc = -ERANGE;
+    else if (len)
+        rc = ls_cache_fill(s->cache, off, s->addr + off, len);
+    seg_unbusy(s);
+    return rc;
+}
+
+int ls_server_snap_begin(const uint8_t *id, uint64_t addr, uint64_t len)
+{
+    const uint64_t ps = ls_page_size();
+    int rc;
+    struct seg *s = seg_get_cached(id, &rc); /* busy until ls_server_snap_end */
+    if (!s)
+        return rc;
+    uint64_t base = (uintptr_t)s->addr, clen = (s->len + ps - 1) / ps * ps;
+    if (addr < base || len > clen || addr - base > clen - len)
+        rc = -ERANGE;
+    else
+        rc = ls_track_snap_add(addr, s->cache, base, clen);
+    if (!rc) {
+        pthread_mutex_lock(&seg_lock);
+        s->snaps++;
+        seg_unlock();
+        return 0;
+    }
+    seg_unbusy(s);
+    return rc;
+}
+
+int ls_server_snap_end(const uint8_t *id, uint64_t addr)
+{
+    pthread_mutex_lock(&seg_lock);
+    struct seg *s = seg_find(id);
+    int ok = s && s->cache && s->snaps > 0;
+    if (ok)
+        s->snaps--;
+    struct ls_cache *c = ok ? s->cache : NULL;
+    seg_unlock();
+    if (!ok)
+        return -ENOENT;
+    int rc = ls_track_snap_del(addr, c);
+    seg_unbusy(s); /* the reference ls_server_snap_begin took */
+    return rc == -ENOENT ? 0 : rc; /* the range went first (its array died): nothing more to tell */
 }

@@ -25,8 +25,12 @@
  */
 #include "internal.h"
 
+#include "cache.h"
+
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -77,9 +81,32 @@ _Static_assert(sizeof(struct ls_pm_scan_arg) == 96, "struct pm_scan_arg layout")
 #define TRACK_FEATURES ((uint64_t)(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED))
 #define KBUF 512 /* regions per PAGEMAP_SCAN call */
 
+/* Synchronous tracking (ls_track_add_sync): a write to a protected page of a
+ * sync range waits for the snapshot thread, which preserves the page's 2 MiB
+ * block in every snapshot open on the range, then unprotects the block and
+ * marks it written. Blocks are aligned on absolute addresses (so THP mappings
+ * stay whole) and clipped to the range. */
+#define SNAP_BLOCK ((uint64_t)2 << 20)
+
+/* A snapshot open on a sync range: a page cache (of the segment based at
+ * base, clen bytes) that must keep each block's bytes as they were before the
+ * first write to it after ls_track_snap_add. */
+struct snapdst {
+    struct ls_cache *c;
+    uint64_t base, clen;
+    uint8_t *preserved; /* a bit per block: its old bytes are in the cache */
+    int broken;         /* a block could not be preserved, or pages were discarded */
+    struct snapdst *next;
+};
+
 struct trange {
     uint64_t start, end;
     int lost; /* the memory is no longer (all) registered: report -ENXIO */
+    int sync; /* registered with sfd (ls_track_add_sync), not with tfd */
+    uint64_t b0;    /* sync: address of block 0 (start rounded down to SNAP_BLOCK) */
+    size_t nblk;    /* sync: blocks */
+    uint8_t *dirty; /* sync: a bit per block, written since its last report */
+    struct snapdst *dsts; /* sync: open snapshots */
 };
 
 static pthread_mutex_t lk = PTHREAD_MUTEX_INITIALIZER;
@@ -91,6 +118,8 @@ static struct trange *rs;             /* tracked ranges, sorted by start, disjoi
 static size_t nrs, caprs;
 static struct ls_page_region kbuf[KBUF];
 static pid_t forgot_in; /* the child in which track_forget last ran */
+static int sfd = -1;    /* the synchronous tracking userfaultfd (full rung), or -1 */
+static int sthread_up;  /* the snapshot thread runs (it serves sfd) */
 
 /* ---- opening ---- */
 
@@ -219,6 +248,18 @@ static int open_locked(void)
     return 0;
 }
 
+static void range_free(struct trange *t)
+{
+    free(t->dirty);
+    for (struct snapdst *d = t->dsts, *n; d; d = n) {
+        n = d->next;
+        free(d->preserved);
+        free(d);
+    }
+    t->dirty = NULL;
+    t->dsts = NULL;
+}
+
 /* ---- forgetting in a forked child ---- */
 
 static void track_forget(void)
@@ -227,9 +268,15 @@ static void track_forget(void)
      * it tracks nothing. The parent's uffd and pagemap fds are dropped here
      * (the parent keeps its own). */
     close_locked();
+    for (size_t i = 0; i < nrs; i++)
+        range_free(&rs[i]);
     free(rs);
     rs = NULL;
     nrs = caprs = 0;
+    if (sfd >= 0)
+        close(sfd); /* the parent's; the snapshot thread is not the child's */
+    sfd = -1;
+    sthread_up = 0;
     forgot_in = getpid();
     pthread_mutex_init(&lk, NULL);
 }
@@ -385,8 +432,172 @@ static int unregister_ours(uint64_t start, uint64_t end)
 
 static void table_del(size_t i)
 {
+    range_free(&rs[i]);
     memmove(&rs[i], &rs[i + 1], (nrs - i - 1) * sizeof *rs);
     nrs--;
+}
+
+
+/* ---- synchronous tracking: the snapshot thread ---- */
+
+#define BIT(m, i) ((m)[(i) / 8] & (1u << ((i) % 8)))
+#define SETBIT(m, i) ((m)[(i) / 8] |= (uint8_t)(1u << ((i) % 8)))
+#define CLRBIT(m, i) ((m)[(i) / 8] &= (uint8_t)~(1u << ((i) % 8)))
+
+/* Block i of sync range t: [*lo, *hi). */
+static void block_span(const struct trange *t, size_t i, uint64_t *lo, uint64_t *hi)
+{
+    uint64_t a = t->b0 + i * SNAP_BLOCK, b = a + SNAP_BLOCK;
+    *lo = a < t->start ? t->start : a;
+    *hi = b > t->end ? t->end : b;
+}
+
+static int sync_protect(uint64_t lo, uint64_t hi, int on)
+{
+    struct uffdio_writeprotect wp = {.range = {.start = lo, .len = hi - lo}, .mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0};
+    return ioctl(sfd, UFFDIO_WRITEPROTECT, &wp) < 0 ? -errno : 0;
+}
+
+/* Unprotect and unregister a range (of either kind) from its userfaultfd:
+ * what of it is still mapped. */
+static int range_unregister(const struct trange *t)
+{
+    if (!t->sync)
+        return tfd >= 0 ? unregister_ours(t->start, t->end) : 0;
+    int rc = sync_protect(t->start, t->end, 0); /* wakes any writer waiting on it */
+    if (rc == -ENOENT || rc == -EINVAL)
+        rc = 0; /* unmapped meanwhile */
+    struct uffdio_range r = {.start = t->start, .len = t->end - t->start};
+    if (ioctl(sfd, UFFDIO_UNREGISTER, &r) < 0 && errno != EINVAL && !rc)
+        rc = -errno;
+    return rc;
+}
+
+/* A write faulted at addr (lk held): preserve its block in each open
+ * snapshot that lacks it, mark it written, unprotect it (waking the writer).
+ * The writer waits meanwhile, so the bytes copied are the old ones. Failing
+ * to preserve never stops the writer: the snapshot is marked broken. */
+static void on_write(uint64_t addr)
+{
+    const uint64_t ps = ls_page_size();
+    uint64_t pg = addr / ps * ps;
+    struct trange *t = find_covering(pg, pg + ps);
+    if (!t || !t->sync) { /* no longer ours (removed: unregistering woke it); wake it anyway */
+        struct uffdio_range w = {.start = pg, .len = ps};
+        ioctl(sfd, UFFDIO_WAKE, &w);
+        return;
+    }
+    size_t i = (size_t)((pg - t->b0) / SNAP_BLOCK);
+    uint64_t lo, hi;
+    block_span(t, i, &lo, &hi);
+    for (struct snapdst *d = t->dsts; d; d = d->next) {
+        if (BIT(d->preserved, i))
+            continue;
+        uint64_t a = lo < d->base ? d->base : lo, b = hi > d->base + d->clen ? d->base + d->clen : hi;
+        if (a < b) {
+            int rc = ls_cache_fill(d->c, a - d->base, (const uint8_t *)(uintptr_t)a, b - a);
+            if (rc)
+                d->broken = 1;
+            else
+                CTR_ADD(snap_bytes_preserved, b - a);
+        }
+        SETBIT(d->preserved, i);
+    }
+    SETBIT(t->dirty, i);
+    CTR_ADD(snap_faults, 1);
+    int rc = sync_protect(lo, hi, 0);
+    if (rc) { /* the block's layout changed under us: wake the writer at least */
+        struct uffdio_range w = {.start = pg, .len = ps};
+        ioctl(sfd, UFFDIO_WAKE, &w);
+    }
+}
+
+/* madvise(MADV_DONTNEED / MADV_REMOVE) of [start, end) is about to discard
+ * pages (lk held): they read differently now without a write. Mark their
+ * blocks written; open snapshots cannot keep what was not cached yet. */
+static void on_remove(uint64_t start, uint64_t end)
+{
+    for (size_t k = first_above(start); k < nrs && rs[k].start < end; k++) {
+        struct trange *t = &rs[k];
+        if (!t->sync)
+            continue;
+        uint64_t a = start < t->start ? t->start : start, b = end > t->end ? t->end : end;
+        for (size_t i = (size_t)((a - t->b0) / SNAP_BLOCK); i < t->nblk && t->b0 + i * SNAP_BLOCK < b; i++)
+            SETBIT(t->dirty, i);
+        for (struct snapdst *d = t->dsts; d; d = d->next)
+            d->broken = 1;
+    }
+}
+
+static void *snap_thread(void *arg)
+{
+    int fd = (int)(intptr_t)arg;
+    ls_block_signals();
+    struct uffd_msg m[32];
+    for (;;) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        if (poll(&p, 1, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            ls_fatal("lazyshare: the snapshot thread cannot poll its userfaultfd: %s", strerror(errno));
+        }
+        if (p.revents & (POLLERR | POLLNVAL))
+            return NULL; /* closed: a forked child's copy, never the parent's */
+        /* Read under the lock: a madvise waits only until its REMOVE event
+         * is read, so a scan after it returns must find the event handled. */
+        pthread_mutex_lock(&lk);
+        ssize_t n = read(fd, m, sizeof m);
+        if (n < 0) {
+            int e = errno;
+            pthread_mutex_unlock(&lk);
+            if (e == EAGAIN || e == EINTR)
+                continue;
+            ls_fatal("lazyshare: the snapshot thread cannot read its userfaultfd: %s", strerror(e));
+        }
+        for (size_t k = 0; k < (size_t)n / sizeof m[0]; k++) {
+            if (m[k].event == UFFD_EVENT_PAGEFAULT)
+                on_write(m[k].arg.pagefault.address);
+            else if (m[k].event == UFFD_EVENT_REMOVE)
+                on_remove(m[k].arg.remove.start, m[k].arg.remove.end);
+        }
+        pthread_mutex_unlock(&lk);
+    }
+}
+
+/* Open sfd and start the snapshot thread if not yet (lk held): 0 or -errno.
+ * Only on the full rung: a synchronous write-protect fault taken in kernel
+ * mode (read(2) into the buffer) fails with EFAULT on the user-mode-only one. */
+static int open_sync_locked(void)
+{
+    if (sfd >= 0)
+        return 0;
+    if (want_mode == LS_MODE_UFFD_USER)
+        return -EPERM;
+    int fd = open_full_rung();
+    if (fd < 0)
+        return fd;
+    const uint64_t feat = UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_EVENT_REMOVE;
+    struct uffdio_api api = {.api = UFFD_API, .features = feat};
+    int rc = 0;
+    if (ioctl(fd, UFFDIO_API, &api) < 0)
+        rc = -errno;
+    else if ((api.features & feat) != feat)
+        rc = -EINVAL;
+    pthread_t th;
+    pthread_attr_t at;
+    if (!rc && (rc = -pthread_attr_init(&at)) == 0) {
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        rc = -pthread_create(&th, &at, snap_thread, (void *)(intptr_t)fd);
+        pthread_attr_destroy(&at);
+    }
+    if (rc) {
+        close(fd);
+        return rc;
+    }
+    pthread_setname_np(th, "lazyshare-snap");
+    sfd = fd;
+    sthread_up = 1;
+    return 0;
 }
 
 /* ---- the API (lazyshare.h) ---- */
@@ -425,14 +636,14 @@ int ls_track_supported(void)
     return rc < 0 ? rc : 1;
 }
 
-int ls_track_add(uint64_t addr, uint64_t len)
+static int track_add(uint64_t addr, uint64_t len, int sync)
 {
     int rc = check_range(addr, len);
     if (rc)
         return rc;
     const uint64_t end = addr + len;
     pthread_mutex_lock(&lk);
-    if ((rc = open_locked()))
+    if ((rc = sync ? open_sync_locked() : open_locked()))
         goto out;
     /* Overlapping ranges: a live one refuses; lost ones are replaced. */
     size_t i = first_above(addr);
@@ -442,7 +653,7 @@ int ls_track_add(uint64_t addr, uint64_t len)
             goto out;
         }
     while (i < nrs && rs[i].start < end) {
-        unregister_ours(rs[i].start, rs[i].end);
+        range_unregister(&rs[i]);
         table_del(i);
     }
     if ((rc = vma_check(addr, end)))
@@ -457,27 +668,81 @@ int ls_track_add(uint64_t addr, uint64_t len)
         rs = n;
         caprs = nc;
     }
+    struct trange t = {.start = addr, .end = end, .sync = sync};
+    if (sync) {
+        t.b0 = addr / SNAP_BLOCK * SNAP_BLOCK;
+        t.nblk = (size_t)((end - t.b0 + SNAP_BLOCK - 1) / SNAP_BLOCK);
+        if (!(t.dirty = calloc((t.nblk + 7) / 8, 1))) {
+            rc = -ENOMEM;
+            goto out;
+        }
+    }
+    const int fd = sync ? sfd : tfd;
     struct uffdio_register reg = {.range = {.start = addr, .len = len}, .mode = UFFDIO_REGISTER_MODE_WP};
-    if (ioctl(tfd, UFFDIO_REGISTER, &reg) < 0) {
+    if (ioctl(fd, UFFDIO_REGISTER, &reg) < 0) {
         rc = -errno;
+        free(t.dirty);
         goto out;
     }
     struct uffdio_writeprotect wp = {.range = {.start = addr, .len = len}, .mode = UFFDIO_WRITEPROTECT_MODE_WP};
     if (!(reg.ioctls & (1ULL << _UFFDIO_WRITEPROTECT)))
         rc = -EOPNOTSUPP;
-    else if (ioctl(tfd, UFFDIO_WRITEPROTECT, &wp) < 0)
+    else if (ioctl(fd, UFFDIO_WRITEPROTECT, &wp) < 0)
         rc = -errno;
     if (rc) {
         struct uffdio_range r = {.start = addr, .len = len};
-        ioctl(tfd, UFFDIO_UNREGISTER, &r); /* undo; it worked a moment ago */
+        ioctl(fd, UFFDIO_UNREGISTER, &r); /* undo; it worked a moment ago */
+        free(t.dirty);
         goto out;
     }
     memmove(&rs[i + 1], &rs[i], (nrs - i) * sizeof *rs);
-    rs[i] = (struct trange){.start = addr, .end = end, .lost = 0};
+    rs[i] = t;
     nrs++;
 out:
     pthread_mutex_unlock(&lk);
     return rc;
+}
+
+int ls_track_add(uint64_t addr, uint64_t len)
+{
+    return track_add(addr, len, 0);
+}
+
+int ls_track_add_sync(uint64_t addr, uint64_t len)
+{
+    return track_add(addr, len, 1);
+}
+
+/* ls_track_dirty of a sync range (lk held): the written blocks. */
+static int dirty_sync(struct trange *t, uint64_t addr, uint64_t end, uint64_t *out, uint32_t max_ranges,
+                      int reprotect)
+{
+    uint32_t nout = 0;
+    for (size_t i = (size_t)((addr - t->b0) / SNAP_BLOCK); i < t->nblk && nout < max_ranges; i++) {
+        uint64_t lo, hi;
+        block_span(t, i, &lo, &hi);
+        if (lo >= end)
+            break;
+        if (!BIT(t->dirty, i))
+            continue;
+        if (reprotect) { /* protected first, then forgotten: a write in between is reported now */
+            int rc = sync_protect(lo, hi, 1);
+            if (rc) {
+                t->lost = 1;
+                return -ENXIO;
+            }
+            CLRBIT(t->dirty, i);
+        }
+        uint64_t a = lo < addr ? addr : lo, b = hi > end ? end : hi;
+        if (nout && out[2 * nout - 1] == a) {
+            out[2 * nout - 1] = b;
+        } else {
+            out[2 * nout] = a;
+            out[2 * nout + 1] = b;
+            nout++;
+        }
+    }
+    return (int)nout;
 }
 
 int ls_track_dirty(uint64_t addr, uint64_t len, uint64_t *out, uint32_t max_ranges, int reprotect)
@@ -490,7 +755,7 @@ int ls_track_dirty(uint64_t addr, uint64_t len, uint64_t *out, uint32_t max_rang
     const uint64_t end = addr + len;
     pthread_mutex_lock(&lk);
     struct trange *t = find_covering(addr, end);
-    if (!t || tfd < 0) {
+    if (!t || (!t->sync && tfd < 0)) {
         rc = -ENOENT;
         goto out;
     }
@@ -506,6 +771,10 @@ int ls_track_dirty(uint64_t addr, uint64_t len, uint64_t *out, uint32_t max_rang
         } else {
             rc = -errno;
         }
+        goto out;
+    }
+    if (t->sync) {
+        rc = dirty_sync(t, addr, end, out, max_ranges, reprotect);
         goto out;
     }
     const uint64_t flags = PM_SCAN_CHECK_WPASYNC | (reprotect ? PM_SCAN_WP_MATCHING : 0);
@@ -550,11 +819,11 @@ int ls_track_remove(uint64_t addr, uint64_t len)
         return rc;
     pthread_mutex_lock(&lk);
     size_t i = first_above(addr);
-    if (i >= nrs || rs[i].start != addr || rs[i].end != addr + len || tfd < 0) {
+    if (i >= nrs || rs[i].start != addr || rs[i].end != addr + len || (!rs[i].sync && tfd < 0)) {
         rc = -ENOENT;
         goto out;
     }
-    rc = unregister_ours(addr, addr + len);
+    rc = range_unregister(&rs[i]);
     table_del(i); /* forgotten even on an error: it cannot be tracked honestly either way */
 out:
     pthread_mutex_unlock(&lk);
@@ -567,4 +836,47 @@ int ls_track_count(void)
     int n = (int)nrs;
     pthread_mutex_unlock(&lk);
     return n;
+}
+
+int ls_track_snap_add(uint64_t addr, struct ls_cache *c, uint64_t base, uint64_t clen)
+{
+    int rc = 0;
+    pthread_mutex_lock(&lk);
+    size_t i = first_above(addr);
+    struct trange *t = i < nrs && rs[i].start == addr ? &rs[i] : NULL;
+    struct snapdst *d = NULL;
+    if (!t || !t->sync || t->lost)
+        rc = -ENOENT;
+    else if (!(d = calloc(1, sizeof *d)) || !(d->preserved = calloc((t->nblk + 7) / 8, 1)))
+        rc = -ENOMEM;
+    if (rc) {
+        if (d)
+            free(d);
+    } else {
+        *d = (struct snapdst){.c = c, .base = base, .clen = clen, .preserved = d->preserved, .next = t->dsts};
+        t->dsts = d;
+    }
+    pthread_mutex_unlock(&lk);
+    return rc;
+}
+
+int ls_track_snap_del(uint64_t addr, struct ls_cache *c)
+{
+    int rc = -ENOENT;
+    pthread_mutex_lock(&lk);
+    size_t i = first_above(addr);
+    if (i < nrs && rs[i].start == addr && rs[i].sync) {
+        for (struct snapdst **p = &rs[i].dsts; *p; p = &(*p)->next) {
+            if ((*p)->c != c)
+                continue;
+            struct snapdst *d = *p;
+            *p = d->next;
+            rc = d->broken;
+            free(d->preserved);
+            free(d);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&lk);
+    return rc;
 }

@@ -95,6 +95,7 @@ def doctor(args) -> int:
         f"user-mode-only: {os.strerror(caps.usermode_errno) if caps.usermode_errno else 'ok'}"
     )
     print(f"data path: {_data_path(in_use)}")
+    print(f"across calls: {_live_line(in_use)}")
     if caps.mode == "uffd":
         print("\nThis machine gives the best rung: nothing to do.")
         return 0
@@ -119,6 +120,32 @@ def doctor(args) -> int:
             "lazyshare.materialize(arr) before os.write/socket.send/arr.tofile of an attached array."
         )
     return 0
+
+
+def _live_line(mode: str) -> str:
+    """What calls keep, and what a task sees of the parent's writes, here."""
+    from . import handler, settings
+
+    if mode == "eager":
+        return "nothing kept (each call exports afresh); no snapshot"
+    if not settings.read().cache:
+        return "nothing kept (LAZYSHARE_CACHE=0); no snapshot"
+    rc = handler.lib.ls_track_supported()
+    if rc < 0:
+        return (
+            f"page cache, but no write tracking ({os.strerror(-rc)}; needs Linux 6.7+): "
+            "every call drops it; no snapshot"
+        )
+    if mode == "uffd":
+        return (
+            "page cache and write tracking; snapshots as of submission for numpy arrays that own "
+            "their data (the parent's writes wait while their block is kept); other buffers: a "
+            "write during a call is reported"
+        )
+    return (
+        "page cache and write tracking; a write during a call is reported, not held back "
+        "(a held-back kernel-mode write fails with EFAULT on this rung)"
+    )
 
 
 def demo(args) -> int:

@@ -384,9 +384,11 @@ def cache_resident(seg: SegmentDescriptor) -> int:
 _track_rung_set = False
 
 
-def track_add(address: int, nbytes: int) -> int:
+def track_add(address: int, nbytes: int, sync: bool = False) -> int:
     """Start recording writes to the page-aligned range: 0, or the -errno that
-    says why it cannot be tracked (see ``ls_track_add``)."""
+    says why it cannot be tracked (see ``ls_track_add``). ``sync``: a write
+    waits while its block is copied into the open snapshots
+    (``ls_track_add_sync``; -EPERM where the rung does not allow it)."""
     global _track_rung_set
     if not _track_rung_set:
         # The parent's tracker runs at the rung its pools run at (a forced
@@ -398,10 +400,37 @@ def track_add(address: int, nbytes: int) -> int:
     rc = lib.ls_track_supported()
     if rc < 0:
         return rc
-    rc = lib.ls_track_add(address, nbytes)
-    if rc == -errno.EEXIST:
-        return rc
+    rc = (lib.ls_track_add_sync if sync else lib.ls_track_add)(address, nbytes)
     return rc if rc < 0 else 0
+
+
+def snap_begin(seg: SegmentDescriptor, address: int, nbytes: int) -> int:
+    """Open a snapshot of ``seg`` over its sync-tracked range
+    ``[address, address+nbytes)`` (see ``ls_server_snap_begin``): 0 or -errno."""
+    return lib.ls_server_snap_begin(seg.id, address, nbytes)
+
+
+def snap_end(seg: SegmentDescriptor, address: int) -> bool:
+    """Close it: whether it was kept whole."""
+    rc = lib.ls_server_snap_end(seg.id, address)
+    return rc in (0, -errno.ENOENT)
+
+
+def cache_refresh(seg: SegmentDescriptor, ranges: list[tuple[int, int]], punch: bool) -> int:
+    """Of the byte ranges ``(start, end)`` (segment offsets), the bytes of the
+    cached pages that differ from the memory now (punched if ``punch``)."""
+    if not ranges or not seg.cache_ino:
+        return 0
+    flat = ffi.new("uint64_t[]", [v for lo, hi in ranges for v in (lo, hi - lo)])
+    return _check(
+        lib.ls_server_cache_refresh(seg.id, flat, len(ranges), int(punch)), "comparing cached pages"
+    )
+
+
+def cache_fill(seg: SegmentDescriptor, offset: int, nbytes: int) -> None:
+    """Copy whole pages ``[offset, offset+nbytes)`` of ``seg`` into its cache now."""
+    if nbytes and seg.cache_ino:
+        _check(lib.ls_server_cache_fill(seg.id, offset, nbytes), "filling a page cache")
 
 
 def track_dirty(address: int, nbytes: int, reprotect: bool) -> list[tuple[int, int]] | None:
@@ -736,7 +765,12 @@ def owner_counters() -> dict:
     """This process's counters as owner, without waiting."""
     s = ffi.new("struct ls_stats *")
     lib.ls_get_stats(s)
-    return {"cache_bytes_filled": s.cache_bytes_filled, "caches_live": s.caches_live}
+    return {
+        "cache_bytes_filled": s.cache_bytes_filled,
+        "caches_live": s.caches_live,
+        "snap_bytes_preserved": s.snap_bytes_preserved,
+        "snap_faults": s.snap_faults,
+    }
 
 
 def stats(timeout: float = 1.0) -> dict:

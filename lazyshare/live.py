@@ -7,22 +7,36 @@ as long as the parent's array lives, instead of for one call:
 * **a page cache shared by the workers of this host** (``ls_server_cache``: a
   memfd each worker maps privately): pages one task fetched map into every later
   task, in any worker, without a request, and a task's writes stay its own;
-* **write tracking** (``ls_track_*``: ``UFFD_FEATURE_WP_ASYNC`` and
-  ``PAGEMAP_SCAN``): before a call reuses the segment, the pages the parent wrote
-  since the previous call are dropped from the cache, so only they move again;
+* **write tracking** in the parent, before a call reuses the segment, drops
+  from the cache the pages the parent changed since the previous call, so only
+  they move again. Two trackers:
+
+  - **snapshots** (``ls_track_add_sync``; the full rung, numpy arrays that own
+    their data): the array's own pages are write-protected synchronously. The
+    parent's first write to a 2 MiB block (from user or kernel mode) waits
+    while the block is copied into the cache of every call running on it, so
+    each task reads the array as of its submission, whatever the parent writes
+    meanwhile; the pages the array shares with its neighbours (the heap) are
+    copied into the cache when a call begins instead (a write there must never
+    wait). Which pages changed is then told by comparing the written blocks'
+    cached pages with the array (a rewrite of the same bytes moves nothing).
+  - **reports** (``ls_track_add``: ``UFFD_FEATURE_WP_ASYNC`` and
+    ``PAGEMAP_SCAN``; the user-mode-only rung, and other buffers): the writer
+    never waits (a synchronous write-protect fault taken in kernel mode fails
+    with EFAULT on that rung). A write while a call runs cannot be held back:
+    it is detected, later calls see it, and a warning names the array once
+    (tasks of the running call may have seen the new bytes in pages they had
+    not read yet).
+
 * **released when the array dies** (a weakref callback): tracking stops, the
   segment is unexported and its cache goes with it; workers keep nothing between
   tasks, so nothing is left in them either.
 
 A segment's bytes are one *generation* of the array. A call that finds the
-array written since the generation began starts a new one: in place (the written
-pages are dropped from the cache) when no running call uses the old one, else as
-a fresh segment with an empty cache (the running call keeps the old one until
-its tasks are done). A write to the array while a call that uses it is running
-cannot be held back here (the tracking never blocks the writer): it is
-detected, the pages are fetched again by later calls, and a warning names the
-array once (tasks of the running call may have seen the new bytes in pages they
-had not read yet).
+array changed since the generation began starts a new one: in place (the
+changed pages are dropped from the cache) when no running call uses the old
+one, else as a fresh segment with an empty cache (the running call keeps the
+old one until its tasks are done).
 
 Memory that cannot be tracked (file-backed, shared, KSM-mergeable, or already
 tracked through a neighbouring array sharing a page) still gets the shared
@@ -75,12 +89,13 @@ class _Gen:
     one page drops one cached page, not the two it would straddle if the
     segment began where the allocation does (inside its first page)."""
 
-    __slots__ = ("seg", "entry", "users")
+    __slots__ = ("seg", "entry", "users", "snap")
 
     def __init__(self, seg, entry: _Entry):
         self.seg = seg
         self.entry = entry
         self.users = 0  # calls (CallExports) using it now
+        self.snap = False  # a snapshot is open on it (sync entries, while users > 0)
 
     @property
     def base(self) -> int:
@@ -104,6 +119,9 @@ class _Entry:
         "desc",
         "dead",
         "pools",
+        "sync",
+        "in_lo",
+        "in_hi",
     )
 
     def __init__(self, key: tuple[int, int], ref: weakref.ref, desc: str):
@@ -120,6 +138,28 @@ class _Entry:
         self.between = True  # tracked between calls too (else only while calls run)
         self.calls_untracked = 0  # calls since tracking between calls stopped
         self.pools: set[int] = set()  # ids of the running pools whose calls used it
+        # Snapshot entries (full rung, see _SNAPSHOTS): the pages lying wholly
+        # in the array, [in_lo, in_hi), are tracked synchronously; the one or
+        # two pages it shares with its neighbours (the heap) are compared at
+        # each call instead, and copied into the cache when a call begins.
+        self.sync = False
+        self.in_lo = -(-key[0] // _PAGE) * _PAGE
+        self.in_hi = max(self.in_lo, key[1] // _PAGE * _PAGE)
+
+    def edges(self) -> list[tuple[int, int]]:
+        """The array's bytes in pages it shares, and those pages: ([(lo, hi)
+        byte ranges], [(lo, hi) page ranges]), in addresses."""
+        low, high = self.key
+        if self.in_lo >= self.in_hi:
+            return [(low, high)], [(self.page_lo, self.page_lo + self.page_len)]
+        b, p = [], []
+        if low < self.in_lo:
+            b.append((low, self.in_lo))
+            p.append((self.page_lo, self.in_lo))
+        if self.in_hi < high:
+            b.append((self.in_hi, high))
+            p.append((self.in_hi, self.page_lo + self.page_len))
+        return b, p
 
 
 _lock = threading.RLock()
@@ -176,10 +216,15 @@ def acquire(root: Any, low: int, high: int, pool: Any) -> _Gen | None:
                 return None
             e = _Entry(key, ref, _describe(root))
             e.gen = _new_gen(e, root)
-            if h.track_add(e.page_lo, e.page_len) == 0:
-                e.tracked = e.trackable = True
+            _track(e, root)
             _entries[key] = e
             _by_root[id(root)] = e
+            if e.sync:
+                _open_snap(e, e.gen)
+                _sync_dirty(e)  # written since tracking began: the cache is empty yet
+                _fill_edges(e, e.gen)
+        elif e.sync:
+            _refresh_sync(e, root)
         else:
             _refresh(e, root)
         e.pools.add(id(pool))
@@ -199,13 +244,17 @@ def release(g: _Gen) -> None:
         if g.users > 0:
             return
         e = g.entry
+        if g.snap:
+            _close_snap(e, g)
         if e.dead or g is not e.gen:  # retired: gone once no worker maps it
             h.release(g.seg)
             return
         if not e.pools:  # no running pool left to reuse it
             _retire(e)
             return
-        if e.tracked and not e.warned and _written_inside(e, h.track_dirty(e.page_lo, e.page_len, False)):
+        if e.sync:
+            pass  # a write during the call was held back (its block copied first)
+        elif e.tracked and not e.warned and _written_inside(e, h.track_dirty(e.page_lo, e.page_len, False)):
             _warn_written(e)
         if e.tracked and not e.between:
             h.track_remove(e.page_lo, e.page_len)
@@ -269,6 +318,108 @@ def _refresh(e: _Entry, root: Any) -> None:
     _totals["bytes_invalidated"] += h.cache_punch(g.seg, spans)
 
 
+def _snapshots_allowed(root: Any) -> bool:
+    """Whether writes to ``root``'s memory can be held back for snapshots: on
+    the full rung (a synchronous write-protect fault taken in kernel mode fails
+    with EFAULT on the user-mode-only one), for a numpy array that owns its data
+    (its memory is freed only after the array dies, and so after tracking ends:
+    numpy refuses to resize an array that has a weak reference)."""
+    import numpy as np
+
+    return (
+        _SNAPSHOTS
+        and isinstance(root, np.ndarray)
+        and root.base is None
+        and root.flags.owndata
+        and _handler().capabilities().mode == "uffd"
+    )
+
+
+#: Snapshots as of submission where _snapshots_allowed (tests turn it off to
+#: exercise the other path on the full rung).
+_SNAPSHOTS = True
+
+
+def _track(e: _Entry, root: Any) -> None:
+    """Start tracking a new entry: synchronously where snapshots are allowed
+    (then ``e.sync``), else asynchronously (writes during a call are reported,
+    not held back)."""
+    h = _handler()
+    if _snapshots_allowed(root):
+        if e.in_lo >= e.in_hi or h.track_add(e.in_lo, e.in_hi - e.in_lo, sync=True) == 0:
+            e.sync = e.tracked = e.trackable = True
+            return
+    if h.track_add(e.page_lo, e.page_len) == 0:
+        e.tracked = e.trackable = True
+
+
+def _tracked_range(e: _Entry) -> tuple[int, int]:
+    if e.sync:
+        return e.in_lo, e.in_hi - e.in_lo
+    return e.page_lo, e.page_len
+
+
+def _open_snap(e: _Entry, g: _Gen) -> None:
+    """From now on, a write to the array's own pages first copies its block
+    into ``g``'s cache."""
+    if e.in_lo < e.in_hi and e.tracked:
+        g.snap = _handler().snap_begin(g.seg, e.in_lo, e.in_hi - e.in_lo) == 0
+    else:
+        g.snap = True  # nothing tracked: the shared pages are copied in _fill_edges
+
+
+def _close_snap(e: _Entry, g: _Gen) -> None:
+    g.snap = False
+    if e.in_lo < e.in_hi and not _handler().snap_end(g.seg, e.in_lo):
+        _warn_broken(e)
+
+
+def _fill_edges(e: _Entry, g: _Gen) -> None:
+    """Copy the pages the array shares with other objects into ``g``'s cache
+    now: they are not tracked (a write there by another object, or by malloc,
+    must never wait), so their bytes as of this call are kept this way."""
+    for lo, hi in e.edges()[1]:
+        _handler().cache_fill(g.seg, lo - e.page_lo, hi - lo)
+
+
+def _sync_dirty(e: _Entry) -> list[tuple[int, int]]:
+    """The blocks of the array's own pages written since the last call (and
+    protected again)."""
+    if e.in_lo >= e.in_hi or not e.tracked:
+        return [(e.in_lo, e.in_hi)] if e.in_lo < e.in_hi else []
+    h = _handler()
+    ranges = h.track_dirty(e.in_lo, e.in_hi - e.in_lo, reprotect=True)
+    if ranges is None:  # part of it was unmapped: all written; track what is there now
+        h.track_remove(e.in_lo, e.in_hi - e.in_lo)
+        e.tracked = h.track_add(e.in_lo, e.in_hi - e.in_lo, sync=True) == 0
+        ranges = [(e.in_lo, e.in_hi)]
+    return ranges
+
+
+def _refresh_sync(e: _Entry, root: Any) -> None:
+    """``_refresh`` for snapshot entries. Tracking says which blocks were
+    written; comparing their cached pages with the array says which pages
+    changed (a write of the same bytes changes nothing)."""
+    h = _handler()
+    g = e.gen
+    idle = g.users == 0
+    if idle:  # open first: a write from here on is held back for this call
+        _open_snap(e, g)
+    spans = [(a - e.page_lo, b - e.page_lo) for a, b in _sync_dirty(e) + e.edges()[0]]
+    if idle:
+        _totals["bytes_invalidated"] += h.cache_refresh(g.seg, spans, punch=True)
+        _fill_edges(e, g)
+        return
+    if not h.cache_refresh(g.seg, spans, punch=False):
+        return  # the running calls' snapshot is the array as it is now: share it
+    # Changed since the running calls began: they keep their snapshot, this
+    # call gets a new one (a fresh segment with an empty cache).
+    e.gen = g2 = _new_gen(e, root)
+    _open_snap(e, g2)
+    _sync_dirty(e)  # written before it opened: in the array as this call sees it
+    _fill_edges(e, g2)
+
+
 def _written_inside(e: _Entry, ranges) -> bool:
     """Whether ``ranges`` (None: tracking lost) cover a page lying wholly in the
     array. The first and last pages may be shared with other objects (the heap)
@@ -296,6 +447,20 @@ def _warn_written(e: _Entry) -> None:
     )
 
 
+def _warn_broken(e: _Entry) -> None:
+    if e.warned:
+        return
+    e.warned = True
+    warnings.warn(
+        f"lazyshare: the snapshot of {e.desc} could not be kept whole for a call "
+        "(this process discarded pages of it with madvise, or copying a block "
+        "before it was overwritten failed): tasks of that call may have seen "
+        "newer values in pages they had not read yet.",
+        _handler().LazyshareWarning,
+        stacklevel=4,
+    )
+
+
 def _retire(e: _Entry) -> None:
     """Forget ``e`` (its array died or moved): no new call gets it; its
     current generation goes once no call uses it."""
@@ -311,7 +476,7 @@ def _retire(e: _Entry) -> None:
             del _by_root[k]
     if e.tracked:
         try:
-            h.track_remove(e.page_lo, e.page_len)
+            h.track_remove(*_tracked_range(e))
         except OSError:
             pass
         e.tracked = False
@@ -396,16 +561,20 @@ def stats() -> dict:
     so far (what the workers fetched: each page once, whichever worker
     touched it first); ``bytes_invalidated``: cached bytes dropped because
     the parent wrote them (fetched again if touched); ``generations``:
-    segments exported for them so far (a new one when the parent wrote to an
-    array that a running call still reads)."""
+    segments exported for them so far (a new one when the parent changed an
+    array that a running call still reads); ``bytes_preserved``: bytes copied
+    into caches because the parent was about to overwrite them while a call
+    read them (snapshots, full rung)."""
     h = _handler()
     with _lock:
         gens = [e.gen for e in _entries.values() if e.gen is not None]
         cached = sum(h.cache_resident(g.seg) for g in gens) if gens else 0
+        ctr = h.owner_counters()
         return {
             "segments": len(gens),
             "bytes_cached": cached,
-            "bytes_filled": h.owner_counters()["cache_bytes_filled"] if _h is not None else 0,
+            "bytes_filled": ctr["cache_bytes_filled"],
+            "bytes_preserved": ctr["snap_bytes_preserved"],
             "bytes_invalidated": _totals["bytes_invalidated"],
             "generations": _totals["generations"],
         }

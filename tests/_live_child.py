@@ -100,25 +100,86 @@ def written_warnings(rec) -> int:
     return sum("while tasks that read it were running" in str(x.message) for x in rec)
 
 
+def broken_warnings(rec) -> int:
+    return sum("could not be kept whole" in str(x.message) for x in rec)
+
+
 # ---------------------------------------------------------------- cases
 
 
-def case_snapshot():
+def case_snapshot(budget=None):
     """Zeros, then the parent writes ones while the tasks wait: what the tasks
-    saw, whether a warning said so, and what the next call sees."""
-    a = np.zeros(32 * MB // 8)
+    saw, whether a warning said so, and what the next call sees. Twice: once
+    on a fresh array, once on one the previous calls left cached."""
+    out = {"chunk": float(32 * MB // 8 // N), "mode": handler.capabilities().mode}
+    w, rec = caught()
+    with lazyshare.Pool(2, memory_budget=budget) as p:
+        for name in ("fresh", "cached"):
+            a = np.zeros(32 * MB // 8)
+            if name == "cached":
+                sums(p, a)
+            r = p.starmap_async(chunk_sum, [(a, i, N, 0.4) for i in range(N)])
+            time.sleep(0.1)
+            a[:] = 1.0
+            out[name] = r.get(60)
+            out[name + "_next"] = sums(p, a)
+        out["preserved"] = handler.owner_counters()["snap_bytes_preserved"]
+    w.__exit__(None, None, None)
+    out["warned"] = written_warnings(rec)
+    out["broken"] = broken_warnings(rec)
+    return out
+
+
+def case_snapshot_budget():
+    """case_snapshot for workers with a memory budget: they do not map the
+    cache, and get the snapshot's pages through it."""
+    return case_snapshot(budget=8 * MB)
+
+
+def case_concurrent():
+    """A call runs on zeros; the parent writes ones; a second call starts
+    while the first runs: each sees the array as of its own submission."""
+    a = np.zeros(16 * MB // 8)
+    with lazyshare.Pool(2) as p:
+        r1 = p.starmap_async(chunk_sum, [(a, i, N, 0.3) for i in range(N)])
+        time.sleep(0.05)
+        a[: len(a) // 2] = 1.0
+        r2 = p.starmap_async(chunk_sum, [(a, i, N, 0.1) for i in range(N)])
+        time.sleep(0.05)
+        a[:] = 2.0
+        first, second = r1.get(60), r2.get(60)
+        third = sums(p, a)
+        gens = live.stats()["generations"]
+    k = float(len(a) // N)
+    return {
+        "ok": first == [0.0] * N and second == [k] * (N // 2) + [0.0] * (N // 2) and third == [2 * k] * N,
+        "generations": gens,
+    }
+
+
+def case_discard():
+    """MADV_DONTNEED of the pages of a numpy array between calls and during a
+    call: the next call sees zeros; the call running says its snapshot could
+    not be kept (the full rung) or that the array was written (the other)."""
+    a = np.full(16 * MB // 8, 3.0)
+    lo = -(-a.ctypes.data // PS) * PS
     w, rec = caught()
     with lazyshare.Pool(2) as p:
-        r = p.starmap_async(chunk_sum, [(a, i, N, 0.4) for i in range(N)])
-        time.sleep(0.1)
-        a[:] = 1.0
-        first = r.get(60)
-        second = sums(p, a)
+        ok = sums(p, a) == expect(a)
+        assert libc.madvise(lo, 4 * MB, 4) == 0  # MADV_DONTNEED
+        ok &= sums(p, a) == expect(a)
+        ok &= expect(a)[1] == 0.0  # chunk 1 lies in the pages discarded
+        a[:] = 5.0
+        ok &= sums(p, a) == expect(a)
+        r = p.starmap_async(chunk_sum, [(a, i, N, 0.3) for i in range(N)])
+        time.sleep(0.05)
+        assert libc.madvise(lo, 4 * MB, 4) == 0
+        r.get(60)
+        ok &= sums(p, a) == expect(a)
     w.__exit__(None, None, None)
     return {
-        "first": first,
-        "second": second,
-        "chunk": float(len(a) // N),
+        "ok": bool(ok),
+        "broken": broken_warnings(rec),
         "warned": written_warnings(rec),
         "mode": handler.capabilities().mode,
     }
@@ -137,15 +198,20 @@ def case_dirty():
         a[pick * (PS // 8)] += 1.0
         ok &= sums(p, a) == expect(a)
         b2 = lazy_bytes(p)
+        a[:] = a.copy()  # every page written, none changed
+        ok &= sums(p, a) == expect(a)
+        b3 = lazy_bytes(p)
         st = live.stats()
     return {
         "ok": bool(ok),
         "first": b0,
         "unchanged": b1 - b0,
         "after_1pct": b2 - b1,
+        "after_same": b3 - b2,
         "changed": len(pick) * PS,
         "bytes": a.nbytes,
         "stats": st,
+        "mode": handler.capabilities().mode,
     }
 
 
@@ -281,14 +347,20 @@ def case_kernel_write():
             f.readinto(memoryview(a).cast("B"))
             ok &= bool((a == src).all())
             ok &= sums(p, a) == expect(a)
+            want = expect(a)
             r = p.starmap_async(chunk_sum, [(a, i, N, 0.3) for i in range(N)])
             time.sleep(0.05)
             f.readinto(memoryview(a).cast("B"))  # during the call
-            r.get(60)
+            during = r.get(60)
             ok &= bool((a == src2).all())
             ok &= sums(p, a) == expect(a)
         w.__exit__(None, None, None)
-    return {"ok": bool(ok), "warned": written_warnings(rec), "mode": handler.capabilities().mode}
+    return {
+        "ok": bool(ok),
+        "warned": written_warnings(rec),
+        "snapshot": during == want,
+        "mode": handler.capabilities().mode,
+    }
 
 
 def _counts():

@@ -127,6 +127,57 @@ def kernel_write(mode: str):
     return r
 
 
+def sync(mode: str):
+    """Synchronous tracking (ls_track_add_sync): writes from several threads
+    and from the kernel (read(2)) wait for the snapshot thread and go on; the
+    written 2 MiB blocks are reported; MADV_DONTNEED marks its blocks."""
+    import threading
+
+    lib.ls_track_set_mode({"full": 0, "user": 1}[mode])
+    n = 16 << 20
+    a = raw_map(n + (2 << 20))
+    base = -(-a // (2 << 20)) * (2 << 20)  # a 2 MiB-aligned start: blocks are absolute
+    lo = base + 3 * PS  # the range starts and ends inside blocks
+    hi = base + n - 5 * PS
+    v = view(a, n + (2 << 20))
+    r = {"add": lib.ls_track_add_sync(lo, hi - lo), "mode": lib.ls_track_mode()}
+    if r["add"]:
+        return r
+    r["clean"] = dirty(lo, hi - lo)
+    before = ffi.new("struct ls_stats *")
+    lib.ls_get_stats(before)
+
+    def writer(k):
+        for off in range(k * PS, hi - lo, 8 * PS):
+            v[lo - a + off] = 7
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    rfd, wfd = os.pipe()
+    os.write(wfd, b"x" * PS)
+    mv = memoryview((ctypes.c_uint8 * (n + (2 << 20))).from_address(a)).cast("B")
+    r["readv"] = os.readv(rfd, [mv[lo - a + 100 : lo - a + 100 + PS]])
+    os.close(rfd)
+    os.close(wfd)
+    for t in threads:
+        t.join(20)
+    r["joined"] = not any(t.is_alive() for t in threads)
+    after = ffi.new("struct ls_stats *")
+    lib.ls_get_stats(after)
+    r["faults"] = after.snap_faults - before.snap_faults
+    r["reported"] = [(s_ + lo, e_ + lo) for s_, e_ in dirty(lo, hi - lo)]
+    r["lo"], r["hi"] = lo, hi
+    r["clean_after"] = dirty(lo, hi - lo)
+    r["values"] = int(v[lo - a + 8 * PS]) == 7 and int(v[lo - a + 100]) == ord("x")
+    r["madvise"] = libc.madvise(base + (4 << 20), PS, MADV_DONTNEED)
+    r["after_madvise"] = [(s_ + lo, e_ + lo) for s_, e_ in dirty(lo, hi - lo)]
+    r["base"] = base
+    r["remove"] = lib.ls_track_remove(lo, hi - lo)
+    r["count"] = lib.ls_track_count()
+    return r
+
+
 def dontneed():
     n = 1 << 20
     a = raw_map(n)

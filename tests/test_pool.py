@@ -511,7 +511,14 @@ def test_stats_shape(pool):
     pool.map(f.sqr, range(10), chunksize=5)
     s = pool.stats()
     assert set(s) == {"workers", "totals", "cache"}
-    assert set(s["cache"]) == {"segments", "bytes_cached", "bytes_filled", "bytes_invalidated", "generations"}
+    assert set(s["cache"]) == {
+        "segments",
+        "bytes_cached",
+        "bytes_filled",
+        "bytes_invalidated",
+        "bytes_preserved",
+        "generations",
+    }
     keys = {"tasks", "bytes_pickled", "bytes_lazy", "faults"}
     assert set(s["totals"]) == keys
     assert set(s["workers"]) == {w.pid for w in pool._pool}

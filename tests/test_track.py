@@ -94,6 +94,28 @@ def test_kernel_mode_write_recorded_as_unprivileged_user():
     check_kernel_write(r)
 
 
+def test_sync_tracking_holds_writes_and_reports_blocks():
+    r = case("sync", "full")
+    assert r["add"] == 0 and r["mode"] == 0 and r["clean"] == []
+    assert r["joined"] and r["readv"] == 4096  # no writer stuck, no EFAULT from the kernel
+    lo, hi, blk = r["lo"], r["hi"], 2 << 20
+    # Every page was written: every block, clipped to the range, one range.
+    assert r["reported"] == [[lo, hi]]
+    # The first write to a block waited once; the block was then unprotected whole.
+    nblocks = len(range((lo // blk) * blk, hi, blk))
+    assert nblocks <= r["faults"] <= 4 * nblocks
+    assert r["clean_after"] == [] and r["values"]
+    assert r["madvise"] == 0
+    assert r["after_madvise"] == [[r["base"] + (4 << 20), r["base"] + (6 << 20)]]
+    assert r["remove"] == 0 and r["count"] == 0
+
+
+def test_sync_tracking_refused_on_the_user_mode_only_rung():
+    # A held-back kernel-mode write would fail with EFAULT there: never offered.
+    r = case("sync", "user")
+    assert r["add"] == -errno.EPERM
+
+
 def test_madv_dontneed_reported_written():
     r = case("dontneed")
     assert r["add"] == 0 and r["madvise"] == 0
