@@ -66,6 +66,12 @@ int ls_cache_new(uint64_t len, struct ls_cache **out)
     int rc = 0, registered = 0;
     c->view = MAP_FAILED;
     c->len = len;
+    c->fd = -1;
+    pthread_rwlock_init(&c->lock, NULL);
+    if (!(c->kept = calloc((len / ls_page_size() + 7) / 8, 1))) {
+        free(c);
+        return -ENOMEM;
+    }
     /* Sealed against resizing: a consumer (same uid) opening it by /proc
      * cannot truncate it under the others. Holes can still be punched. */
     c->fd = memfd_create("lazyshare-cache", MFD_CLOEXEC | MFD_ALLOW_SEALING);
@@ -118,6 +124,7 @@ fail_rc:
         munmap(c->view, len);
     if (c->fd >= 0)
         close(c->fd);
+    free(c->kept);
     free(c);
     return rc;
 }
@@ -140,6 +147,8 @@ void ls_cache_free(struct ls_cache *c)
     ioctl(cache_uffd, UFFDIO_UNREGISTER, &rg);
     munmap(c->view, c->len);
     close(c->fd);
+    pthread_rwlock_destroy(&c->lock);
+    free(c->kept);
     free(c);
     CTR_SUB(caches_live, 1);
 }
@@ -181,6 +190,25 @@ int ls_cache_fill(struct ls_cache *c, uint64_t off, const uint8_t *src, uint64_t
     return rc;
 }
 
+int ls_cache_keep(struct ls_cache *c, uint64_t off, const uint8_t *src, uint64_t len)
+{
+    const uint64_t ps = ls_page_size();
+    pthread_rwlock_wrlock(&c->lock);
+    int rc = ls_cache_fill(c, off, src, len);
+    if (!rc)
+        for (uint64_t pg = off / ps; pg < (off + len) / ps; pg++)
+            c->kept[pg / 8] |= (uint8_t)(1u << (pg % 8));
+    pthread_rwlock_unlock(&c->lock);
+    return rc;
+}
+
+void ls_cache_unkeep_all(struct ls_cache *c)
+{
+    pthread_rwlock_wrlock(&c->lock);
+    memset(c->kept, 0, (c->len / ls_page_size() + 7) / 8);
+    pthread_rwlock_unlock(&c->lock);
+}
+
 int64_t ls_cache_resident(struct ls_cache *c)
 {
     struct stat st;
@@ -195,6 +223,7 @@ int64_t ls_cache_punch(struct ls_cache *c, const uint64_t *ranges, uint32_t n)
     int64_t before = ls_cache_resident(c);
     if (before < 0)
         return before;
+    pthread_rwlock_wrlock(&c->lock); /* a punched page is not kept any more */
     for (uint32_t i = 0; i < n; i++) {
         uint64_t off = ranges[2 * i], len = ranges[2 * i + 1];
         if (!len || off >= c->len)
@@ -207,9 +236,15 @@ int64_t ls_cache_punch(struct ls_cache *c, const uint64_t *ranges, uint32_t n)
         do
             r = fallocate(c->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)from, (off_t)(to - from));
         while (r < 0 && errno == EINTR);
-        if (r < 0)
-            return -errno;
+        if (r < 0) {
+            int e = -errno;
+            pthread_rwlock_unlock(&c->lock);
+            return e;
+        }
+        for (uint64_t pg = from / ps; pg < to / ps; pg++)
+            c->kept[pg / 8] &= (uint8_t)~(1u << (pg % 8));
     }
+    pthread_rwlock_unlock(&c->lock);
     int64_t after = ls_cache_resident(c);
     if (after < 0)
         return after;

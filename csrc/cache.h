@@ -20,6 +20,15 @@ struct ls_cache {
     uint64_t ino;
     struct ls_cache *prev, *next; /* every cache, for a forked child to close */
     struct ls_cache *dead_next;   /* server.c: destroyed once seg_lock is released */
+    /* Snapshots: a bit per page, set when the page's bytes as of the open
+     * snapshot are in the cache while the segment's memory may differ (its
+     * block was copied before the parent's first write to it, or it is a page
+     * the array shares with the heap, copied when the call began). Readers of
+     * the segment's memory that bypass the cache hold lock for reading and
+     * take kept pages from the cache; keeping a block holds it for writing, so
+     * no such read of the memory is under way when the block is unprotected. */
+    pthread_rwlock_t lock;
+    uint8_t *kept;
 };
 
 /* A new empty cache of len bytes (a multiple of the page size). 0, or
@@ -44,6 +53,18 @@ int64_t ls_cache_punch(struct ls_cache *c, const uint64_t *ranges, uint32_t n);
  * Reads only resident pages of the view (a hole would wait forever). The count,
  * or -errno. */
 int64_t ls_cache_refresh(struct ls_cache *c, uint64_t off, const uint8_t *src, uint64_t len, int punch);
+
+/* Copy [src, src+len) into the cache at off (whole pages, holes only, as
+ * ls_cache_fill) and mark those pages kept, under the write lock. 0 or -errno. */
+int ls_cache_keep(struct ls_cache *c, uint64_t off, const uint8_t *src, uint64_t len);
+/* A new snapshot opens: no page is kept. */
+void ls_cache_unkeep_all(struct ls_cache *c);
+/* Whether the page at off is kept (read lock held). */
+static inline int ls_cache_is_kept(const struct ls_cache *c, uint64_t off)
+{
+    uint64_t pg = off / ls_page_size();
+    return (c->kept[pg / 8] >> (pg % 8)) & 1;
+}
 
 /* track.c: snapshots on a sync-tracked range (ls_track_add_sync) that starts
  * at addr. While one is open, the first write to each block of the range

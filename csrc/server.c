@@ -547,18 +547,20 @@ static int span_add(struct conn *c, const uint8_t *src, uint64_t len)
     return 0;
 }
 
-/*
- * While a snapshot is open on a segment (ls_server_snap_begin), its memory may
- * change under a request: the bytes as of the snapshot are those in the cache
- * (a block is copied there before the parent's first write to it). Requests
- * that fill the cache need nothing more (a page is filled from the memory only
- * while the memory still holds the snapshot's bytes, see track.c). Others --
- * consumers not mapping the cache, and payload replies -- fill the cache with
- * the range, then read it back from the memfd (pread: a hole reads as zeros,
- * never waits) and send that. Only for whole-page segments (kept segments are).
- */
 #define URGENT_CHUNK (512u << 10) /* a read-ahead install lets demand in this often */
 
+/*
+ * While a snapshot is open on a segment (ls_server_snap_begin), its memory may
+ * change under a request. Requests that fill the cache need nothing more: a
+ * page is filled from the memory only while the memory still holds the
+ * snapshot's bytes (track.c copies a block into the cache before the first
+ * write to it; a fill racing that copy finds the page there and skips it).
+ * Others -- consumers not mapping the cache, and payload replies -- read the
+ * memory directly, except for the pages the cache keeps (ls_cache_is_kept),
+ * read back from the memfd (pread: a hole reads as zeros and never waits);
+ * both under the cache's read lock, so that no block is unprotected while a
+ * copy out of it is under way. Only for whole-page segments (kept ones are).
+ */
 static int via_cache(const struct seg *s)
 {
     return s->snaps > 0 && s->cache && s->len % ls_page_size() == 0;
@@ -576,21 +578,48 @@ static uint8_t *conn_vbuf(struct conn *c, size_t need)
     return c->vbuf;
 }
 
-/* The snapshot's bytes of [src, src+len) (whole pages of s's memory) into buf. */
-static int read_snapshot(const struct seg *s, const uint8_t *src, uint64_t len, uint8_t *buf)
+static int pread_all(int fd, uint8_t *buf, uint64_t len, uint64_t off)
 {
-    uint64_t off = (uint64_t)(src - s->addr);
-    int rc = ls_cache_fill(s->cache, off, src, len);
-    for (uint64_t k = 0; !rc && k < len;) {
-        ssize_t r = pread(s->cache->fd, buf + k, len - k, (off_t)(off + k));
+    for (uint64_t k = 0; k < len;) {
+        ssize_t r = pread(fd, buf + k, len - k, (off_t)(off + k));
         if (r < 0 && errno == EINTR)
             continue;
         if (r <= 0)
-            rc = r < 0 ? -errno : -EIO;
-        else
-            k += (uint64_t)r;
+            return r < 0 ? -errno : -EIO;
+        k += (uint64_t)r;
     }
+    return 0;
+}
+
+/* The snapshot's bytes of [src, src+len) (whole pages of s's memory), one run
+ * of pages kept or not kept at a time: fn(arg, o, from, n) with from the
+ * memory itself, or buf holding the bytes read back from the cache. Under the
+ * cache's read lock. */
+static int snapshot_runs(const struct seg *s, const uint8_t *src, uint64_t len, uint8_t *buf,
+                         int (*fn)(void *, uint64_t, const uint8_t *, uint64_t), void *arg)
+{
+    const uint64_t ps = ls_page_size();
+    struct ls_cache *cc = s->cache;
+    const uint64_t off = (uint64_t)(src - s->addr);
+    int rc = 0;
+    pthread_rwlock_rdlock(&cc->lock);
+    for (uint64_t o = 0, j; o < len && !rc; o = j) {
+        int kept = ls_cache_is_kept(cc, off + o);
+        for (j = o + ps; j < len && ls_cache_is_kept(cc, off + j) == kept; j += ps)
+            ;
+        if (!kept)
+            rc = fn(arg, o, src + o, j - o);
+        else if (!(rc = pread_all(cc->fd, buf, j - o, off + o)))
+            rc = fn(arg, o, buf, j - o);
+    }
+    pthread_rwlock_unlock(&cc->lock);
     return rc;
+}
+
+static int copy_run(void *arg, uint64_t o, const uint8_t *from, uint64_t n)
+{
+    memmove((uint8_t *)arg + o, from, n);
+    return 0;
 }
 
 /*
@@ -676,14 +705,14 @@ static void reply(struct conn *c, const struct ls_req *rq, int status, uint64_t 
     uint32_t flags = 0;
     if (s) {
         int64_t real = have ? build_payload(c, s, s->addr + rq->offset, have) : 0;
-        if (real > 0 && via_cache(s)) { /* the payload from the snapshot, copied now */
-            uint8_t *b = conn_vbuf(c, (size_t)have);
+        if (real > 0 && via_cache(s)) { /* the snapshot's bytes, copied now (see via_cache) */
+            uint8_t *b = conn_vbuf(c, (size_t)have * 2);
             for (int i = 0; b && i < c->nspans && real > 0; i++) {
                 struct span *sp = &c->spans[i];
                 if (!sp->src)
                     continue;
                 uint64_t o = (uint64_t)(sp->src - (s->addr + rq->offset));
-                if (read_snapshot(s, sp->src, sp->len, b + o) < 0)
+                if (snapshot_runs(s, sp->src, sp->len, b + have, copy_run, b + o) < 0)
                     real = -ENOMEM;
                 sp->src = b + o;
             }
@@ -846,18 +875,30 @@ static int remote_fill(int fd, uint64_t dst, const uint8_t *src, uint64_t len, u
  * woken (they find the pages there: no copy into dst). Zeros of a cached
  * region are zero pages in the consumer's private mapping (UFFDIO_ZEROPAGE
  * works there and leaves the memfd's hole alone: no page spent on zeros). */
+struct vrun {
+    struct conn *c;
+    const struct ls_req_install *in;
+    uint64_t o;
+};
+
+static int install_vrun(void *arg, uint64_t o, const uint8_t *from, uint64_t n)
+{
+    struct vrun *v = arg;
+    return remote_fill(v->c->uffd, v->in->dst + v->o + o, from, n, v->in->rq.flags);
+}
+
 static int install_run(struct conn *c, const struct ls_req_install *in, struct ls_cache *cache,
                        const struct seg *vseg, uint64_t o, const uint8_t *src, uint64_t len)
 {
     const struct ls_req *rq = &in->rq;
-    if (!cache && src && vseg) { /* not mapping the cache: the snapshot's bytes, through it */
+    if (!cache && src && vseg) { /* not mapping the cache: the snapshot's bytes (see via_cache) */
         uint8_t *b = conn_vbuf(c, URGENT_CHUNK);
         int rc = b ? 0 : -ENOMEM;
+        struct vrun v = {c, in, o};
         for (uint64_t k = 0; !rc && k < len; k += URGENT_CHUNK) {
             uint64_t piece = len - k < URGENT_CHUNK ? len - k : URGENT_CHUNK;
-            rc = read_snapshot(vseg, src + k, piece, b);
-            if (!rc)
-                rc = remote_fill(c->uffd, in->dst + o + k, b, piece, rq->flags);
+            v.o = o + k;
+            rc = snapshot_runs(vseg, src + k, piece, b, install_vrun, &v);
         }
         return rc;
     }
@@ -1536,7 +1577,7 @@ int ls_server_cache_fill(const uint8_t *id, uint64_t off, uint64_t len)
     if (off % ps || len % ps || off > s->len || len > s->len - off)
         rc = -ERANGE;
     else if (len)
-        rc = ls_cache_fill(s->cache, off, s->addr + off, len);
+        rc = ls_cache_keep(s->cache, off, s->addr + off, len);
     seg_unbusy(s);
     return rc;
 }
@@ -1551,8 +1592,12 @@ int ls_server_snap_begin(const uint8_t *id, uint64_t addr, uint64_t len)
     uint64_t base = (uintptr_t)s->addr, clen = (s->len + ps - 1) / ps * ps;
     if (addr < base || len > clen || addr - base > clen - len)
         rc = -ERANGE;
-    else
+    else {
+        /* What an earlier snapshot kept is stale or equal to the memory now;
+         * forgotten before this one can keep anything. */
+        ls_cache_unkeep_all(s->cache);
         rc = ls_track_snap_add(addr, s->cache, base, clen);
+    }
     if (!rc) {
         pthread_mutex_lock(&seg_lock);
         s->snaps++;

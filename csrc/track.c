@@ -87,6 +87,7 @@ _Static_assert(sizeof(struct ls_pm_scan_arg) == 96, "struct pm_scan_arg layout")
  * marks it written. Blocks are aligned on absolute addresses (so THP mappings
  * stay whole) and clipped to the range. */
 #define SNAP_BLOCK ((uint64_t)2 << 20)
+#define SNAP_SPAN 16 /* blocks unprotected at once while no snapshot is open */
 
 /* A snapshot open on a sync range: a page cache (of the segment based at
  * base, clen bytes) that must keep each block's bytes as they were before the
@@ -495,7 +496,7 @@ static void on_write(uint64_t addr)
             continue;
         uint64_t a = lo < d->base ? d->base : lo, b = hi > d->base + d->clen ? d->base + d->clen : hi;
         if (a < b) {
-            int rc = ls_cache_fill(d->c, a - d->base, (const uint8_t *)(uintptr_t)a, b - a);
+            int rc = ls_cache_keep(d->c, a - d->base, (const uint8_t *)(uintptr_t)a, b - a);
             if (rc)
                 d->broken = 1;
             else
@@ -503,7 +504,22 @@ static void on_write(uint64_t addr)
         }
         SETBIT(d->preserved, i);
     }
-    SETBIT(t->dirty, i);
+    /* No snapshot open (between calls): nothing to copy, so let the writer
+     * have SNAP_SPAN blocks at once (a whole-array overwrite then waits 32
+     * times per GiB, not 512). Which of their pages changed is told later by
+     * comparing them with the cache (ls_cache_refresh), not by this bit. */
+    size_t i0 = i, i1 = i + 1;
+    if (!t->dsts) {
+        const uint64_t first = t->b0 / SNAP_BLOCK;                  /* block 0, counted from address 0 */
+        const uint64_t span = (first + i) / SNAP_SPAN * SNAP_SPAN; /* the span's first block, likewise */
+        i0 = span > first ? (size_t)(span - first) : 0;
+        i1 = (size_t)(span + SNAP_SPAN - first) < t->nblk ? (size_t)(span + SNAP_SPAN - first) : t->nblk;
+        uint64_t ignore;
+        block_span(t, i0, &lo, &ignore);
+        block_span(t, i1 - 1, &ignore, &hi);
+    }
+    for (size_t k = i0; k < i1; k++)
+        SETBIT(t->dirty, k);
     CTR_ADD(snap_faults, 1);
     int rc = sync_protect(lo, hi, 0);
     if (rc) { /* the block's layout changed under us: wake the writer at least */

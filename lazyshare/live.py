@@ -89,13 +89,28 @@ class _Gen:
     one page drops one cached page, not the two it would straddle if the
     segment began where the allocation does (inside its first page)."""
 
-    __slots__ = ("seg", "entry", "users", "snap")
+    __slots__ = ("seg", "entry", "users", "snap", "direct", "_direct_desc")
 
     def __init__(self, seg, entry: _Entry):
         self.seg = seg
         self.entry = entry
         self.users = 0  # calls (CallExports) using it now
         self.snap = False  # a snapshot is open on it (sync entries, while users > 0)
+        # The calls using it now read the array directly, not through the cache
+        # (see _refresh_sync): set when its first user comes.
+        self.direct = False
+        self._direct_desc = None
+
+    @property
+    def desc(self):
+        """The segment as the workers of the calls using it now get it."""
+        if not self.direct:
+            return self.seg
+        if self._direct_desc is None:
+            import dataclasses
+
+            self._direct_desc = dataclasses.replace(self.seg, cache_fd=-1, cache_ino=0)
+        return self._direct_desc
 
     @property
     def base(self) -> int:
@@ -405,9 +420,19 @@ def _refresh_sync(e: _Entry, root: Any) -> None:
     idle = g.users == 0
     if idle:  # open first: a write from here on is held back for this call
         _open_snap(e, g)
-    spans = [(a - e.page_lo, b - e.page_lo) for a, b in _sync_dirty(e) + e.edges()[0]]
+    dirty = _sync_dirty(e)
+    spans = [(a - e.page_lo, b - e.page_lo) for a, b in dirty + e.edges()[0]]
     if idle:
-        _totals["bytes_invalidated"] += h.cache_refresh(g.seg, spans, punch=True)
+        # Mostly changed since the last call: the cache would be filled anew,
+        # which costs more than the workers fetching directly (a page copied
+        # into the cache, then mapped). This call bypasses it (the cache keeps
+        # only what the snapshot needs); calls use it again once they find the
+        # array mostly unchanged (after a call that bypassed it, the cache
+        # cannot tell: mostly written counts as mostly changed).
+        dropped = h.cache_refresh(g.seg, spans, punch=True)
+        _totals["bytes_invalidated"] += dropped
+        half = max(1, e.in_hi - e.in_lo) / 2
+        g.direct = dropped >= half or (g.direct and sum(b - a for a, b in dirty) >= half)
         _fill_edges(e, g)
         return
     if not h.cache_refresh(g.seg, spans, punch=False):

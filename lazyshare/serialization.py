@@ -291,7 +291,7 @@ class CallExports:
                     using.add(key)
         if seg is None:
             gen = None if self.pool is None else _live().acquire(pin, low, high, self.pool)
-            seg = h.export_memory(pin, low, high - low) if gen is None else gen.seg
+            seg = h.export_memory(pin, low, high - low) if gen is None else gen.desc
             with self._lock:
                 closed = self.closed
                 if not closed:

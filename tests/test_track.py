@@ -101,9 +101,11 @@ def test_sync_tracking_holds_writes_and_reports_blocks():
     lo, hi, blk = r["lo"], r["hi"], 2 << 20
     # Every page was written: every block, clipped to the range, one range.
     assert r["reported"] == [[lo, hi]]
-    # The first write to a block waited once; the block was then unprotected whole.
-    nblocks = len(range((lo // blk) * blk, hi, blk))
-    assert nblocks <= r["faults"] <= 4 * nblocks
+    # No snapshot open: the first write to a span of 16 blocks (32 MiB, aligned)
+    # waited once and unprotected the span (16 MiB here: one span or two; each
+    # of the 4 writers may have faulted before the first fault was handled).
+    spans = len(range((lo // (16 * blk)) * 16 * blk, hi, 16 * blk))
+    assert 1 <= r["faults"] <= 4 * spans
     assert r["clean_after"] == [] and r["values"]
     assert r["madvise"] == 0
     assert r["after_madvise"] == [[r["base"] + (4 << 20), r["base"] + (6 << 20)]]
