@@ -183,7 +183,7 @@ _by_root: dict[int, _Entry] = {}  # id(root object) -> its entry (a resized arra
 _idle: set[_Gen] = set()  # generations no call uses, still pinned until no worker maps them
 _idle_wake = threading.Event()
 _idle_thread: threading.Thread | None = None
-_totals = {"bytes_invalidated": 0, "generations": 0}
+_totals = {"bytes_invalidated": 0, "generations": 0, "bytes_reused": 0}
 _pools: set[int] = set()  # ids of this process's pools running now
 #: A segment found mostly rewritten stops being tracked for this many calls.
 _RETRACK_AFTER = 8
@@ -317,9 +317,10 @@ def _refresh(e: _Entry, root: Any) -> None:
         ranges = whole
     else:
         ranges = whole
-    if not ranges:
-        return
     g = e.gen
+    if not ranges:
+        _totals["bytes_reused"] += h.cache_resident(g.seg)
+        return
     if g.users > 0:  # a running call still reads this generation: keep it for that call
         if _written_inside(e, ranges):
             _warn_written(e)
@@ -331,6 +332,7 @@ def _refresh(e: _Entry, root: Any) -> None:
         if a < b:
             spans.append((a, b))
     _totals["bytes_invalidated"] += h.cache_punch(g.seg, spans)
+    _totals["bytes_reused"] += h.cache_resident(g.seg)
 
 
 def _snapshots_allowed(root: Any) -> bool:
@@ -433,9 +435,12 @@ def _refresh_sync(e: _Entry, root: Any) -> None:
         _totals["bytes_invalidated"] += dropped
         half = max(1, e.in_hi - e.in_lo) / 2
         g.direct = dropped >= half or (g.direct and sum(b - a for a, b in dirty) >= half)
+        if not g.direct:
+            _totals["bytes_reused"] += h.cache_resident(g.seg)
         _fill_edges(e, g)
         return
     if not h.cache_refresh(g.seg, spans, punch=False):
+        _totals["bytes_reused"] += h.cache_resident(g.seg)
         return  # the running calls' snapshot is the array as it is now: share it
     # Changed since the running calls began: they keep their snapshot, this
     # call gets a new one (a fresh segment with an empty cache).
@@ -589,7 +594,9 @@ def stats() -> dict:
     segments exported for them so far (a new one when the parent changed an
     array that a running call still reads); ``bytes_preserved``: bytes copied
     into caches because the parent was about to overwrite them while a call
-    read them (snapshots, full rung)."""
+    read them (snapshots, full rung); ``bytes_reused``: bytes a call found
+    in the cache when it began, summed over the calls that reused a segment
+    (what their tasks could map without a request: cache hits at most)."""
     h = _handler()
     with _lock:
         gens = [e.gen for e in _entries.values() if e.gen is not None]
@@ -600,6 +607,7 @@ def stats() -> dict:
             "bytes_cached": cached,
             "bytes_filled": ctr["cache_bytes_filled"],
             "bytes_preserved": ctr["snap_bytes_preserved"],
+            "bytes_reused": _totals["bytes_reused"],
             "bytes_invalidated": _totals["bytes_invalidated"],
             "generations": _totals["generations"],
         }

@@ -569,6 +569,10 @@ class Pool:
         ``tasks``: task messages completed (a map chunk is one task, as for
         ``maxtasksperchild``); ``bytes_pickled``: bytes of task frames sent;
         ``bytes_lazy``: bytes workers fetched lazily; ``faults``: their page faults.
+        ``cache``: the arrays kept across calls and their page caches, for this
+        process (see :func:`lazyshare.live.stats`: bytes cached, filled, reused
+        by later calls, dropped because the parent changed them, and preserved
+        for snapshots).
 
         A result never waits for its worker's counters, so a worker may still
         be counting pages of requests in flight when its last result is in:

@@ -517,6 +517,7 @@ def test_stats_shape(pool):
         "bytes_filled",
         "bytes_invalidated",
         "bytes_preserved",
+        "bytes_reused",
         "generations",
     }
     keys = {"tasks", "bytes_pickled", "bytes_lazy", "faults"}
