@@ -123,6 +123,16 @@ class Capabilities:
     def lazy(self) -> bool:
         return self.mode != "eager"
 
+    @property
+    def snapshots(self) -> bool:
+        """Whether a pool's tasks see numpy arrays (that own their data) as of
+        submission here, the parent's writes during a call held back: the full
+        rung, write tracking (Linux 6.7+), ``LAZYSHARE_CACHE`` not 0. Elsewhere
+        such writes are reported (a ``LazyshareWarning``), not held back."""
+        from . import settings
+
+        return self.mode == "uffd" and settings.read().cache and lib.ls_track_supported() == 1
+
 
 _caps: Capabilities | None = None
 _lock = threading.RLock()

@@ -111,7 +111,8 @@ def case_snapshot(budget=None):
     """Zeros, then the parent writes ones while the tasks wait: what the tasks
     saw, whether a warning said so, and what the next call sees. Twice: once
     on a fresh array, once on one the previous calls left cached."""
-    out = {"chunk": float(32 * MB // 8 // N), "mode": handler.capabilities().mode}
+    caps = handler.capabilities()
+    out = {"chunk": float(32 * MB // 8 // N), "mode": caps.mode, "snapshots": caps.snapshots}
     w, rec = caught()
     with lazyshare.Pool(2, memory_budget=budget) as p:
         for name in ("fresh", "cached"):

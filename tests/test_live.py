@@ -83,6 +83,7 @@ def test_tasks_see_their_arguments_as_of_submission(rung, name):
             # have seen ones; one warning per array says so.
             for s in r[k]:
                 assert 0.0 <= s <= r["chunk"]
+    assert r["snapshots"] == (rung == "uffd")  # capabilities() says which it is
     if rung == "uffd":
         assert r["warned"] == 0 and r["broken"] == 0
         assert r["preserved"] >= 2 * 32 * 2**20 * 0.9
