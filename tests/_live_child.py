@@ -158,6 +158,71 @@ def case_concurrent():
     }
 
 
+def case_writers():
+    """Threads of the parent write to a kept array without pause (small
+    writes holding the GIL, big slices releasing it, read(2) into it from the
+    kernel) while calls are submitted and run: nothing hangs, every call
+    completes, and once the writers stop, a call sees the array exactly."""
+    import threading
+
+    a = np.zeros(24 * MB // 8)
+    stop = threading.Event()
+    errors = []
+    rfd, wfd = os.pipe()
+
+    def small(seed):
+        rng = np.random.default_rng(seed)
+        while not stop.is_set():
+            a[rng.integers(0, len(a), 64)] = rng.random()
+
+    def big(seed):
+        rng = np.random.default_rng(seed)
+        while not stop.is_set():
+            lo = int(rng.integers(0, len(a) - MB))
+            a[lo : lo + MB // 8] = rng.random()
+
+    def kernel():
+        mv = memoryview(a).cast("B")
+        rng = np.random.default_rng(9)
+        while not stop.is_set():
+            off = int(rng.integers(0, a.nbytes - PS))
+            os.write(wfd, b"\x01" * PS)
+            if os.readv(rfd, [mv[off : off + PS]]) != PS:
+                errors.append("short read")
+
+    threads = [threading.Thread(target=f, args=(k,)) for k, f in enumerate((small, small, big))]
+    threads.append(threading.Thread(target=kernel))
+    w, rec = caught()
+    with lazyshare.Pool(2) as p:
+        for t in threads:
+            t.start()
+        try:
+            done = 0
+            for _ in range(8):
+                rs = [p.starmap_async(chunk_sum, [(a, i, N, 0.01) for i in range(N)]) for _ in range(2)]
+                for r in rs:
+                    got = r.get(60)
+                    done += all(np.isfinite(got))
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        alive = any(t.is_alive() for t in threads)
+        final = sums(p, a) == expect(a)
+    w.__exit__(None, None, None)
+    os.close(rfd)
+    os.close(wfd)
+    return {
+        "calls": done,
+        "final": final,
+        "alive": alive,
+        "errors": errors,
+        "broken": broken_warnings(rec),
+        "faults": handler.owner_counters()["snap_faults"],
+        "mode": handler.capabilities().mode,
+    }
+
+
 def case_discard():
     """MADV_DONTNEED of the pages of a numpy array between calls and during a
     call: the next call sees zeros; the call running says its snapshot could

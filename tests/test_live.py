@@ -93,6 +93,16 @@ def test_tasks_see_their_arguments_as_of_submission(rung, name):
 
 
 @needs_tracking
+@pytest.mark.parametrize("rung", RUNGS)
+def test_parent_threads_writing_while_calls_run_never_hang(rung):
+    r = case("writers", rung)
+    assert r["calls"] == 16 and r["final"] and not r["alive"] and r["errors"] == []
+    assert r["broken"] == 0
+    if rung == "uffd":
+        assert r["faults"] > 0  # the writers did wait on the snapshot thread
+
+
+@needs_tracking
 def test_a_call_started_while_another_runs_gets_its_own_snapshot():
     r = case("concurrent")
     assert r["ok"]
