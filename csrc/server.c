@@ -631,10 +631,99 @@ static int copy_run(void *arg, uint64_t o, const uint8_t *from, uint64_t n)
  * every later window looked touched. Returns how many bytes were taken from the
  * owner's memory (0: the range is all zeros), or -ENOMEM.
  */
+/* PAGEMAP_SCAN (Linux 6.7, linux/fs.h), under our own names. */
+struct srv_pm_region {
+    uint64_t start, end, categories;
+};
+struct srv_pm_arg {
+    uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+    uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+#define SRV_PAGEMAP_SCAN _IOWR('f', 16, struct srv_pm_arg)
+#define SRV_PAGE_IS_WRITTEN (1 << 1)
+#define SRV_PAGE_IS_PRESENT (1 << 2)
+#define SRV_PAGE_IS_SWAPPED (1 << 3)
+#define SRV_PAGE_IS_PFNZERO (1 << 5)
+static _Atomic int scan_unsupported;
+
+/*
+ * build_payload by PAGEMAP_SCAN: one walk of the page table classifies the
+ * range by runs, without reading the memory. Present pages are data, unless
+ * they map the zero page (a read of a never-written page); absent ones are
+ * zeros. Only a write-protected "swapped" page is read: the parent's write
+ * tracking marks never-written pages (UFFD_FEATURE_WP_UNPOPULATED), and such
+ * a marker looks like a page swapped out (an all-zero one goes as zeros).
+ * -ENOTTY where the kernel has no PAGEMAP_SCAN (then build_payload reads
+ * /proc/self/pagemap instead).
+ */
+static int64_t build_payload_scan(struct conn *c, const uint8_t *p, uint64_t n)
+{
+    const uint64_t ps = ls_page_size();
+    const uintptr_t lo = (uintptr_t)p, hi = lo + n;
+    struct srv_pm_region v[64];
+    int64_t real = 0;
+    uintptr_t pos = lo; /* the payload is built up to here */
+    while (pos < hi) {
+        struct srv_pm_arg a = {
+            .size = sizeof a,
+            .start = pos / ps * ps,
+            .end = (hi + ps - 1) / ps * ps,
+            .vec = (uintptr_t)v,
+            .vec_len = 64,
+            .return_mask = SRV_PAGE_IS_PRESENT | SRV_PAGE_IS_SWAPPED | SRV_PAGE_IS_PFNZERO | SRV_PAGE_IS_WRITTEN,
+        };
+        long k = ioctl(pagemap_fd, SRV_PAGEMAP_SCAN, &a);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0) {
+            if (errno == ENOTTY || errno == EINVAL)
+                atomic_store(&scan_unsupported, 1);
+            return -ENOTTY; /* the caller reads /proc/self/pagemap instead */
+        }
+        for (long i = 0; i < k; i++) {
+            uintptr_t a0 = v[i].start < pos ? pos : v[i].start, a1 = v[i].end > hi ? hi : v[i].end;
+            if (a0 >= a1)
+                continue;
+            if (a0 > pos && span_add(c, NULL, a0 - pos) < 0) /* not mapped: never happens in a segment */
+                return -ENOMEM;
+            uint64_t cat = v[i].categories;
+            if ((cat & SRV_PAGE_IS_SWAPPED) && !(cat & SRV_PAGE_IS_WRITTEN)) {
+                for (uintptr_t q = a0; q < a1;) { /* a marker or a protected page swapped out: look */
+                    uintptr_t e = (q / ps + 1) * ps < a1 ? (q / ps + 1) * ps : a1;
+                    int z = !memcmp((const void *)q, zeros, e - q);
+                    if (span_add(c, z ? NULL : (const uint8_t *)q, e - q) < 0)
+                        return -ENOMEM;
+                    real += z ? 0 : (int64_t)(e - q);
+                    q = e;
+                }
+            } else {
+                int data = (cat & SRV_PAGE_IS_SWAPPED) || ((cat & SRV_PAGE_IS_PRESENT) && !(cat & SRV_PAGE_IS_PFNZERO));
+                if (span_add(c, data ? (const uint8_t *)a0 : NULL, a1 - a0) < 0)
+                    return -ENOMEM;
+                real += data ? (int64_t)(a1 - a0) : 0;
+            }
+            pos = a1;
+        }
+        if (k < 64) { /* the walk reached the end: what it did not report is not mapped */
+            if (pos < hi && span_add(c, NULL, hi - pos) < 0)
+                return -ENOMEM;
+            break;
+        }
+    }
+    return real;
+}
+
 static int64_t build_payload(struct conn *c, const struct seg *s, const uint8_t *p, uint64_t n)
 {
     if (!s->anon)
         return span_add(c, p, n) < 0 ? -ENOMEM : (int64_t)n;
+    if (!atomic_load(&scan_unsupported)) {
+        size_t mark = (size_t)c->nspans;
+        int64_t r = build_payload_scan(c, p, n);
+        if (r != -ENOTTY)
+            return r;
+        c->nspans = (int)mark; /* nothing of it kept: read /proc/self/pagemap instead */
+    }
     const uint64_t ps = ls_page_size();
     uint64_t first = (uintptr_t)p / ps, last = ((uintptr_t)p + n - 1) / ps;
     uint64_t ent[512];
