@@ -251,24 +251,31 @@ int64_t ls_cache_punch(struct ls_cache *c, const uint64_t *ranges, uint32_t n)
     return before > after ? before - after : 0; /* fills racing the punch may add pages */
 }
 
-/* refresh: count page pg as differing, and punch it with the run before it. */
-static int64_t refresh_mark(struct ls_cache *c, uint64_t pg, int punch, uint64_t *lo, uint64_t *hi)
+/* ls_cache_refresh: the runs of pages to punch, punched together at the end
+ * (one lock and one count for all of them). */
+struct runs {
+    uint64_t *r; /* (offset, length) pairs */
+    uint32_t n, cap;
+};
+
+static int runs_add(struct runs *rs, uint64_t pg, uint64_t ps)
 {
-    const uint64_t ps = ls_page_size();
-    if (!punch)
-        return 0;
-    if (*hi == pg && *hi > *lo) {
-        *hi += ps;
+    if (rs->n && rs->r[2 * rs->n - 2] + rs->r[2 * rs->n - 1] == pg) {
+        rs->r[2 * rs->n - 1] += ps;
         return 0;
     }
-    int64_t rc = 0;
-    if (*hi > *lo) {
-        uint64_t r[2] = {*lo, *hi - *lo};
-        rc = ls_cache_punch(c, r, 1);
+    if (rs->n == rs->cap) {
+        uint32_t cap = rs->cap ? rs->cap * 2 : 256;
+        uint64_t *p = realloc(rs->r, (size_t)cap * 16);
+        if (!p)
+            return -ENOMEM;
+        rs->r = p;
+        rs->cap = cap;
     }
-    *lo = pg;
-    *hi = pg + ps;
-    return rc < 0 ? rc : 0;
+    rs->r[2 * rs->n] = pg;
+    rs->r[2 * rs->n + 1] = ps;
+    rs->n++;
+    return 0;
 }
 
 int64_t ls_cache_refresh(struct ls_cache *c, uint64_t off, const uint8_t *src, uint64_t len, int punch)
@@ -278,12 +285,14 @@ int64_t ls_cache_refresh(struct ls_cache *c, uint64_t off, const uint8_t *src, u
         return -EINVAL;
     int64_t differ = 0, rc = 0;
     const uint64_t end = off + len;
-    uint64_t lo = 0, hi = 0; /* the run of pages to punch next */
+    struct runs rs = {0};
     for (uint64_t pos = off / ps * ps; pos < end && !rc;) {
         unsigned char vec[512];
         uint64_t n = (end - pos + ps - 1) / ps < sizeof vec ? (end - pos + ps - 1) / ps : sizeof vec;
-        if (mincore(c->view + pos, n * ps, vec) < 0)
-            return -errno;
+        if (mincore(c->view + pos, n * ps, vec) < 0) {
+            rc = -errno;
+            break;
+        }
         for (uint64_t i = 0, j; i < n && !rc; i = j) {
             uint64_t pg = pos + i * ps;
             j = i + 1;
@@ -291,7 +300,8 @@ int64_t ls_cache_refresh(struct ls_cache *c, uint64_t off, const uint8_t *src, u
                 uint64_t a = pg < off ? off : pg, b = pg + ps > end ? end : pg + ps;
                 if (memcmp(c->view + a, src + (a - off), b - a)) {
                     differ += (int64_t)ps;
-                    rc = refresh_mark(c, pg, punch, &lo, &hi);
+                    if (punch)
+                        rc = runs_add(&rs, pg, ps);
                 }
                 continue;
             }
@@ -301,19 +311,24 @@ int64_t ls_cache_refresh(struct ls_cache *c, uint64_t off, const uint8_t *src, u
                 ;
             uint64_t run_end = pos + j * ps;
             off_t d = lseek(c->fd, (off_t)pg, SEEK_DATA);
-            if (d < 0 && errno != ENXIO)
-                return -errno;
+            if (d < 0 && errno != ENXIO) {
+                rc = -errno;
+                break;
+            }
             for (uint64_t q = d < 0 ? run_end : (uint64_t)d / ps * ps; q < run_end && !rc; q += ps) {
                 differ += (int64_t)ps;
-                rc = refresh_mark(c, q, punch, &lo, &hi);
+                if (punch)
+                    rc = runs_add(&rs, q, ps);
             }
         }
         pos += n * ps;
     }
-    if (!rc && hi > lo) {
-        uint64_t r[2] = {lo, hi - lo};
-        rc = ls_cache_punch(c, r, 1);
+    if (!rc && rs.n) {
+        int64_t k = ls_cache_punch(c, rs.r, rs.n);
+        if (k < 0)
+            rc = k;
     }
+    free(rs.r);
     return rc < 0 ? rc : differ;
 }
 
