@@ -586,7 +586,10 @@ def live_segments() -> int:
 
 def stats() -> dict:
     """This process's segments kept across calls (all its pools together):
-    ``segments``: allocations kept now; ``bytes_cached``: bytes in their page
+    ``segments``: allocations kept now; ``segments_untracked``: of them, those
+    whose memory cannot be tracked (file-backed, shared, KSM-mergeable, a lazy
+    mapping, a page tracked through a neighbour): each call drops all of their
+    cache; ``bytes_cached``: bytes in their page
     caches on this host now; ``bytes_filled``: bytes copied into page caches
     so far (what the workers fetched: each page once, whichever worker
     touched it first); ``bytes_invalidated``: cached bytes dropped because
@@ -604,6 +607,7 @@ def stats() -> dict:
         ctr = h.owner_counters()
         return {
             "segments": len(gens),
+            "segments_untracked": sum(1 for e in _entries.values() if e.gen is not None and not e.trackable),
             "bytes_cached": cached,
             "bytes_filled": ctr["cache_bytes_filled"],
             "bytes_preserved": ctr["snap_bytes_preserved"],

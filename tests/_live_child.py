@@ -474,6 +474,8 @@ def case_untracked():
         ok = sums(p, a) == expect(a)
         a[::1000] = 3.0
         ok &= sums(p, a) == expect(a)
+        st = live.stats()
+        ok &= st["segments"] == 1 and st["segments_untracked"] == 1
     del a
     return {"ok": bool(ok)}
 

@@ -513,6 +513,7 @@ def test_stats_shape(pool):
     assert set(s) == {"workers", "totals", "cache"}
     assert set(s["cache"]) == {
         "segments",
+        "segments_untracked",
         "bytes_cached",
         "bytes_filled",
         "bytes_invalidated",
