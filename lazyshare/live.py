@@ -362,7 +362,7 @@ def _track(e: _Entry, root: Any) -> None:
     (then ``e.sync``), else asynchronously (writes during a call are reported,
     not held back)."""
     h = _handler()
-    if _snapshots_allowed(root):
+    if e.gen.seg.cache_ino and _snapshots_allowed(root):  # the cache keeps what a snapshot needs
         if e.in_lo >= e.in_hi or h.track_add(e.in_lo, e.in_hi - e.in_lo, sync=True) == 0:
             e.sync = e.tracked = e.trackable = True
             return
