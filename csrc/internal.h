@@ -83,6 +83,42 @@ void ls_eventfd_drain(int fd);
  * (a blocked thread must never resume on a page of zeros). */
 __attribute__((noreturn, format(printf, 1, 2))) void ls_fatal(const char *fmt, ...);
 
+/* PAGEMAP_SCAN (linux/fs.h, Linux 6.7): struct pm_scan_arg and struct
+ * page_region under our own names, so that they never clash with a header that
+ * has them; used by track.c and server.c (checked at run time: ENOTTY before). */
+#ifndef PAGE_IS_WPALLOWED
+#define PAGE_IS_WPALLOWED (1 << 0)
+#endif
+#ifndef PAGE_IS_WRITTEN
+#define PAGE_IS_WRITTEN (1 << 1)
+#endif
+#ifndef PAGE_IS_PRESENT
+#define PAGE_IS_PRESENT (1 << 2)
+#endif
+#ifndef PAGE_IS_SWAPPED
+#define PAGE_IS_SWAPPED (1 << 3)
+#endif
+#ifndef PAGE_IS_PFNZERO
+#define PAGE_IS_PFNZERO (1 << 5)
+#endif
+#ifndef PM_SCAN_WP_MATCHING
+#define PM_SCAN_WP_MATCHING (1 << 0)
+#endif
+#ifndef PM_SCAN_CHECK_WPASYNC
+#define PM_SCAN_CHECK_WPASYNC (1 << 1)
+#endif
+struct ls_page_region {
+    uint64_t start, end, categories;
+};
+struct ls_pm_scan_arg {
+    uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+    uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+_Static_assert(sizeof(struct ls_pm_scan_arg) == 96, "struct pm_scan_arg layout");
+#ifndef PAGEMAP_SCAN
+#define PAGEMAP_SCAN _IOWR('f', 16, struct ls_pm_scan_arg)
+#endif
+
 int ls_uffd_open(int mode);
 /* UFFDIO_COPY (src) or UFFDIO_ZEROPAGE (src NULL) of [dst, dst+len) through a
  * userfaultfd (this process's or a consumer's), surviving partial copies, pages

@@ -631,19 +631,6 @@ static int copy_run(void *arg, uint64_t o, const uint8_t *from, uint64_t n)
  * every later window looked touched. Returns how many bytes were taken from the
  * owner's memory (0: the range is all zeros), or -ENOMEM.
  */
-/* PAGEMAP_SCAN (Linux 6.7, linux/fs.h), under our own names. */
-struct srv_pm_region {
-    uint64_t start, end, categories;
-};
-struct srv_pm_arg {
-    uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
-    uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
-};
-#define SRV_PAGEMAP_SCAN _IOWR('f', 16, struct srv_pm_arg)
-#define SRV_PAGE_IS_WRITTEN (1 << 1)
-#define SRV_PAGE_IS_PRESENT (1 << 2)
-#define SRV_PAGE_IS_SWAPPED (1 << 3)
-#define SRV_PAGE_IS_PFNZERO (1 << 5)
 static _Atomic int scan_unsupported;
 
 /*
@@ -660,19 +647,19 @@ static int64_t build_payload_scan(struct conn *c, const uint8_t *p, uint64_t n)
 {
     const uint64_t ps = ls_page_size();
     const uintptr_t lo = (uintptr_t)p, hi = lo + n;
-    struct srv_pm_region v[64];
+    struct ls_page_region v[64];
     int64_t real = 0;
     uintptr_t pos = lo; /* the payload is built up to here */
     while (pos < hi) {
-        struct srv_pm_arg a = {
+        struct ls_pm_scan_arg a = {
             .size = sizeof a,
             .start = pos / ps * ps,
             .end = (hi + ps - 1) / ps * ps,
             .vec = (uintptr_t)v,
             .vec_len = 64,
-            .return_mask = SRV_PAGE_IS_PRESENT | SRV_PAGE_IS_SWAPPED | SRV_PAGE_IS_PFNZERO | SRV_PAGE_IS_WRITTEN,
+            .return_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO | PAGE_IS_WRITTEN,
         };
-        long k = ioctl(pagemap_fd, SRV_PAGEMAP_SCAN, &a);
+        long k = ioctl(pagemap_fd, PAGEMAP_SCAN, &a);
         if (k < 0 && errno == EINTR)
             continue;
         if (k < 0) {
@@ -687,7 +674,7 @@ static int64_t build_payload_scan(struct conn *c, const uint8_t *p, uint64_t n)
             if (a0 > pos && span_add(c, NULL, a0 - pos) < 0) /* not mapped: never happens in a segment */
                 return -ENOMEM;
             uint64_t cat = v[i].categories;
-            if ((cat & SRV_PAGE_IS_SWAPPED) && !(cat & SRV_PAGE_IS_WRITTEN)) {
+            if ((cat & PAGE_IS_SWAPPED) && !(cat & PAGE_IS_WRITTEN)) {
                 for (uintptr_t q = a0; q < a1;) { /* a marker or a protected page swapped out: look */
                     uintptr_t e = (q / ps + 1) * ps < a1 ? (q / ps + 1) * ps : a1;
                     int z = !memcmp((const void *)q, zeros, e - q);
@@ -697,7 +684,7 @@ static int64_t build_payload_scan(struct conn *c, const uint8_t *p, uint64_t n)
                     q = e;
                 }
             } else {
-                int data = (cat & SRV_PAGE_IS_SWAPPED) || ((cat & SRV_PAGE_IS_PRESENT) && !(cat & SRV_PAGE_IS_PFNZERO));
+                int data = (cat & PAGE_IS_SWAPPED) || ((cat & PAGE_IS_PRESENT) && !(cat & PAGE_IS_PFNZERO));
                 if (span_add(c, data ? (const uint8_t *)a0 : NULL, a1 - a0) < 0)
                     return -ENOMEM;
                 real += data ? (int64_t)(a1 - a0) : 0;

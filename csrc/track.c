@@ -1,27 +1,36 @@
 /*
- * lazyshare native core, owner side: dirty tracking of ranges of this
+ * lazyshare native core, owner side: write tracking of ranges of this
  * process's own memory (the building block of live snapshots: which pages of
- * an exported array did the parent write since a point in time).
+ * an exported array did the parent write since a point in time, and, on the
+ * full rung, what did they hold before).
  *
- * Owns: the process's one tracking userfaultfd (UFFD_FEATURE_WP_ASYNC |
- * UFFD_FEATURE_WP_UNPOPULATED, Linux 6.7+; never read: async write-protect
- * faults are resolved by the kernel, which only clears the page's uffd-wp bit),
- * an fd of /proc/self/pagemap for PAGEMAP_SCAN, and the sorted table of tracked
- * ranges. All of it behind one mutex. No thread of its own: called from any
- * Python thread (cffi releases the GIL); nothing here blocks on another
- * process. A forked child forgets all of it (pthread_atfork, and the core's
- * ls_on_fork_child registry): its copy of the memory is not registered.
+ * Owns: the process's two tracking userfaultfds, an fd of /proc/self/pagemap
+ * for PAGEMAP_SCAN, and the sorted table of tracked ranges, all behind one
+ * mutex (lk); and the snapshot thread ("lazyshare-snap"), started with the
+ * first synchronous range. Called from any Python thread (cffi releases the
+ * GIL); nothing here blocks on another process. A forked child forgets all of
+ * it (pthread_atfork, and the core's ls_on_fork_child registry): its copy of
+ * the memory is not registered.
  *
- * How a write is recorded: the range is registered with UFFDIO_REGISTER_MODE_WP
- * and write-protected. A write to a protected page (from user mode, or from
- * the kernel: read(2) into the buffer) takes a minor fault that the kernel
- * resolves at once by unprotecting the page (the writer never waits, never
- * gets EFAULT, on either uffd rung); PAGEMAP_SCAN reports unprotected pages as
- * PAGE_IS_WRITTEN and, with PM_SCAN_WP_MATCHING, protects them again in the
- * same walk, so no write between report and re-protection is lost.
- * PM_SCAN_CHECK_WPASYNC makes the scan fail (EPERM) where the memory is no
- * longer registered (mremap moved it, it was unmapped and mapped again): the
- * range is then "lost" (-ENXIO).
+ * Asynchronous ranges (ls_track_add; tfd: UFFD_FEATURE_WP_ASYNC |
+ * UFFD_FEATURE_WP_UNPOPULATED, Linux 6.7+; never read): a write to a protected
+ * page (from user mode, or from the kernel: read(2) into the buffer) takes a
+ * minor fault that the kernel resolves at once by unprotecting the page (the
+ * writer never waits, never gets EFAULT, on either uffd rung); PAGEMAP_SCAN
+ * reports unprotected pages as PAGE_IS_WRITTEN and, with PM_SCAN_WP_MATCHING,
+ * protects them again in the same walk, so no write between report and
+ * re-protection is lost. PM_SCAN_CHECK_WPASYNC makes the scan fail (EPERM)
+ * where the memory is no longer registered (mremap moved it, it was unmapped
+ * and mapped again): the range is then "lost" (-ENXIO).
+ *
+ * Synchronous ranges (ls_track_add_sync; sfd: UFFD_FEATURE_WP_UNPOPULATED |
+ * UFFD_FEATURE_EVENT_REMOVE, full rung only): a write to a protected page
+ * waits for the snapshot thread, which copies the block into the snapshots
+ * open on the range (ls_track_snap_add), marks it written and unprotects it;
+ * see SNAP_BLOCK below. A range can be registered with one userfaultfd only,
+ * so a range is one kind or the other for its whole life: switching between
+ * them would leave the memory unprotected for a moment, and a write then would
+ * be lost without a trace (this kernel has no soft-dirty bit to catch it).
  */
 #include "internal.h"
 
@@ -51,31 +60,6 @@
 #endif
 #ifndef UFFD_FEATURE_WP_ASYNC
 #define UFFD_FEATURE_WP_ASYNC (1 << 15) /* Linux 6.7 */
-#endif
-#ifndef PAGE_IS_WPALLOWED
-#define PAGE_IS_WPALLOWED (1 << 0)
-#endif
-#ifndef PAGE_IS_WRITTEN
-#define PAGE_IS_WRITTEN (1 << 1)
-#endif
-#ifndef PM_SCAN_WP_MATCHING
-#define PM_SCAN_WP_MATCHING (1 << 0)
-#endif
-#ifndef PM_SCAN_CHECK_WPASYNC
-#define PM_SCAN_CHECK_WPASYNC (1 << 1)
-#endif
-/* struct pm_scan_arg and struct page_region of linux/fs.h (Linux 6.7), under
- * our own names so that they never clash with a header that has them. */
-struct ls_page_region {
-    uint64_t start, end, categories;
-};
-struct ls_pm_scan_arg {
-    uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
-    uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
-};
-_Static_assert(sizeof(struct ls_pm_scan_arg) == 96, "struct pm_scan_arg layout");
-#ifndef PAGEMAP_SCAN
-#define PAGEMAP_SCAN _IOWR('f', 16, struct ls_pm_scan_arg)
 #endif
 
 #define TRACK_FEATURES ((uint64_t)(UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED))
@@ -119,8 +103,8 @@ static struct trange *rs;             /* tracked ranges, sorted by start, disjoi
 static size_t nrs, caprs;
 static struct ls_page_region kbuf[KBUF];
 static pid_t forgot_in; /* the child in which track_forget last ran */
-static int sfd = -1;    /* the synchronous tracking userfaultfd (full rung), or -1 */
-static int sthread_up;  /* the snapshot thread runs (it serves sfd) */
+static int sfd = -1;    /* the synchronous tracking userfaultfd (full rung; served by the
+                           snapshot thread from its opening on), or -1 */
 
 /* ---- opening ---- */
 
@@ -277,7 +261,6 @@ static void track_forget(void)
     if (sfd >= 0)
         close(sfd); /* the parent's; the snapshot thread is not the child's */
     sfd = -1;
-    sthread_up = 0;
     forgot_in = getpid();
     pthread_mutex_init(&lk, NULL);
 }
@@ -612,7 +595,6 @@ static int open_sync_locked(void)
     }
     pthread_setname_np(th, "lazyshare-snap");
     sfd = fd;
-    sthread_up = 1;
     return 0;
 }
 

@@ -56,6 +56,7 @@ program drops it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import threading
@@ -107,8 +108,6 @@ class _Gen:
         if not self.direct:
             return self.seg
         if self._direct_desc is None:
-            import dataclasses
-
             self._direct_desc = dataclasses.replace(self.seg, cache_fd=-1, cache_ino=0)
         return self._direct_desc
 
@@ -153,7 +152,7 @@ class _Entry:
         self.between = True  # tracked between calls too (else only while calls run)
         self.calls_untracked = 0  # calls since tracking between calls stopped
         self.pools: set[int] = set()  # ids of the running pools whose calls used it
-        # Snapshot entries (full rung, see _SNAPSHOTS): the pages lying wholly
+        # Snapshot entries (see _snapshots_allowed): the pages lying wholly
         # in the array, [in_lo, in_hi), are tracked synchronously; the one or
         # two pages it shares with its neighbours (the heap) are compared at
         # each call instead, and copied into the cache when a call begins.
@@ -161,7 +160,7 @@ class _Entry:
         self.in_lo = -(-key[0] // _PAGE) * _PAGE
         self.in_hi = max(self.in_lo, key[1] // _PAGE * _PAGE)
 
-    def edges(self) -> list[tuple[int, int]]:
+    def edges(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """The array's bytes in pages it shares, and those pages: ([(lo, hi)
         byte ranges], [(lo, hi) page ranges]), in addresses."""
         low, high = self.key
@@ -344,17 +343,11 @@ def _snapshots_allowed(root: Any) -> bool:
     import numpy as np
 
     return (
-        _SNAPSHOTS
-        and isinstance(root, np.ndarray)
+        isinstance(root, np.ndarray)
         and root.base is None
         and root.flags.owndata
         and _handler().capabilities().mode == "uffd"
     )
-
-
-#: Snapshots as of submission where _snapshots_allowed (tests turn it off to
-#: exercise the other path on the full rung).
-_SNAPSHOTS = True
 
 
 def _track(e: _Entry, root: Any) -> None:
