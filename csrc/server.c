@@ -1574,40 +1574,8 @@ int ls_server_cache(const uint8_t *id, int *fd, uint64_t *ino)
     return rc;
 }
 
-int64_t ls_server_cache_punch(const uint8_t *id, const uint64_t *ranges, uint32_t n)
-{
-    int64_t rc = 0;
-    struct ls_cache *cache = NULL;
-    pthread_mutex_lock(&seg_lock);
-    struct seg *s = seg_find(id);
-    if (!s || !(cache = s->cache))
-        rc = -ENOENT;
-    else if (n && !ranges)
-        rc = -EINVAL;
-    for (uint32_t i = 0; !rc && i < n; i++)
-        if (ranges[2 * i] > s->len || ranges[2 * i + 1] > s->len - ranges[2 * i])
-            rc = -ERANGE;
-    if (!rc)
-        s->busy++; /* the cache stays while the holes are punched, without the lock */
-    seg_unlock();
-    if (rc)
-        return rc;
-    rc = ls_cache_punch(cache, ranges, n);
-    seg_unbusy(s);
-    return rc;
-}
-
-int64_t ls_server_cache_resident(const uint8_t *id)
-{
-    pthread_mutex_lock(&seg_lock);
-    struct seg *s = seg_find(id);
-    int64_t rc = s && s->cache ? ls_cache_resident(s->cache) : -ENOENT;
-    seg_unlock();
-    return rc;
-}
-
 /* A segment with a cache, busy-referenced for use without the lock: the
- * checks shared by the calls below. */
+ * lookup shared by the calls below. */
 static struct seg *seg_get_cached(const uint8_t *id, int *rc)
 {
     pthread_mutex_lock(&seg_lock);
@@ -1619,6 +1587,39 @@ static struct seg *seg_get_cached(const uint8_t *id, int *rc)
         s->busy++;
     seg_unlock();
     return *rc ? NULL : s;
+}
+
+/* n (offset, length) ranges of s: 0 if all lie inside it, else -ERANGE. */
+static int ranges_check(const struct seg *s, const uint64_t *r, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (r[2 * i] > s->len || r[2 * i + 1] > s->len - r[2 * i])
+            return -ERANGE;
+    return 0;
+}
+
+int64_t ls_server_cache_punch(const uint8_t *id, const uint64_t *ranges, uint32_t n)
+{
+    int rc;
+    if (n && !ranges)
+        return -EINVAL;
+    struct seg *s = seg_get_cached(id, &rc); /* the cache stays while the holes are punched */
+    if (!s)
+        return rc;
+    int64_t r = ranges_check(s, ranges, n);
+    if (!r)
+        r = ls_cache_punch(s->cache, ranges, n);
+    seg_unbusy(s);
+    return r;
+}
+
+int64_t ls_server_cache_resident(const uint8_t *id)
+{
+    pthread_mutex_lock(&seg_lock);
+    struct seg *s = seg_find(id);
+    int64_t rc = s && s->cache ? ls_cache_resident(s->cache) : -ENOENT;
+    seg_unlock();
+    return rc;
 }
 
 static int64_t refresh_ranges(struct ls_cache *c, const uint8_t *base, const uint64_t *r, uint32_t n, int punch)
@@ -1659,14 +1660,13 @@ int64_t ls_server_cache_refresh(const uint8_t *id, const uint64_t *ranges, uint3
     struct seg *s = seg_get_cached(id, &rc);
     if (!s)
         return rc;
-    uint64_t bytes = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        if (ranges[2 * i] > s->len || ranges[2 * i + 1] > s->len - ranges[2 * i]) {
-            seg_unbusy(s);
-            return -ERANGE;
-        }
-        bytes += ranges[2 * i + 1];
+    if ((rc = ranges_check(s, ranges, n))) {
+        seg_unbusy(s);
+        return rc;
     }
+    uint64_t bytes = 0;
+    for (uint32_t i = 0; i < n; i++)
+        bytes += ranges[2 * i + 1];
     /* Comparing is bound by memory reads: a large one goes faster on two
      * CPUs. The ranges are cut in two at a page boundary near the middle. */
     uint64_t *half = NULL;
