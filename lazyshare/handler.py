@@ -374,13 +374,17 @@ def add_cache(seg: SegmentDescriptor) -> SegmentDescriptor:
     return dataclasses.replace(seg, cache_fd=int(fd[0]), cache_ino=int(ino[0]))
 
 
+def _spans(ranges: list[tuple[int, int]]):
+    """``(start, end)`` pairs as the (offset, length) array the core takes."""
+    return ffi.new("uint64_t[]", [v for lo, hi in ranges for v in (lo, hi - lo)])
+
+
 def cache_punch(seg: SegmentDescriptor, ranges: list[tuple[int, int]]) -> int:
     """Drop the cached pages of ``ranges`` (segment offsets ``(start, end)``):
     the bytes dropped."""
     if not ranges or not seg.cache_ino:
         return 0
-    flat = ffi.new("uint64_t[]", [v for lo, hi in ranges for v in (lo, hi - lo)])
-    return _check(lib.ls_server_cache_punch(seg.id, flat, len(ranges)), "dropping cached pages")
+    return _check(lib.ls_server_cache_punch(seg.id, _spans(ranges), len(ranges)), "dropping cached pages")
 
 
 def cache_resident(seg: SegmentDescriptor) -> int:
@@ -431,9 +435,8 @@ def cache_refresh(seg: SegmentDescriptor, ranges: list[tuple[int, int]], punch: 
     cached pages that differ from the memory now (punched if ``punch``)."""
     if not ranges or not seg.cache_ino:
         return 0
-    flat = ffi.new("uint64_t[]", [v for lo, hi in ranges for v in (lo, hi - lo)])
     return _check(
-        lib.ls_server_cache_refresh(seg.id, flat, len(ranges), int(punch)), "comparing cached pages"
+        lib.ls_server_cache_refresh(seg.id, _spans(ranges), len(ranges), int(punch)), "comparing cached pages"
     )
 
 
