@@ -60,6 +60,7 @@ import dataclasses
 import os
 import sys
 import threading
+import time
 import warnings
 import weakref
 from typing import Any
@@ -90,7 +91,7 @@ class _Gen:
     one page drops one cached page, not the two it would straddle if the
     segment began where the allocation does (inside its first page)."""
 
-    __slots__ = ("seg", "entry", "users", "snap", "direct", "_direct_desc")
+    __slots__ = ("seg", "entry", "users", "snap", "direct", "_direct_desc", "last_used")
 
     def __init__(self, seg, entry: _Entry):
         self.seg = seg
@@ -101,6 +102,7 @@ class _Gen:
         # (see _refresh_sync): set when its first user comes.
         self.direct = False
         self._direct_desc = None
+        self.last_used = 0.0  # time.monotonic() when its last call released it
 
     @property
     def desc(self):
@@ -182,7 +184,7 @@ _by_root: dict[int, _Entry] = {}  # id(root object) -> its entry (a resized arra
 _idle: set[_Gen] = set()  # generations no call uses, still pinned until no worker maps them
 _idle_wake = threading.Event()
 _idle_thread: threading.Thread | None = None
-_totals = {"bytes_invalidated": 0, "generations": 0, "bytes_reused": 0}
+_totals = {"bytes_invalidated": 0, "generations": 0, "bytes_reused": 0, "bytes_evicted": 0}
 _pools: set[int] = set()  # ids of this process's pools running now
 #: A segment found mostly rewritten stops being tracked for this many calls.
 _RETRACK_AFTER = 8
@@ -273,8 +275,27 @@ def release(g: _Gen) -> None:
         if e.tracked and not e.between:
             h.track_remove(e.page_lo, e.page_len)
             e.tracked = False
+        g.last_used = time.monotonic()
         _idle.add(g)
+        _evict_over_cap()
     _unpin_when_unmapped()
+
+
+def _evict_over_cap() -> None:
+    """Keep the page caches within ``LAZYSHARE_CACHE_MAX`` between calls:
+    empty those of arrays no call reads now, least recently used first (their
+    next call fills them again). Caches that running calls read are never
+    touched, so they may pass it while those calls run."""
+    h = _handler()
+    cap = settings.read().cache_max
+    gens = [e.gen for e in _entries.values() if e.gen is not None]
+    sizes = {g: h.cache_resident(g.seg) for g in gens}
+    total = sum(sizes.values())
+    for g in sorted((g for g in gens if g.users == 0 and sizes[g]), key=lambda g: g.last_used):
+        if total <= cap:
+            break
+        _totals["bytes_evicted"] += h.cache_punch(g.seg, [(0, g.entry.page_len)])
+        total -= sizes[g]
 
 
 def _new_gen(e: _Entry, root: Any) -> _Gen:
@@ -592,7 +613,9 @@ def stats() -> dict:
     into caches because the parent was about to overwrite them while a call
     read them (snapshots, full rung); ``bytes_reused``: bytes a call found
     in the cache when it began, summed over the calls that reused a segment
-    (what their tasks could map without a request: cache hits at most)."""
+    (what their tasks could map without a request: cache hits at most);
+    ``bytes_evicted``: cached bytes dropped to stay within
+    ``LAZYSHARE_CACHE_MAX``."""
     h = _handler()
     with _lock:
         gens = [e.gen for e in _entries.values() if e.gen is not None]
@@ -605,6 +628,7 @@ def stats() -> dict:
             "bytes_filled": ctr["cache_bytes_filled"],
             "bytes_preserved": ctr["snap_bytes_preserved"],
             "bytes_reused": _totals["bytes_reused"],
+            "bytes_evicted": _totals["bytes_evicted"],
             "bytes_invalidated": _totals["bytes_invalidated"],
             "generations": _totals["generations"],
         }

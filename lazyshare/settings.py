@@ -23,6 +23,10 @@ never reads the environment: :mod:`lazyshare.handler` hands it these values.
                             page cache shared by the workers, until the array dies, and
                             later calls fetch only pages written since; ``0``: one
                             export per call (see :mod:`lazyshare.live`)
+``LAZYSHARE_CACHE_MAX``     bytes the page caches of this process may keep between
+                            calls (default: half the machine's memory); past it, the
+                            caches of arrays no call reads are emptied, least recently
+                            used first
 ==========================  =========================================================
 """
 
@@ -34,6 +38,13 @@ import os
 __all__ = ["Settings", "read", "DATA_PATHS"]
 
 DATA_PATHS = ("install", "wire")
+
+
+def _half_the_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError):
+        return 1 << 62
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +59,7 @@ class Settings:
     server_threads: int = 0  # 0: one per CPU
     runtime_dir: str | None = None
     cache: bool = True
+    cache_max: int = dataclasses.field(default_factory=_half_the_memory)
 
 
 def _number(env, name: str, kind, default, minimum=0):
@@ -83,6 +95,7 @@ def read(env=None) -> Settings:
         server_threads=_number(env, "LAZYSHARE_SERVER_THREADS", int, d.server_threads),
         runtime_dir=env.get("LAZYSHARE_RUNTIME_DIR") or None,
         cache=_flag(env, "LAZYSHARE_CACHE", d.cache),
+        cache_max=_number(env, "LAZYSHARE_CACHE_MAX", int, d.cache_max, 1),
     )
 
 

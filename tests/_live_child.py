@@ -223,6 +223,25 @@ def case_writers():
     }
 
 
+def case_cap():
+    """LAZYSHARE_CACHE_MAX (set by the test to 40 MiB): three 16 MiB arrays used
+    in turn; between calls the caches stay within it, the least recently used
+    one emptied."""
+    rng = np.random.default_rng(8)
+    arrays = [rng.random(16 * MB // 8) for _ in range(3)]
+    with lazyshare.Pool(2) as p:
+        ok = True
+        for a in arrays:
+            ok &= sums(p, a) == expect(a)
+        st = live.stats()
+        moved = []
+        for a in (arrays[2], arrays[0]):  # the most recent stays cached; the oldest went
+            before = lazy_bytes(p)
+            ok &= sums(p, a) == expect(a)
+            moved.append(lazy_bytes(p) - before)
+    return {"ok": bool(ok), "cached": st["bytes_cached"], "evicted": st["bytes_evicted"], "moved": moved}
+
+
 def case_discard():
     """MADV_DONTNEED of the pages of a numpy array between calls and during a
     call: the next call sees zeros; the call running says its snapshot could

@@ -193,6 +193,17 @@ def test_many_arrays_created_and_dropped_leave_nothing():
     assert r["rss_growth"] < (32 << 20)
 
 
+@needs_tracking
+def test_caches_stay_within_the_cap_between_calls():
+    r = case("cap", env={"LAZYSHARE_CACHE_MAX": str(40 << 20)})
+    assert r["ok"]
+    assert r["cached"] <= 40 << 20
+    assert r["evicted"] >= 16 << 20
+    recent, oldest = r["moved"]
+    assert recent <= 1 << 20  # still cached
+    assert oldest >= 15 << 20  # emptied: fetched again
+
+
 def test_cache_off_exports_per_call():
     r = case("dirty", env={"LAZYSHARE_CACHE": "0"})
     assert r["ok"]

@@ -519,6 +519,7 @@ def test_stats_shape(pool):
         "bytes_invalidated",
         "bytes_preserved",
         "bytes_reused",
+        "bytes_evicted",
         "generations",
     }
     keys = {"tasks", "bytes_pickled", "bytes_lazy", "faults"}
