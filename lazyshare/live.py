@@ -471,37 +471,35 @@ def _written_inside(e: _Entry, ranges) -> bool:
     the cache like the others, but never warned about."""
     if ranges is None:
         return True
-    lo = -(-e.key[0] // _PAGE) * _PAGE
-    hi = e.key[1] // _PAGE * _PAGE
-    return any(min(b, hi) > max(a, lo) for a, b in ranges)
+    return any(min(b, e.in_hi) > max(a, e.in_lo) for a, b in ranges)
 
 
-def _warn_written(e: _Entry) -> None:
+def _warn_once(e: _Entry, message: str) -> None:
+    """One ``LazyshareWarning`` per array, naming it."""
     if e.warned:
         return
     e.warned = True
-    warnings.warn(
-        f"lazyshare: this process wrote to {e.desc} while tasks that read it were running. "
+    warnings.warn(f"lazyshare: {message}", _handler().LazyshareWarning, stacklevel=5)
+
+
+def _warn_written(e: _Entry) -> None:
+    _warn_once(
+        e,
+        f"this process wrote to {e.desc} while tasks that read it were running. "
         "Those tasks may have seen the new values in pages they had not read yet "
-        "(lazyshare does not hold back the parent's writes to keep a snapshot as of "
-        "submission); later calls see the new values. Write to it once the call's "
-        "results are in, or pass a copy.",
-        _handler().LazyshareWarning,
-        stacklevel=4,
+        "(lazyshare cannot hold back the parent's writes to this array here: see "
+        "lazyshare.capabilities().snapshots); later calls see the new values. Write to "
+        "it once the call's results are in, or pass a copy.",
     )
 
 
 def _warn_broken(e: _Entry) -> None:
-    if e.warned:
-        return
-    e.warned = True
-    warnings.warn(
-        f"lazyshare: the snapshot of {e.desc} could not be kept whole for a call "
+    _warn_once(
+        e,
+        f"the snapshot of {e.desc} could not be kept whole for a call "
         "(this process discarded pages of it with madvise, or copying a block "
         "before it was overwritten failed): tasks of that call may have seen "
         "newer values in pages they had not read yet.",
-        _handler().LazyshareWarning,
-        stacklevel=4,
     )
 
 
