@@ -148,6 +148,31 @@ int ls_server_snap_begin(const uint8_t *id, uint64_t addr, uint64_t len);
 /* Close it: 0 if it was kept whole, 1 if not (a block could not be copied,
  * or this process discarded pages of it with madvise), -ENOENT. */
 int ls_server_snap_end(const uint8_t *id, uint64_t addr);
+/* The bytes [off, off+len) of the segment as of its open snapshot (the kept
+ * pages from its cache, the others from its memory; with no snapshot open, its
+ * memory) into buf. 0, -ENOENT, -ERANGE, -errno. */
+int ls_server_snapshot_read(const uint8_t *id, uint64_t off, uint64_t len, uint8_t *buf);
+
+/* Shared output arrays (merge.c). The pages of [addr, addr+len) (whole pages)
+ * this process wrote: anonymous or swapped, not the zero page (a lazy region's
+ * clean pages are its cache's file pages, or absent). Up to max (start, end)
+ * address pairs into out; their count, -ENOTTY (no PAGEMAP_SCAN: take the whole
+ * range), -E2BIG, -errno. */
+int64_t ls_written_pages(uint64_t addr, uint64_t len, uint64_t *out, uint32_t max);
+/* A call's merges into one segment of seglen bytes: the twins of the pages its
+ * tasks wrote. NULL if out of memory. */
+struct ls_merge;
+struct ls_merge *ls_merge_new(uint64_t seglen);
+void ls_merge_free(struct ls_merge *m);
+/* Merge a task's pages into base (the segment's memory, seglen bytes): nruns
+ * (offset, length) runs of the segment whose bytes follow each other in src.
+ * A byte differing from its twin (made on first use, from segment id's
+ * snapshot or from base) is applied, unless base already differs from both
+ * (an earlier writer's value): then conflict[0] counts it, conflict[1..2]
+ * widen to its offset, and it is applied only if last. The bytes applied, or
+ * -ERANGE, -errno. */
+int64_t ls_merge_apply(struct ls_merge *m, const uint8_t *id, uint8_t *base, const uint64_t *runs, uint32_t nruns,
+                       const uint8_t *src, int last, uint64_t *conflict);
 
 /* Stop offering a segment: 1 if freed now, 0 if mappings still hold it (its
  * id comes out of ls_server_pop_freed when the last one is gone). A holder is

@@ -17,6 +17,7 @@ from .errors import (
     ProtocolError,
     SegmentError,
     WorkerLostError,
+    WriteConflictError,
 )
 from .handler import (
     ArrayDescriptor,
@@ -31,6 +32,7 @@ from .handler import (
     release,
     stats,
 )
+from .output import shared, unshare
 
 if TYPE_CHECKING:  # loaded on first use by __getattr__ below
     from .executor import Executor
@@ -53,6 +55,7 @@ __all__ = [
     "SegmentDescriptor",
     "SegmentError",
     "WorkerLostError",
+    "WriteConflictError",
     "attach",
     "capabilities",
     "export",
@@ -61,7 +64,9 @@ __all__ = [
     "progress",
     "register_joblib",
     "release",
+    "shared",
     "stats",
+    "unshare",
 ]
 
 

@@ -271,6 +271,16 @@ class _Core:
         if empty:
             self.wake()
 
+    def merge(self, job: int, writes: list, ok: bool, value):
+        """Apply a task's writes to the shared outputs of its call (result
+        thread, before the result is delivered): ``(ok, value)``, or ``(False,
+        WriteConflictError)`` if it changed bytes an earlier task had changed."""
+        exports = self.exports.get(job)
+        if exports is None or not writes:
+            return ok, value
+        conflict = exports.outputs.merge(writes)
+        return (False, conflict) if conflict is not None else (ok, value)
+
     def task_done(self, job: int, index: int) -> None:
         """The result thread has a task's result: release the segments only it
         used, and count it out of the feeder's window. Never raises."""
@@ -779,7 +789,11 @@ def _result_loop(core: _Core) -> None:
         for job, index, ok, payload, raw in batch:
             if raw:
                 try:
-                    ok, payload = serialization.loads_result(payload)
+                    res = serialization.loads_result(payload)
+                    ok, payload = res[0], res[1]
+                    if len(res) > 2:  # the task's writes to shared outputs: merged first
+                        ok, payload = core.merge(job, res[2], ok, payload)
+                    res = None
                 except BaseException as e:  # SystemExit from a __reduce__ too: this thread must go on
                     ok, payload = False, _load_error(e, job, index)
             core.task_done(job, index)  # its exports go before the caller sees it

@@ -16,6 +16,7 @@ __all__ = [
     "ProtocolError",
     "WorkerLostError",
     "BrokenWorkerError",
+    "WriteConflictError",
 ]
 
 
@@ -65,3 +66,21 @@ class BrokenWorkerError(WorkerLostError, BrokenProcessPool):
     futures that worker held fail; the executor starts a replacement and goes on.
     ``__cause__`` is the pool's original :class:`WorkerLostError`.
     """
+
+
+class WriteConflictError(LazyshareError):
+    """Two tasks of one call changed the same bytes of a shared output array
+    (:func:`lazyshare.shared`) to different values. Raised as the later task's
+    result; that task's other changes, and everything the earlier one wrote,
+    are in the array.
+
+    ``array`` describes the array, ``start``/``stop`` bound the conflicting
+    bytes (offsets from the array's first byte) and ``nbytes`` counts them.
+    """
+
+    def __init__(self, message: str, array: str = "", start: int = 0, stop: int = 0, nbytes: int = 0):
+        super().__init__(message)
+        self.array, self.start, self.stop, self.nbytes = array, start, stop, nbytes
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.array, self.start, self.stop, self.nbytes))

@@ -216,10 +216,15 @@ class ArrayDescriptor:
     strides: tuple
     dtype: Any
     writeable: bool = True
+    output: bool = False  # a shared output (lazyshare.shared): the task's writes go back
 
     @classmethod
-    def for_view(cls, seg: SegmentDescriptor, arr: np.ndarray, low: int) -> ArrayDescriptor:
-        return cls(seg, arr.ctypes.data - low, arr.shape, arr.strides, arr.dtype, bool(arr.flags.writeable))
+    def for_view(
+        cls, seg: SegmentDescriptor, arr: np.ndarray, low: int, output: bool = False
+    ) -> ArrayDescriptor:
+        return cls(
+            seg, arr.ctypes.data - low, arr.shape, arr.strides, arr.dtype, bool(arr.flags.writeable), output
+        )
 
     @property
     def nbytes(self) -> int:
@@ -588,10 +593,11 @@ def _ensure_client() -> Capabilities:
 class _Mapping:
     """Owns one attached region; numpy arrays over it keep it alive as ``.base``."""
 
-    __slots__ = ("address", "nbytes", "region", "pid", "__array_interface__", "__weakref__")
+    __slots__ = ("address", "nbytes", "region", "segoff", "pid", "__array_interface__", "__weakref__")
 
-    def __init__(self, address: int, nbytes: int, region: int):
+    def __init__(self, address: int, nbytes: int, region: int, segoff: int = 0):
         self.address, self.nbytes, self.region, self.pid = address, nbytes, region, os.getpid()
+        self.segoff = segoff  # the segment offset mapped at address
         self.__array_interface__ = {
             "shape": (nbytes,),
             "typestr": "|u1",
@@ -724,7 +730,7 @@ def attach_all(descs: list) -> list[np.ndarray]:
             rc, f"attaching segment {what} of pid {owner_pid} at {endpoint} (timeout {attach_timeout:g} s)"
         )
         for spec, (_, members) in zip(specs, regions):
-            raw = np.asarray(_Mapping(spec.addr, spec.map_len, spec.region))
+            raw = np.asarray(_Mapping(spec.addr, spec.map_len, spec.region, spec.off))
             for i in members:
                 d = descs[i]
                 # Writable even if the owner's array is not (``desc.writeable``): the mapping

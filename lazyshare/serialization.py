@@ -83,6 +83,8 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
+from . import output as _output
+
 __all__ = [
     "DEFAULT_THRESHOLD",
     "CallExports",
@@ -137,7 +139,11 @@ class _LazyPickler(cloudpickle.Pickler):
     def reducer_override(self, obj):
         if (rv := _as_the_stdlib(obj, self._exports.threshold)) is not None:
             return rv
-        if isinstance(obj, np.ndarray) and obj.nbytes >= self._exports.threshold and not obj.dtype.hasobject:
+        if (
+            isinstance(obj, np.ndarray)
+            and (obj.nbytes >= self._exports.threshold or _output.marked(obj) is not None)
+            and not obj.dtype.hasobject
+        ):
             if type(obj) is np.ndarray:
                 return _view, (self._view_of(obj),)
             rv = self._reduce_subclass(obj)
@@ -273,6 +279,7 @@ class CallExports:
         self._lock = threading.Lock()
         self.bytes_live = 0  # bytes exported and still offered (not released yet)
         self.bytes_new = 0  # bytes the last dumps exported anew
+        self.outputs = _output.CallOutputs()  # the shared outputs among them
         self.closed = False
 
     def export_array(self, arr: np.ndarray):
@@ -307,7 +314,11 @@ class CallExports:
                 self._release(seg, gen)
                 raise ValueError("CallExports is closed")
         # A kept segment begins at its allocation's first page (see live._Gen).
-        return h.ArrayDescriptor.for_view(seg, arr, low if gen is None else gen.base)
+        base = low if gen is None else gen.base
+        marks = _output.marked(arr) if _output._marks else None
+        if marks is not None:
+            self.outputs.add(seg, base, pin, marks)
+        return h.ArrayDescriptor.for_view(seg, arr, base, marks is not None)
 
     def dumps(self, obj, task=None) -> list:
         """Pickle ``obj``; its segments stay offered until ``task_done(task)``
@@ -388,6 +399,7 @@ class CallExports:
             self._uses.clear()
             self._tasks.clear()
             self.bytes_live = 0
+        self.outputs.close()
         for seg, gen in gone:
             self._release(seg, gen)
 
@@ -532,7 +544,7 @@ def _small_table(threshold: float) -> dict:
     if table is None:
 
         def reduce_array(a):
-            if a.nbytes >= threshold:
+            if a.nbytes >= threshold or (_output._marks and _output.marked(a) is not None):
                 raise _TooBig
             return a.__reduce_ex__(_PROTOCOL)
 
@@ -607,12 +619,17 @@ def _rebuild_masked(cls, baseclass, data, mask, fill_value, hardmask, state):
     return arr
 
 
-def loads(frames) -> Any:
-    """Unpickle ``CallExports.dumps`` frames; lazy buffers are attached."""
+def loads(frames, outputs: list | None = None) -> Any:
+    """Unpickle ``CallExports.dumps`` frames; lazy buffers are attached. The
+    shared outputs among them (``lazyshare.shared``) are appended to
+    ``outputs`` as (segment id, segment length, array)."""
     head = pickle.loads(frames[0])
     kinds, views = head if isinstance(head, tuple) else (head, ())
     lazy = [d for d in kinds if d is not None]
-    arrays = _handler().attach_all([*lazy, *views]) if lazy or views else []
+    descs = [*lazy, *views]
+    arrays = _handler().attach_all(descs) if descs else []
+    if outputs is not None:
+        outputs.extend((d.segment.id, d.segment.nbytes, a) for d, a in zip(descs, arrays) if d.output)
     oob = iter(arrays[: len(lazy)])
     inline = iter(frames[2:])
     buffers = [next(inline) if d is None else memoryview(next(oob)) for d in kinds]

@@ -29,7 +29,7 @@ from multiprocessing.pool import ExceptionWithTraceback, MaybeEncodingError
 import numpy as np
 import zmq
 
-from . import serialization, transport
+from . import output, serialization, transport
 
 #: How long a retiring worker waits for the parent's acknowledgement of its last
 #: message (it must not exit before libzmq has delivered its results).
@@ -214,8 +214,9 @@ def _run_task(sock, msg, budget: int | None = None, future: bool = False) -> boo
     t0 = time.perf_counter()
     job, index, mode = transport.TASK_HDR.unpack(msg[1].buffer)
     func = args = kwds = payload = value = None
+    outputs: list = []  # shared outputs (lazyshare.shared) among the arguments
     try:
-        payload = serialization.loads([f.buffer for f in msg[2:]])
+        payload = serialization.loads([f.buffer for f in msg[2:]], outputs)
         msg = None
         if mode == transport.APPLY:
             func, args, kwds = payload
@@ -229,14 +230,15 @@ def _run_task(sock, msg, budget: int | None = None, future: bool = False) -> boo
             func, args = payload
             payload = None
             value = list(itertools.starmap(func, args))
-        result = (True, value)
+        # The task returned: the pages it wrote in its shared outputs go with the result.
+        result = (True, value, output.collect(outputs)) if outputs else (True, value)
     except BaseException as e:
         if not (future or isinstance(e, Exception)):
             raise
         _explain_efault(e)
         result = (False, ExceptionWithTraceback(e, e.__traceback__))
     # Drop the task before the result leaves: lazy mappings are released promptly.
-    func = args = kwds = payload = value = msg = None
+    func = args = kwds = payload = value = msg = outputs = None
     frames = _encode_result(result, budget, future)
     result = None
     lazy, faults, settled = _native_counters()

@@ -1,0 +1,237 @@
+/*
+ * lazyshare native core: shared output arrays (lazyshare/output.py).
+ *
+ *   consumer (worker), after a task:   ls_written_pages: the pages of a lazy
+ *                                       region this process wrote (the candidates
+ *                                       it sends back with the task's result)
+ *   owner (parent), per result:        ls_merge_apply: the bytes of those pages
+ *                                       that differ from the call's twin, applied
+ *                                       to the parent's array; conflicts found
+ *
+ * The twin of a page is its bytes as the call's tasks saw them: made the first
+ * time a task's pages reach it (from the segment's snapshot where one is open,
+ * else from the array, which no task has changed yet), kept in a sparse
+ * anonymous mapping as long as the call. Byte-level multiple-writer merge
+ * (twin and diff): a byte a task changed relative to the twin is applied,
+ * unless an earlier task of the call changed it to another value (the array
+ * differs from both), which is a conflict.
+ *
+ * Called from Python with the GIL released; no Python API.
+ */
+#include "internal.h"
+
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#ifndef PAGE_IS_FILE
+#define PAGE_IS_FILE (1 << 4)
+#endif
+
+int64_t ls_written_pages(uint64_t addr, uint64_t len, uint64_t *out, uint32_t max)
+{
+    const uint64_t ps = ls_page_size();
+    if (addr % ps || len % ps || !max)
+        return -EINVAL;
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    struct ls_page_region v[64];
+    uint64_t pos = addr, end = addr + len;
+    uint32_t n = 0;
+    int64_t rc = 0;
+    while (pos < end && n < max) {
+        /* Written: an anonymous page (a copy-on-write of a cached file page, or a
+         * page filled by UFFDIO_COPY) or one swapped out; never the zero page. */
+        struct ls_pm_scan_arg a = {
+            .size = sizeof a,
+            .start = pos,
+            .end = end,
+            .vec = (uintptr_t)v,
+            .vec_len = 64,
+            .category_inverted = PAGE_IS_FILE | PAGE_IS_PFNZERO,
+            .category_mask = PAGE_IS_FILE | PAGE_IS_PFNZERO,
+            .category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            .return_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        };
+        long k = ioctl(fd, PAGEMAP_SCAN, &a);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0) {
+            rc = errno == EINVAL ? -ENOTTY : -errno; /* no PAGEMAP_SCAN: the caller takes all */
+            break;
+        }
+        for (long i = 0; i < k; i++) {
+            if (n && out[2 * n - 1] == v[i].start) {
+                out[2 * n - 1] = v[i].end; /* contiguous with the last one */
+                continue;
+            }
+            if (n == max) {
+                rc = -E2BIG;
+                break;
+            }
+            out[2 * n] = v[i].start;
+            out[2 * n + 1] = v[i].end;
+            n++;
+        }
+        if (rc)
+            break;
+        /* walk_end is unreliable past a full vector: go on from the last region */
+        if (k < 64)
+            break;
+        pos = v[k - 1].end;
+    }
+    close(fd);
+    if (rc == 0 && pos < end && n == max)
+        rc = -E2BIG;
+    return rc ? rc : (int64_t)n;
+}
+
+struct ls_merge {
+    uint64_t len;   /* segment bytes */
+    uint64_t npages;
+    uint8_t *twin;  /* sparse, npages * ps */
+    uint8_t *have;  /* bit per page: twin made */
+};
+
+struct ls_merge *ls_merge_new(uint64_t seglen)
+{
+    const uint64_t ps = ls_page_size();
+    if (!seglen || seglen > UINT64_MAX - ps)
+        return NULL;
+    struct ls_merge *m = calloc(1, sizeof *m);
+    if (!m)
+        return NULL;
+    m->len = seglen;
+    m->npages = (seglen + ps - 1) / ps;
+    m->have = calloc((size_t)(m->npages + 7) / 8, 1);
+    m->twin = mmap(NULL, m->npages * ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    if (!m->have || m->twin == MAP_FAILED) {
+        free(m->have);
+        if (m->twin != MAP_FAILED)
+            munmap(m->twin, m->npages * ps);
+        free(m);
+        return NULL;
+    }
+    return m;
+}
+
+void ls_merge_free(struct ls_merge *m)
+{
+    if (!m)
+        return;
+    munmap(m->twin, m->npages * ls_page_size());
+    free(m->have);
+    free(m);
+}
+
+/* Make the twins of pages [p0, p1) that have none: runs of missing ones, read
+ * from the snapshot of segment id (if it has one open) or from base. */
+static int make_twins(struct ls_merge *m, const uint8_t *id, const uint8_t *base, uint64_t p0, uint64_t p1)
+{
+    const uint64_t ps = ls_page_size();
+    for (uint64_t p = p0; p < p1;) {
+        if ((m->have[p / 8] >> (p % 8)) & 1) {
+            p++;
+            continue;
+        }
+        uint64_t q = p + 1;
+        while (q < p1 && !((m->have[q / 8] >> (q % 8)) & 1))
+            q++;
+        uint64_t off = p * ps, n = (q * ps < m->len ? q * ps : m->len) - off;
+        int rc = id ? ls_server_snapshot_read(id, off, n, m->twin + off) : -ENOENT;
+        if (rc == -ENOENT) { /* not exported here (a test), or gone: the memory itself */
+            memcpy(m->twin + off, base + off, n);
+            rc = 0;
+        }
+        if (rc < 0)
+            return rc;
+        for (uint64_t k = p; k < q; k++)
+            m->have[k / 8] |= (uint8_t)(1u << (k % 8));
+        p = q;
+    }
+    return 0;
+}
+
+static void note_conflict(uint64_t at, uint64_t *conflict)
+{
+    if (!conflict[0]++ || at < conflict[1])
+        conflict[1] = at;
+    if (at + 1 > conflict[2])
+        conflict[2] = at + 1;
+}
+
+/* One byte: src the task's, t the twin's, *d the array's. */
+static uint64_t merge_byte(uint8_t *d, uint8_t t, uint8_t src, int last, uint64_t at, uint64_t *conflict)
+{
+    if (src == t || src == *d)
+        return 0; /* unchanged by the task, or already this value */
+    if (*d != t) { /* an earlier writer changed it to another value */
+        note_conflict(at, conflict);
+        if (!last)
+            return 0;
+    }
+    *d = src;
+    return 1;
+}
+
+/* Merge src over dst (n bytes, one page at most, segment offset at) against
+ * twin t, a word at a time: a word the task left as the twin is skipped, one
+ * nobody else changed is taken whole; only words both changed go byte by byte. */
+static uint64_t merge_piece(uint8_t *dst, const uint8_t *t, const uint8_t *src, uint64_t n, int last,
+                            uint64_t at, uint64_t *conflict)
+{
+    if (!memcmp(src, t, n))
+        return 0; /* the task changed nothing here */
+    uint64_t changed = 0, i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t ws, wt, wd;
+        memcpy(&ws, src + i, 8);
+        memcpy(&wt, t + i, 8);
+        if (ws == wt)
+            continue;
+        memcpy(&wd, dst + i, 8);
+        if (wd == wt || wd == ws) {
+            uint64_t x = ws ^ wt;
+            for (int b = 0; b < 8; b++)
+                changed += ((x >> (8 * b)) & 0xff) != 0 && (wd == wt);
+            memcpy(dst + i, &ws, 8);
+            continue;
+        }
+        for (int b = 0; b < 8; b++)
+            changed += merge_byte(dst + i + b, t[i + b], src[i + b], last, at + i + b, conflict);
+    }
+    for (; i < n; i++)
+        changed += merge_byte(dst + i, t[i], src[i], last, at + i, conflict);
+    return changed;
+}
+
+int64_t ls_merge_apply(struct ls_merge *m, const uint8_t *id, uint8_t *base, const uint64_t *runs, uint32_t nruns,
+                       const uint8_t *src, int last, uint64_t *conflict)
+{
+    const uint64_t ps = ls_page_size();
+    uint64_t changed = 0, at = 0;
+    for (uint32_t r = 0; r < nruns; r++) {
+        uint64_t off = runs[2 * r], n = runs[2 * r + 1];
+        if (off > m->len || n > m->len - off)
+            return -ERANGE;
+        if (!n)
+            continue;
+        int rc = make_twins(m, id, base, off / ps, (off + n + ps - 1) / ps);
+        if (rc < 0)
+            return rc;
+        for (uint64_t o = off; o < off + n;) {
+            uint64_t e = (o / ps + 1) * ps;
+            if (e > off + n)
+                e = off + n;
+            changed += merge_piece(base + o, m->twin + o, src + at + (o - off), e - o, last, o, conflict);
+            o = e;
+        }
+        at += n;
+    }
+    return (int64_t)changed;
+}

@@ -1,0 +1,351 @@
+"""Shared output arrays: the bytes tasks change in an array marked with
+:func:`shared` are merged back into the parent's array.
+
+Three places, one per process role::
+
+    out = lazyshare.shared(np.zeros(n))     # parent: mark it (returns it)
+    pool.starmap(fill, [(out, i) ...])      # its tasks get the usual lazy, private
+                                            # mapping (exported whatever its size)
+    collect(outputs)                        # worker, after a task that returned:
+                                            # the pages it wrote, sent with the result
+    merge(exports, job, index, writes)      # parent's result thread, before the
+                                            # result is delivered: twin and diff
+
+The worker finds the pages it wrote with ``PAGEMAP_SCAN`` (a lazy region's
+clean pages are its cache's file pages, or absent; written ones are anonymous):
+on the full and user-mode-only rungs with the page cache that is exactly the
+written pages. Without the cache (a memory budget, the eager rung, caching
+off) every page it fetched is a candidate: more bytes travel, the merge is as
+exact. The parent compares each page with its *twin* -- its bytes as the
+call's tasks saw them: from the call's snapshot where one is open (the full
+rung), else from the array before the call's first merge into it -- and
+applies the bytes that differ, in native code. A byte that an earlier task of
+the call changed to another value is a conflict: the later task's result is a
+:class:`~lazyshare.errors.WriteConflictError` (its other bytes land), or, with
+``conflicts="last"``, the later value wins. A task that raises, or whose
+worker dies, sends nothing: nothing of it is merged.
+
+Byte-level twin and diff cannot tell a byte rewritten with its old value from
+one not written at all: such a write is no change (and no conflict).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+
+from .errors import WriteConflictError
+
+__all__ = ["shared", "unshare", "stats"]
+
+_CONFLICTS = ("error", "last")
+_lock = threading.Lock()
+# id(root) -> _Mark: the marked byte ranges of one allocation
+_marks: dict[int, _Mark] = {}
+_totals = {"bytes_sent": 0, "bytes_merged": 0, "tasks_merged": 0, "conflicts": 0}
+
+
+class _Mark:
+    __slots__ = ("ref", "ranges", "desc")
+
+    def __init__(self, ref: weakref.ref, desc: str):
+        self.ref = ref
+        self.ranges: list[tuple[int, int, bool]] = []  # (low, high address, last writer wins)
+        self.desc = desc
+
+
+def _bounds(arr: np.ndarray) -> tuple[int, int]:
+    return getattr(np.lib, "array_utils", np).byte_bounds(arr)
+
+
+def _root(arr: np.ndarray) -> Any:
+    from .handler import root_extent
+
+    return root_extent(arr)[0]
+
+
+def _describe(arr: np.ndarray) -> str:
+    return f"the {arr.dtype} array of shape {arr.shape} at {arr.ctypes.data:#x}"
+
+
+def shared(array: np.ndarray, conflicts: str = "error") -> np.ndarray:
+    """Mark ``array`` as a shared output of pool calls and return it.
+
+    Tasks that get ``array`` (or a view of it) as an argument see it as of
+    submission plus their own writes, as usual; when a task returns, exactly the
+    bytes it changed are written into ``array`` before its result is delivered
+    (``map`` returns with the array complete; an ``imap`` consumer finds each
+    task's part in place when its result arrives). Two tasks of one call that
+    change the same byte to different values: the later one's result is a
+    :class:`~lazyshare.WriteConflictError`, unless ``conflicts="last"`` (the
+    later value wins). A task that raises, or whose worker dies, merges nothing.
+
+    ``array``: a writable numpy array or view of any layout (a view marks only
+    its own bytes: tasks' writes elsewhere in its base stay private). The mark
+    lasts as long as the array's base, or until :func:`unshare`. Marking it
+    again changes ``conflicts``.
+    """
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"lazyshare.shared() takes a numpy array, not {type(array).__name__}")
+    if conflicts not in _CONFLICTS:
+        raise ValueError(f"conflicts must be one of {_CONFLICTS}, not {conflicts!r}")
+    if array.dtype.hasobject:
+        raise TypeError(
+            "lazyshare.shared(): an array of Python objects cannot be shared (its items are pointers)"
+        )
+    if not array.flags.writeable:
+        raise ValueError(
+            "lazyshare.shared(): the array is read-only, so tasks' writes could not be merged into it"
+        )
+    if array.size == 0:
+        return array  # nothing to write
+    root = _root(array)
+    lo, hi = _bounds(array)
+    with _lock:
+        m = _marks.get(id(root))
+        if m is None or m.ref() is not root:
+            key = id(root)
+            try:
+                ref = weakref.ref(root, lambda _r, key=key: _forget(key, _r))
+            except TypeError:
+                raise TypeError(
+                    f"lazyshare.shared(): the memory of this array belongs to a {type(root).__name__}, "
+                    "which cannot be tracked"
+                ) from None
+            m = _marks[key] = _Mark(ref, _describe(array))
+        m.ranges = [r for r in m.ranges if r[1] <= lo or r[0] >= hi]
+        m.ranges.append((lo, hi, conflicts == "last"))
+        m.ranges.sort()
+        if len(m.ranges) == 1:
+            m.desc = _describe(array)
+    return array
+
+
+def unshare(array: np.ndarray) -> np.ndarray:
+    """Undo :func:`shared` for ``array``'s bytes (calls submitted afterwards
+    treat it as an input again). Returns it."""
+    if not isinstance(array, np.ndarray) or array.size == 0:
+        return array
+    root = _root(array)
+    lo, hi = _bounds(array)
+    with _lock:
+        m = _marks.get(id(root))
+        if m is not None and m.ref() is root:
+            m.ranges = [r for r in m.ranges if r[1] <= lo or r[0] >= hi]
+            if not m.ranges:
+                del _marks[id(root)]
+    return array
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    with _lock:
+        m = _marks.get(key)
+        if m is not None and m.ref is ref:
+            del _marks[key]
+
+
+def marked(arr: np.ndarray) -> list[tuple[int, int, bool]] | None:
+    """The marked ranges (addresses) of ``arr``'s allocation if ``arr`` overlaps
+    one, else None. Costs a dict lookup when nothing is marked."""
+    if not _marks or arr.size == 0:
+        return None
+    root = _root(arr)
+    m = _marks.get(id(root))
+    if m is None or m.ref() is not root:
+        return None
+    lo, hi = _bounds(arr)
+    ranges = m.ranges
+    if any(a < hi and b > lo for a, b, _ in ranges):
+        return ranges
+    return None
+
+
+def description(arr_root: Any) -> str:
+    m = _marks.get(id(arr_root))
+    return m.desc if m is not None else "a shared output array"
+
+
+# ---------------------------------------------------------------- worker side
+
+#: Runs a task's writes are sent as, zero-copy, before they are gathered into one buffer.
+_MAX_FRAMES = 16
+
+
+def _mapping_of(arr: np.ndarray):
+    from .handler import _Mapping
+
+    m = arr
+    while m is not None and not isinstance(m, _Mapping):
+        m = getattr(m, "base", None)
+    return m
+
+
+def collect(outputs: list) -> list:
+    """The pages the task wrote in the regions of its shared outputs:
+    ``[(segment id, runs, chunks)]`` where ``runs`` is an (n, 2) uint64 array of
+    (segment offset, length) and ``chunks`` the bytes of the runs, in order (one
+    buffer, or one view per run: views keep the mapping alive until sent)."""
+    from .handler import _check, ffi, lib
+
+    out = []
+    seen = set()
+    ps = 4096
+    for seg_id, seglen, arr in outputs:
+        m = _mapping_of(arr)
+        if m is None or id(m) in seen:
+            continue
+        seen.add(id(m))
+        npairs = m.nbytes // ps // 2 + 2
+        buf = np.empty((npairs, 2), np.uint64)
+        n = lib.ls_written_pages(m.address, m.nbytes, ffi.cast("uint64_t *", buf.ctypes.data), npairs)
+        if n == -38 or n == -25:  # ENOSYS/ENOTTY: no PAGEMAP_SCAN here: every byte is a candidate
+            pairs = np.array([[m.address, m.address + m.nbytes]], np.uint64)
+        else:
+            _check(int(n), "finding the pages a task wrote")
+            pairs = buf[:n]
+        if not len(pairs):
+            continue
+        starts = pairs[:, 0].astype(np.int64) - m.address
+        ends = np.minimum(pairs[:, 1].astype(np.int64) - m.address, seglen - m.segoff)
+        keep = ends > starts
+        starts, ends = starts[keep], ends[keep]
+        if not len(starts):
+            continue
+        raw = np.asarray(m)
+        runs = np.stack([starts + m.segoff, ends - starts], axis=1).astype(np.uint64)
+        if len(runs) <= _MAX_FRAMES:
+            chunks = [raw[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+        else:
+            total = int((ends - starts).sum())
+            data = np.empty(total, np.uint8)
+            pos = 0
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                data[pos : pos + b - a] = raw[a:b]
+                pos += b - a
+            chunks = [data]
+        out.append((seg_id, runs, chunks))
+    return out
+
+
+# ---------------------------------------------------------------- parent side
+
+
+class CallOutputs:
+    """The shared outputs one call exported, and the twins of its merges."""
+
+    def __init__(self):
+        self.segs: dict[bytes, tuple] = {}  # segment id -> (seg, base address, root)
+        self._merges: dict[bytes, Any] = {}
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def add(self, seg, base: int, root: Any, ranges: list) -> None:
+        """``ranges``: the marks of ``root`` when the call exported it (a later
+        ``shared``/``unshare`` applies to later calls)."""
+        with self._lock:
+            self.segs.setdefault(seg.id, (seg, base, root, ranges))
+
+    def merge(self, writes: list) -> WriteConflictError | None:
+        """Apply a task's writes (from :func:`collect`); the conflict if any."""
+        from .handler import _check, ffi, lib
+
+        conflict = None
+        with self._lock:
+            if self.closed:
+                return None
+            for seg_id, runs, chunks in writes:
+                ent = self.segs.get(bytes(seg_id))
+                if ent is None:
+                    continue  # not an output of this call (cannot happen: sent as one)
+                seg, base, root, ranges = ent
+                ctx = self._merges.get(seg.id)
+                if ctx is None:
+                    ctx = lib.ls_merge_new(seg.nbytes)
+                    if ctx == ffi.NULL:
+                        raise MemoryError("no memory for the twins of a shared output array")
+                    self._merges[seg.id] = ctx
+                runs = np.asarray(runs, np.uint64).reshape(-1, 2)
+                if len(chunks) == 1:
+                    groups = [(runs, chunks[0])]
+                else:
+                    groups = [(runs[i : i + 1], c) for i, c in enumerate(chunks)]
+                for grp, data in groups:
+                    data = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
+                    _totals["bytes_sent"] += data.nbytes
+                    for last, clipped, src in _clip(grp, data, ranges, base):
+                        cbuf = ffi.new("uint64_t[3]")
+                        rc = lib.ls_merge_apply(
+                            ctx,
+                            seg.id,
+                            ffi.cast("uint8_t *", base),
+                            ffi.cast("uint64_t *", clipped.ctypes.data),
+                            len(clipped),
+                            ffi.from_buffer(src),
+                            1 if last else 0,
+                            cbuf,
+                        )
+                        _totals["bytes_merged"] += _check(int(rc), "merging a task's writes")
+                        if cbuf[0]:
+                            _totals["conflicts"] += 1
+                            if not last and conflict is None:
+                                conflict = _conflict(root, ranges, base, cbuf)
+            _totals["tasks_merged"] += 1
+        return conflict
+
+    def close(self) -> None:
+        from .handler import lib
+
+        with self._lock:
+            self.closed = True
+            merges, self._merges = self._merges, {}
+            self.segs.clear()
+        for ctx in merges.values():
+            lib.ls_merge_free(ctx)
+
+
+def _clip(runs: np.ndarray, data: np.ndarray, ranges: list, base: int):
+    """The runs (segment offsets) and their bytes, clipped to the marked ranges
+    (addresses): ``(last writer wins, runs, bytes)`` per range."""
+    if not ranges:
+        return
+    starts = runs[:, 0].astype(np.int64)
+    lens = runs[:, 1].astype(np.int64)
+    pos = np.concatenate([[0], np.cumsum(lens)[:-1]]) if len(lens) else lens
+    for lo, hi, last in ranges:
+        lo, hi = lo - base, hi - base
+        a = np.maximum(starts, lo)
+        b = np.minimum(starts + lens, hi)
+        keep = b > a
+        if not keep.any():
+            continue
+        if keep.all() and (a == starts).all() and (b == starts + lens).all():
+            yield last, np.ascontiguousarray(runs, np.uint64), data
+            continue
+        a, b, p = a[keep], b[keep], pos[keep] + (a[keep] - starts[keep])
+        src = np.concatenate([data[x : x + (y - w)] for x, w, y in zip(p.tolist(), a.tolist(), b.tolist())])
+        yield last, np.stack([a, b - a], axis=1).astype(np.uint64), src
+
+
+def _conflict(root: Any, ranges: list, base: int, c) -> WriteConflictError:
+    first, stop = int(c[1]) + base, int(c[2]) + base
+    lo = next((a for a, b, _ in ranges if a <= first < b), first)
+    desc = description(root)
+    return WriteConflictError(
+        f"two tasks of this call changed {int(c[0])} byte(s) of {desc} to different values "
+        f"(bytes {first - lo}..{stop - lo} from its start): the earlier task's values are kept. "
+        "Write disjoint parts of a shared output, or mark it lazyshare.shared(array, conflicts='last').",
+        desc,
+        first - lo,
+        stop - lo,
+        int(c[0]),
+    )
+
+
+def stats() -> dict:
+    """Shared outputs, for this process: bytes tasks sent back, bytes merged
+    (changed), tasks merged, conflicts seen."""
+    with _lock:
+        return dict(_totals)
