@@ -166,13 +166,16 @@ struct ls_merge *ls_merge_new(uint64_t seglen);
 void ls_merge_free(struct ls_merge *m);
 /* Merge a task's pages into base (the segment's memory, seglen bytes): nruns
  * (offset, length) runs of the segment whose bytes follow each other in src.
- * A byte differing from its twin (made on first use, from segment id's
- * snapshot or from base) is applied, unless base already differs from both
- * (an earlier writer's value): then conflict[0] counts it, conflict[1..2]
- * widen to its offset, and it is applied only if last. The bytes applied, or
+ * An item (unit bytes: 1, 2, 4 or 8, the runs starting on item boundaries)
+ * differing from its twin (made on first use, from segment id's snapshot or
+ * from base) is applied whole, unless base already differs from both (an
+ * earlier writer's value): then conflict[0] counts its bytes, conflict[1..2]
+ * widen to cover it, and it is applied only if last. Unless exact (the tasks
+ * read a snapshot), an item whose every byte is the twin's or base's is taken
+ * for a read of a page a merge was writing, not a write. The bytes changed, or
  * -ERANGE, -errno. */
 int64_t ls_merge_apply(struct ls_merge *m, const uint8_t *id, uint8_t *base, const uint64_t *runs, uint32_t nruns,
-                       const uint8_t *src, int last, uint64_t *conflict);
+                       const uint8_t *src, unsigned unit, int last, int exact, uint64_t *conflict);
 
 /* Stop offering a segment: 1 if freed now, 0 if mappings still hold it (its
  * id comes out of ls_server_pop_freed when the last one is gone). A holder is

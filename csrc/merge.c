@@ -90,6 +90,8 @@ int64_t ls_written_pages(uint64_t addr, uint64_t len, uint64_t *out, uint32_t ma
     return rc ? rc : (int64_t)n;
 }
 
+#define HUGE (2ULL << 20)
+
 struct ls_merge {
     uint64_t len;   /* segment bytes */
     uint64_t npages;
@@ -143,6 +145,11 @@ static int make_twins(struct ls_merge *m, const uint8_t *id, const uint8_t *base
         while (q < p1 && !((m->have[q / 8] >> (q % 8)) & 1))
             q++;
         uint64_t off = p * ps, n = (q * ps < m->len ? q * ps : m->len) - off;
+        /* Whole 2 MiB blocks of twins at once: huge pages where the kernel
+         * offers them (a failed madvise leaves small pages: no harm). */
+        uint64_t h0 = (off + HUGE - 1) / HUGE * HUGE, h1 = (off + n) / HUGE * HUGE;
+        if (h1 > h0)
+            madvise(m->twin + h0, h1 - h0, MADV_HUGEPAGE);
         int rc = id ? ls_server_snapshot_read(id, off, n, m->twin + off) : -ENOENT;
         if (rc == -ENOENT) { /* not exported here (a test), or gone: the memory itself */
             memcpy(m->twin + off, base + off, n);
@@ -157,33 +164,57 @@ static int make_twins(struct ls_merge *m, const uint8_t *id, const uint8_t *base
     return 0;
 }
 
-static void note_conflict(uint64_t at, uint64_t *conflict)
+static void note_conflict(uint64_t at, uint64_t n, uint64_t *conflict)
 {
-    if (!conflict[0]++ || at < conflict[1])
+    if (!conflict[0] || at < conflict[1])
         conflict[1] = at;
-    if (at + 1 > conflict[2])
-        conflict[2] = at + 1;
+    if (at + n > conflict[2])
+        conflict[2] = at + n;
+    conflict[0] += n;
 }
 
-/* One byte: src the task's, t the twin's, *d the array's. */
-static uint64_t merge_byte(uint8_t *d, uint8_t t, uint8_t src, int last, uint64_t at, uint64_t *conflict)
+/* One item of u bytes (the array's element, or a byte): s the task's, t the
+ * twin's, d the array's. An item the task changed is taken whole, unless an
+ * earlier writer changed it to another value: a conflict (taken if last). */
+static uint64_t merge_item(uint8_t *d, const uint8_t *t, const uint8_t *s, unsigned u, int last, int exact,
+                           uint64_t at, uint64_t *conflict)
 {
-    if (src == t || src == *d)
-        return 0; /* unchanged by the task, or already this value */
-    if (*d != t) { /* an earlier writer changed it to another value */
-        note_conflict(at, conflict);
+    if (!memcmp(s, t, u) || !memcmp(s, d, u))
+        return 0; /* unchanged by the task, or already these bytes */
+    if (memcmp(d, t, u)) {
+        if (!exact) { /* the task may have read this page while a merge wrote it */
+            unsigned b = 0;
+            while (b < u && (s[b] == t[b] || s[b] == d[b]))
+                b++;
+            if (b == u)
+                return 0; /* a mix of the two values it could see: not a write of its own */
+        }
+        note_conflict(at, u, conflict);
         if (!last)
             return 0;
     }
-    *d = src;
-    return 1;
+    uint64_t changed = 0;
+    for (unsigned b = 0; b < u; b++)
+        changed += d[b] != s[b];
+    memcpy(d, s, u);
+    return changed;
+}
+
+/* How many of the 8 bytes of x are not zero. */
+static inline uint64_t nonzero_bytes(uint64_t x)
+{
+    x |= x >> 4;
+    x |= x >> 2;
+    x |= x >> 1;
+    return (uint64_t)__builtin_popcountll(x & 0x0101010101010101ULL);
 }
 
 /* Merge src over dst (n bytes, one page at most, segment offset at) against
  * twin t, a word at a time: a word the task left as the twin is skipped, one
- * nobody else changed is taken whole; only words both changed go byte by byte. */
-static uint64_t merge_piece(uint8_t *dst, const uint8_t *t, const uint8_t *src, uint64_t n, int last,
-                            uint64_t at, uint64_t *conflict)
+ * nobody else changed is taken whole; only words both changed go item by
+ * item (u bytes, dividing 8; pieces start on an item boundary). */
+static uint64_t merge_piece(uint8_t *dst, const uint8_t *t, const uint8_t *src, uint64_t n, unsigned u,
+                            int last, int exact, uint64_t at, uint64_t *conflict)
 {
     if (!memcmp(src, t, n))
         return 0; /* the task changed nothing here */
@@ -195,25 +226,29 @@ static uint64_t merge_piece(uint8_t *dst, const uint8_t *t, const uint8_t *src, 
         if (ws == wt)
             continue;
         memcpy(&wd, dst + i, 8);
-        if (wd == wt || wd == ws) {
-            uint64_t x = ws ^ wt;
-            for (int b = 0; b < 8; b++)
-                changed += ((x >> (8 * b)) & 0xff) != 0 && (wd == wt);
+        if (wd == wt) { /* nobody else changed this word: the task's, whole */
+            changed += nonzero_bytes(ws ^ wt);
             memcpy(dst + i, &ws, 8);
             continue;
         }
-        for (int b = 0; b < 8; b++)
-            changed += merge_byte(dst + i + b, t[i + b], src[i + b], last, at + i + b, conflict);
+        if (wd == ws)
+            continue; /* already these bytes */
+        for (unsigned b = 0; b < 8; b += u)
+            changed += merge_item(dst + i + b, t + i + b, src + i + b, u, last, exact, at + i + b, conflict);
     }
-    for (; i < n; i++)
-        changed += merge_byte(dst + i, t[i], src[i], last, at + i, conflict);
+    for (; i < n; i += u) {
+        unsigned k = n - i < u ? (unsigned)(n - i) : u;
+        changed += merge_item(dst + i, t + i, src + i, k, last, exact, at + i, conflict);
+    }
     return changed;
 }
 
 int64_t ls_merge_apply(struct ls_merge *m, const uint8_t *id, uint8_t *base, const uint64_t *runs, uint32_t nruns,
-                       const uint8_t *src, int last, uint64_t *conflict)
+                       const uint8_t *src, unsigned unit, int last, int exact, uint64_t *conflict)
 {
     const uint64_t ps = ls_page_size();
+    if (unit != 1 && unit != 2 && unit != 4 && unit != 8)
+        unit = 1;
     uint64_t changed = 0, at = 0;
     for (uint32_t r = 0; r < nruns; r++) {
         uint64_t off = runs[2 * r], n = runs[2 * r + 1];
@@ -228,7 +263,7 @@ int64_t ls_merge_apply(struct ls_merge *m, const uint8_t *id, uint8_t *base, con
             uint64_t e = (o / ps + 1) * ps;
             if (e > off + n)
                 e = off + n;
-            changed += merge_piece(base + o, m->twin + o, src + at + (o - off), e - o, last, o, conflict);
+            changed += merge_piece(base + o, m->twin + o, src + at + (o - off), e - o, unit, last, exact, o, conflict);
             o = e;
         }
         at += n;

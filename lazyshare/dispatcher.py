@@ -36,7 +36,7 @@ from multiprocessing.pool import CLOSE, INIT, RUN, TERMINATE, MaybeEncodingError
 
 import zmq
 
-from . import live, policy, serialization, transport, worker
+from . import live, output, policy, serialization, transport, worker
 from .errors import LazyshareError, WorkerLostError
 
 #: After a worker's sentinel fires, results it sent just before dying may still be
@@ -219,6 +219,7 @@ class _Core:
         self.state = INIT
         self.cache = cache_factory(self)
         self.exports: dict[int, serialization.CallExports] = {}
+        self.output_totals = output.new_totals()  # shared outputs merged (lazyshare.output)
         self.pending: collections.deque[_Task] = collections.deque()
         self.result_q: queue.SimpleQueue = queue.SimpleQueue()
         self.feed_q: queue.SimpleQueue = queue.SimpleQueue()
@@ -402,7 +403,12 @@ class _Core:
         for c in workers.values():
             for k in totals:
                 totals[k] += c[k]
-        return {"workers": workers, "totals": totals, "cache": live.stats()}
+        return {
+            "workers": workers,
+            "totals": totals,
+            "cache": live.stats(),
+            "outputs": dict(self.output_totals),
+        }
 
 
 # --------------------------------------------------------------------------- dispatcher

@@ -19,14 +19,14 @@ off) every page it fetched is a candidate: more bytes travel, the merge is as
 exact. The parent compares each page with its *twin* -- its bytes as the
 call's tasks saw them: from the call's snapshot where one is open (the full
 rung), else from the array before the call's first merge into it -- and
-applies the bytes that differ, in native code. A byte that an earlier task of
-the call changed to another value is a conflict: the later task's result is a
+applies the elements that differ, in native code. An element that an earlier
+task of the call changed to another value is a conflict: the later task's result is a
 :class:`~lazyshare.errors.WriteConflictError` (its other bytes land), or, with
 ``conflicts="last"``, the later value wins. A task that raises, or whose
 worker dies, sends nothing: nothing of it is merged.
 
-Byte-level twin and diff cannot tell a byte rewritten with its old value from
-one not written at all: such a write is no change (and no conflict).
+Twin and diff cannot tell an element rewritten with its old value from one not
+written at all: such a write is no change (and no conflict).
 """
 
 from __future__ import annotations
@@ -45,7 +45,14 @@ _CONFLICTS = ("error", "last")
 _lock = threading.Lock()
 # id(root) -> _Mark: the marked byte ranges of one allocation
 _marks: dict[int, _Mark] = {}
-_totals = {"bytes_sent": 0, "bytes_merged": 0, "tasks_merged": 0, "conflicts": 0}
+
+
+def new_totals() -> dict:
+    """Counters of shared outputs (a pool keeps its own: ``pool.stats()["outputs"]``)."""
+    return {"bytes_sent": 0, "bytes_merged": 0, "tasks_merged": 0, "conflicts": 0}
+
+
+_totals = new_totals()  # this process's
 
 
 class _Mark:
@@ -53,7 +60,8 @@ class _Mark:
 
     def __init__(self, ref: weakref.ref, desc: str):
         self.ref = ref
-        self.ranges: list[tuple[int, int, bool]] = []  # (low, high address, last writer wins)
+        # (low, high address, last writer wins, item size the merge compares)
+        self.ranges: list[tuple[int, int, bool, int]] = []
         self.desc = desc
 
 
@@ -83,10 +91,15 @@ def shared(array: np.ndarray, conflicts: str = "error") -> np.ndarray:
     :class:`~lazyshare.WriteConflictError`, unless ``conflicts="last"`` (the
     later value wins). A task that raises, or whose worker dies, merges nothing.
 
-    ``array``: a writable numpy array or view of any layout (a view marks only
-    its own bytes: tasks' writes elsewhere in its base stay private). The mark
-    lasts as long as the array's base, or until :func:`unshare`. Marking it
-    again changes ``conflicts``.
+    ``array``: a writable numpy array or view of any layout. A view marks the
+    bytes it spans, from its first element to its last: tasks' writes to its
+    base outside that span stay private (a strided view spans the bytes between
+    its elements too). The mark lasts as long as the array's base, or until
+    :func:`unshare`; marking it again changes ``conflicts``.
+
+    What is compared is the element (for 1, 2, 4 and 8-byte items; other
+    dtypes, the byte): tasks writing different elements of one page never
+    conflict, and with ``conflicts="last"`` an element is never torn.
     """
     if not isinstance(array, np.ndarray):
         raise TypeError(f"lazyshare.shared() takes a numpy array, not {type(array).__name__}")
@@ -117,7 +130,9 @@ def shared(array: np.ndarray, conflicts: str = "error") -> np.ndarray:
                 ) from None
             m = _marks[key] = _Mark(ref, _describe(array))
         m.ranges = [r for r in m.ranges if r[1] <= lo or r[0] >= hi]
-        m.ranges.append((lo, hi, conflicts == "last"))
+        item = array.dtype.itemsize
+        unit = item if item in (1, 2, 4, 8) and lo % item == 0 else 1
+        m.ranges.append((lo, hi, conflicts == "last", unit))
         m.ranges.sort()
         if len(m.ranges) == 1:
             m.desc = _describe(array)
@@ -158,7 +173,7 @@ def marked(arr: np.ndarray) -> list[tuple[int, int, bool]] | None:
         return None
     lo, hi = _bounds(arr)
     ranges = m.ranges
-    if any(a < hi and b > lo for a, b, _ in ranges):
+    if any(r[0] < hi and r[1] > lo for r in ranges):
         return ranges
     return None
 
@@ -233,88 +248,163 @@ def collect(outputs: list) -> list:
 # ---------------------------------------------------------------- parent side
 
 
-class CallOutputs:
-    """The shared outputs one call exported, and the twins of its merges."""
+class _Twins:
+    """The twins of the pages merged into one segment (``ls_merge``), used by
+    the calls that read the same bytes as of the same moment: one call on the
+    full rung (its own snapshot), else every call running on the array (their
+    tasks read the array itself, so the twin is the array before the first of
+    their merges). Merges into it hold ``lock`` (pools merge from their own
+    result threads)."""
 
-    def __init__(self):
-        self.segs: dict[bytes, tuple] = {}  # segment id -> (seg, base address, root)
-        self._merges: dict[bytes, Any] = {}
+    def __init__(self, nbytes: int, key=None):
+        from .handler import ffi, lib
+
+        self.ctx = lib.ls_merge_new(nbytes)
+        if self.ctx == ffi.NULL:
+            raise MemoryError("no memory for the twins of a shared output array")
+        self.lock = threading.Lock()
+        self.users = 1
+        self.key = key
+
+    def release(self) -> None:
+        from .handler import lib
+
+        with _lock:
+            self.users -= 1
+            if self.users > 0:
+                return
+            if self.key is not None and _epochs.get(self.key) is self:
+                del _epochs[self.key]
+        with self.lock:
+            ctx, self.ctx = self.ctx, None
+        if ctx is not None:
+            lib.ls_merge_free(ctx)
+
+
+_epochs: dict[tuple, _Twins] = {}  # (id(root), base, nbytes) -> twins shared by the calls running on it
+
+
+class CallOutputs:
+    """The shared outputs one call exported, with the twins of their merges."""
+
+    def __init__(self, totals: dict | None = None):
+        self.totals = totals  # the pool's counters (None: this process's only)
+        self.segs: dict[bytes, tuple] = {}  # segment id -> (seg, base, root, ranges, snapshot)
+        self._twins: dict[bytes, _Twins] = {}
         self._lock = threading.Lock()
         self.closed = False
 
-    def add(self, seg, base: int, root: Any, ranges: list) -> None:
+    def add(self, seg, base: int, root: Any, ranges: list, snapshot: bool) -> None:
         """``ranges``: the marks of ``root`` when the call exported it (a later
-        ``shared``/``unshare`` applies to later calls)."""
+        ``shared``/``unshare`` applies to later calls); ``snapshot``: whether
+        its tasks read a snapshot (else they read the array as merges change it)."""
         with self._lock:
-            self.segs.setdefault(seg.id, (seg, base, root, ranges))
+            if seg.id in self.segs or self.closed:
+                return
+            self.segs[seg.id] = (seg, base, root, ranges, snapshot)
+            # Now, not at the first merge: a call that began before another one's
+            # merges must compare with the array as it was before them.
+            self._twins_of(seg, base, root, snapshot)
+
+    def _twins_of(self, seg, base: int, root: Any, snapshot: bool) -> _Twins:
+        t = self._twins.get(seg.id)
+        if t is not None:
+            return t
+        if snapshot:
+            t = _Twins(seg.nbytes)
+        else:
+            key = (id(root), base, seg.nbytes)
+            with _lock:
+                t = _epochs.get(key)
+                if t is not None:
+                    t.users += 1
+            if t is None:
+                t = _Twins(seg.nbytes, key)
+                with _lock:
+                    if key in _epochs:  # another pool's call made one meanwhile
+                        other = _epochs[key]
+                        other.users += 1
+                    else:
+                        _epochs[key] = t
+                        other = None
+                if other is not None:
+                    t.key = None
+                    t.release()
+                    t = other
+        self._twins[seg.id] = t
+        return t
 
     def merge(self, writes: list) -> WriteConflictError | None:
         """Apply a task's writes (from :func:`collect`); the conflict if any."""
         from .handler import _check, ffi, lib
 
         conflict = None
+        sent = merged = conflicts = 0
         with self._lock:
             if self.closed:
                 return None
+            plan = []
             for seg_id, runs, chunks in writes:
                 ent = self.segs.get(bytes(seg_id))
-                if ent is None:
-                    continue  # not an output of this call (cannot happen: sent as one)
-                seg, base, root, ranges = ent
-                ctx = self._merges.get(seg.id)
-                if ctx is None:
-                    ctx = lib.ls_merge_new(seg.nbytes)
-                    if ctx == ffi.NULL:
-                        raise MemoryError("no memory for the twins of a shared output array")
-                    self._merges[seg.id] = ctx
-                runs = np.asarray(runs, np.uint64).reshape(-1, 2)
-                if len(chunks) == 1:
-                    groups = [(runs, chunks[0])]
-                else:
-                    groups = [(runs[i : i + 1], c) for i, c in enumerate(chunks)]
+                if ent is not None:  # (always: only outputs of this call are sent)
+                    plan.append((ent, self._twins_of(*ent[:3], ent[4]), runs, chunks))
+        for (seg, base, root, ranges, snapshot), twins, runs, chunks in plan:
+            runs = np.asarray(runs, np.uint64).reshape(-1, 2)
+            if len(chunks) == 1:
+                groups = [(runs, chunks[0])]
+            else:
+                groups = [(runs[i : i + 1], c) for i, c in enumerate(chunks)]
+            with twins.lock:
+                if twins.ctx is None:
+                    continue
                 for grp, data in groups:
                     data = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
-                    _totals["bytes_sent"] += data.nbytes
-                    for last, clipped, src in _clip(grp, data, ranges, base):
+                    sent += data.nbytes
+                    for last, unit, clipped, src in _clip(grp, data, ranges, base):
                         cbuf = ffi.new("uint64_t[3]")
                         rc = lib.ls_merge_apply(
-                            ctx,
-                            seg.id,
+                            twins.ctx,
+                            seg.id if snapshot else ffi.NULL,
                             ffi.cast("uint8_t *", base),
                             ffi.cast("uint64_t *", clipped.ctypes.data),
                             len(clipped),
                             ffi.from_buffer(src),
+                            unit,
                             1 if last else 0,
+                            1 if snapshot else 0,
                             cbuf,
                         )
-                        _totals["bytes_merged"] += _check(int(rc), "merging a task's writes")
+                        merged += _check(int(rc), "merging a task's writes")
                         if cbuf[0]:
-                            _totals["conflicts"] += 1
+                            conflicts += 1
                             if not last and conflict is None:
                                 conflict = _conflict(root, ranges, base, cbuf)
-            _totals["tasks_merged"] += 1
+        for t in (_totals, self.totals):
+            if t is not None:
+                t["bytes_sent"] += sent
+                t["bytes_merged"] += merged
+                t["tasks_merged"] += 1
+                t["conflicts"] += conflicts
         return conflict
 
     def close(self) -> None:
-        from .handler import lib
-
         with self._lock:
             self.closed = True
-            merges, self._merges = self._merges, {}
+            twins, self._twins = self._twins, {}
             self.segs.clear()
-        for ctx in merges.values():
-            lib.ls_merge_free(ctx)
+        for t in twins.values():
+            t.release()
 
 
 def _clip(runs: np.ndarray, data: np.ndarray, ranges: list, base: int):
     """The runs (segment offsets) and their bytes, clipped to the marked ranges
-    (addresses): ``(last writer wins, runs, bytes)`` per range."""
+    (addresses): ``(last writer wins, item size, runs, bytes)`` per range."""
     if not ranges:
         return
     starts = runs[:, 0].astype(np.int64)
     lens = runs[:, 1].astype(np.int64)
     pos = np.concatenate([[0], np.cumsum(lens)[:-1]]) if len(lens) else lens
-    for lo, hi, last in ranges:
+    for lo, hi, last, unit in ranges:
         lo, hi = lo - base, hi - base
         a = np.maximum(starts, lo)
         b = np.minimum(starts + lens, hi)
@@ -322,16 +412,16 @@ def _clip(runs: np.ndarray, data: np.ndarray, ranges: list, base: int):
         if not keep.any():
             continue
         if keep.all() and (a == starts).all() and (b == starts + lens).all():
-            yield last, np.ascontiguousarray(runs, np.uint64), data
+            yield last, unit, np.ascontiguousarray(runs, np.uint64), data
             continue
         a, b, p = a[keep], b[keep], pos[keep] + (a[keep] - starts[keep])
         src = np.concatenate([data[x : x + (y - w)] for x, w, y in zip(p.tolist(), a.tolist(), b.tolist())])
-        yield last, np.stack([a, b - a], axis=1).astype(np.uint64), src
+        yield last, unit, np.stack([a, b - a], axis=1).astype(np.uint64), src
 
 
 def _conflict(root: Any, ranges: list, base: int, c) -> WriteConflictError:
     first, stop = int(c[1]) + base, int(c[2]) + base
-    lo = next((a for a, b, _ in ranges if a <= first < b), first)
+    lo = next((r[0] for r in ranges if r[0] <= first < r[1]), first)
     desc = description(root)
     return WriteConflictError(
         f"two tasks of this call changed {int(c[0])} byte(s) of {desc} to different values "

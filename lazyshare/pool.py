@@ -569,7 +569,9 @@ class Pool:
         ``tasks``: task messages completed (a map chunk is one task, as for
         ``maxtasksperchild``); ``bytes_pickled``: bytes of task frames sent;
         ``bytes_lazy``: bytes workers fetched lazily; ``faults``: their page faults.
-        ``cache``: the arrays kept across calls and their page caches, for this
+        ``outputs``: shared output arrays (:func:`lazyshare.shared`) of this pool:
+        bytes workers sent back, bytes merged (changed), task messages merged,
+        conflicts. ``cache``: the arrays kept across calls and their page caches, for this
         process (see :func:`lazyshare.live.stats`: bytes cached, filled, reused
         by later calls, dropped because the parent changed them, and preserved
         for snapshots).

@@ -279,7 +279,9 @@ class CallExports:
         self._lock = threading.Lock()
         self.bytes_live = 0  # bytes exported and still offered (not released yet)
         self.bytes_new = 0  # bytes the last dumps exported anew
-        self.outputs = _output.CallOutputs()  # the shared outputs among them
+        self.outputs = _output.CallOutputs(
+            getattr(pool, "output_totals", None)
+        )  # the shared outputs among them
         self.closed = False
 
     def export_array(self, arr: np.ndarray):
@@ -317,7 +319,7 @@ class CallExports:
         base = low if gen is None else gen.base
         marks = _output.marked(arr) if _output._marks else None
         if marks is not None:
-            self.outputs.add(seg, base, pin, marks)
+            self.outputs.add(seg, base, pin, marks, gen is not None and gen.snap and gen.entry.sync)
         return h.ArrayDescriptor.for_view(seg, arr, base, marks is not None)
 
     def dumps(self, obj, task=None) -> list:
