@@ -148,11 +148,6 @@ int ls_server_snap_begin(const uint8_t *id, uint64_t addr, uint64_t len);
 /* Close it: 0 if it was kept whole, 1 if not (a block could not be copied,
  * or this process discarded pages of it with madvise), -ENOENT. */
 int ls_server_snap_end(const uint8_t *id, uint64_t addr);
-/* The bytes [off, off+len) of the segment as of its open snapshot (the kept
- * pages from its cache, the others from its memory; with no snapshot open, its
- * memory) into buf. 0, -ENOENT, -ERANGE, -errno. */
-int ls_server_snapshot_read(const uint8_t *id, uint64_t off, uint64_t len, uint8_t *buf);
-
 /* Shared output arrays (merge.c). The pages of [addr, addr+len) (whole pages)
  * this process wrote: anonymous or swapped, not the zero page (a lazy region's
  * clean pages are its cache's file pages, or absent). Up to max (start, end)
@@ -167,15 +162,14 @@ void ls_merge_free(struct ls_merge *m);
 /* Merge a task's pages into base (the segment's memory, seglen bytes): nruns
  * (offset, length) runs of the segment whose bytes follow each other in src.
  * An item (unit bytes: 1, 2, 4 or 8, the runs starting on item boundaries)
- * differing from its twin (made on first use, from segment id's snapshot or
- * from base) is applied whole, unless base already differs from both (an
- * earlier writer's value): then conflict[0] counts its bytes, conflict[1..2]
- * widen to cover it, and it is applied only if last. Unless exact (the tasks
- * read a snapshot), an item whose every byte is the twin's or base's is taken
- * for a read of a page a merge was writing, not a write. The bytes changed, or
- * -ERANGE, -errno. */
-int64_t ls_merge_apply(struct ls_merge *m, const uint8_t *id, uint8_t *base, const uint64_t *runs, uint32_t nruns,
-                       const uint8_t *src, unsigned unit, int last, int exact, uint64_t *conflict);
+ * differing from its twin (base's bytes before the first merge into its page)
+ * is applied whole, unless base already differs from both (an earlier
+ * writer's value): then conflict[0] counts its bytes, conflict[1..2] widen to
+ * cover it, and it is applied only if last. An item whose every byte is the
+ * twin's or base's is taken for a read of a page a merge was writing, not a
+ * write. The bytes changed, or -ERANGE. */
+int64_t ls_merge_apply(struct ls_merge *m, uint8_t *base, const uint64_t *runs, uint32_t nruns, const uint8_t *src,
+                       unsigned unit, int last, uint64_t *conflict);
 
 /* Stop offering a segment: 1 if freed now, 0 if mappings still hold it (its
  * id comes out of ls_server_pop_freed when the last one is gone). A holder is

@@ -8,10 +8,8 @@
  *                                       that differ from the call's twin, applied
  *                                       to the parent's array; conflicts found
  *
- * The twin of a page is its bytes as the call's tasks saw them: made the first
- * time a task's pages reach it (from the segment's snapshot where one is open,
- * else from the array, which no task has changed yet), kept in a sparse
- * anonymous mapping as long as the call. Byte-level multiple-writer merge
+ * The twin of a page is its bytes before the first merge into it (of the calls
+ * running on the array), kept in a sparse anonymous mapping while they run. Byte-level multiple-writer merge
  * (twin and diff): a byte a task changed relative to the twin is applied,
  * unless an earlier task of the call changed it to another value (the array
  * differs from both), which is a conflict.
@@ -133,7 +131,7 @@ void ls_merge_free(struct ls_merge *m)
 
 /* Make the twins of pages [p0, p1) that have none: runs of missing ones, read
  * from the snapshot of segment id (if it has one open) or from base. */
-static int make_twins(struct ls_merge *m, const uint8_t *id, const uint8_t *base, uint64_t p0, uint64_t p1)
+static void make_twins(struct ls_merge *m, const uint8_t *base, uint64_t p0, uint64_t p1)
 {
     const uint64_t ps = ls_page_size();
     for (uint64_t p = p0; p < p1;) {
@@ -150,18 +148,11 @@ static int make_twins(struct ls_merge *m, const uint8_t *id, const uint8_t *base
         uint64_t h0 = (off + HUGE - 1) / HUGE * HUGE, h1 = (off + n) / HUGE * HUGE;
         if (h1 > h0)
             madvise(m->twin + h0, h1 - h0, MADV_HUGEPAGE);
-        int rc = id ? ls_server_snapshot_read(id, off, n, m->twin + off) : -ENOENT;
-        if (rc == -ENOENT) { /* not exported here (a test), or gone: the memory itself */
-            memcpy(m->twin + off, base + off, n);
-            rc = 0;
-        }
-        if (rc < 0)
-            return rc;
+        memcpy(m->twin + off, base + off, n);
         for (uint64_t k = p; k < q; k++)
             m->have[k / 8] |= (uint8_t)(1u << (k % 8));
         p = q;
     }
-    return 0;
 }
 
 static void note_conflict(uint64_t at, uint64_t n, uint64_t *conflict)
@@ -176,19 +167,19 @@ static void note_conflict(uint64_t at, uint64_t n, uint64_t *conflict)
 /* One item of u bytes (the array's element, or a byte): s the task's, t the
  * twin's, d the array's. An item the task changed is taken whole, unless an
  * earlier writer changed it to another value: a conflict (taken if last). */
-static uint64_t merge_item(uint8_t *d, const uint8_t *t, const uint8_t *s, unsigned u, int last, int exact,
-                           uint64_t at, uint64_t *conflict)
+static uint64_t merge_item(uint8_t *d, const uint8_t *t, const uint8_t *s, unsigned u, int last, uint64_t at,
+                           uint64_t *conflict)
 {
     if (!memcmp(s, t, u) || !memcmp(s, d, u))
         return 0; /* unchanged by the task, or already these bytes */
     if (memcmp(d, t, u)) {
-        if (!exact) { /* the task may have read this page while a merge wrote it */
-            unsigned b = 0;
-            while (b < u && (s[b] == t[b] || s[b] == d[b]))
-                b++;
-            if (b == u)
-                return 0; /* a mix of the two values it could see: not a write of its own */
-        }
+        /* The task may have read this page while a merge was writing it: an
+         * item made of bytes of the two values it could see is no write of its own. */
+        unsigned b = 0;
+        while (b < u && (s[b] == t[b] || s[b] == d[b]))
+            b++;
+        if (b == u)
+            return 0;
         note_conflict(at, u, conflict);
         if (!last)
             return 0;
@@ -214,7 +205,7 @@ static inline uint64_t nonzero_bytes(uint64_t x)
  * nobody else changed is taken whole; only words both changed go item by
  * item (u bytes, dividing 8; pieces start on an item boundary). */
 static uint64_t merge_piece(uint8_t *dst, const uint8_t *t, const uint8_t *src, uint64_t n, unsigned u,
-                            int last, int exact, uint64_t at, uint64_t *conflict)
+                            int last, uint64_t at, uint64_t *conflict)
 {
     if (!memcmp(src, t, n))
         return 0; /* the task changed nothing here */
@@ -234,17 +225,17 @@ static uint64_t merge_piece(uint8_t *dst, const uint8_t *t, const uint8_t *src, 
         if (wd == ws)
             continue; /* already these bytes */
         for (unsigned b = 0; b < 8; b += u)
-            changed += merge_item(dst + i + b, t + i + b, src + i + b, u, last, exact, at + i + b, conflict);
+            changed += merge_item(dst + i + b, t + i + b, src + i + b, u, last, at + i + b, conflict);
     }
     for (; i < n; i += u) {
         unsigned k = n - i < u ? (unsigned)(n - i) : u;
-        changed += merge_item(dst + i, t + i, src + i, k, last, exact, at + i, conflict);
+        changed += merge_item(dst + i, t + i, src + i, k, last, at + i, conflict);
     }
     return changed;
 }
 
-int64_t ls_merge_apply(struct ls_merge *m, const uint8_t *id, uint8_t *base, const uint64_t *runs, uint32_t nruns,
-                       const uint8_t *src, unsigned unit, int last, int exact, uint64_t *conflict)
+int64_t ls_merge_apply(struct ls_merge *m, uint8_t *base, const uint64_t *runs, uint32_t nruns, const uint8_t *src,
+                       unsigned unit, int last, uint64_t *conflict)
 {
     const uint64_t ps = ls_page_size();
     if (unit != 1 && unit != 2 && unit != 4 && unit != 8)
@@ -256,14 +247,12 @@ int64_t ls_merge_apply(struct ls_merge *m, const uint8_t *id, uint8_t *base, con
             return -ERANGE;
         if (!n)
             continue;
-        int rc = make_twins(m, id, base, off / ps, (off + n + ps - 1) / ps);
-        if (rc < 0)
-            return rc;
+        make_twins(m, base, off / ps, (off + n + ps - 1) / ps);
         for (uint64_t o = off; o < off + n;) {
             uint64_t e = (o / ps + 1) * ps;
             if (e > off + n)
                 e = off + n;
-            changed += merge_piece(base + o, m->twin + o, src + at + (o - off), e - o, unit, last, exact, o, conflict);
+            changed += merge_piece(base + o, m->twin + o, src + at + (o - off), e - o, unit, last, o, conflict);
             o = e;
         }
         at += n;

@@ -1774,38 +1774,3 @@ int ls_server_snap_end(const uint8_t *id, uint64_t addr)
     seg_unbusy(s); /* the reference ls_server_snap_begin took */
     return rc == -ENOENT ? 0 : rc; /* the range went first (its array died): nothing more to tell */
 }
-
-int ls_server_snapshot_read(const uint8_t *id, uint64_t off, uint64_t len, uint8_t *buf)
-{
-    const uint64_t ps = ls_page_size();
-    pthread_mutex_lock(&seg_lock);
-    struct seg *s = seg_find(id);
-    if (s)
-        s->busy++;
-    seg_unlock();
-    if (!s)
-        return -ENOENT;
-    int rc = 0;
-    if (off > s->len || len > s->len - off)
-        rc = -ERANGE;
-    else if (!via_cache(s) || off % ps || (len % ps && off + len != s->len))
-        memcpy(buf, s->addr + off, len); /* no snapshot open: the memory is the snapshot */
-    else {
-        struct ls_cache *cc = s->cache;
-        pthread_rwlock_rdlock(&cc->lock);
-        for (uint64_t o = 0, j; o < len && !rc; o = j) {
-            int kept = ls_cache_is_kept(cc, off + o);
-            for (j = o + ps; j < len && ls_cache_is_kept(cc, off + j) == kept; j += ps)
-                ;
-            if (j > len)
-                j = len;
-            if (kept)
-                rc = pread_all(cc->fd, buf + o, j - o, off + o);
-            else
-                memcpy(buf + o, s->addr + off + o, j - o);
-        }
-        pthread_rwlock_unlock(&cc->lock);
-    }
-    seg_unbusy(s);
-    return rc;
-}

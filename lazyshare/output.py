@@ -249,14 +249,12 @@ def collect(outputs: list) -> list:
 
 
 class _Twins:
-    """The twins of the pages merged into one segment (``ls_merge``), used by
-    the calls that read the same bytes as of the same moment: one call on the
-    full rung (its own snapshot), else every call running on the array (their
-    tasks read the array itself, so the twin is the array before the first of
-    their merges). Merges into it hold ``lock`` (pools merge from their own
-    result threads)."""
+    """The twins of the pages merged into one array (``ls_merge``), shared by
+    the calls running on it: their tasks read the array itself, so a page's
+    twin is the array before the first of their merges into it. Merges hold
+    ``lock`` (pools merge from their own result threads)."""
 
-    def __init__(self, nbytes: int, key=None):
+    def __init__(self, nbytes: int, key):
         from .handler import ffi, lib
 
         self.ctx = lib.ls_merge_new(nbytes)
@@ -273,7 +271,7 @@ class _Twins:
             self.users -= 1
             if self.users > 0:
                 return
-            if self.key is not None and _epochs.get(self.key) is self:
+            if _epochs.get(self.key) is self:
                 del _epochs[self.key]
         with self.lock:
             ctx, self.ctx = self.ctx, None
@@ -281,7 +279,18 @@ class _Twins:
             lib.ls_merge_free(ctx)
 
 
-_epochs: dict[tuple, _Twins] = {}  # (id(root), base, nbytes) -> twins shared by the calls running on it
+_epochs: dict[tuple, _Twins] = {}  # (id(root), base, nbytes) -> twins of the calls running on it
+
+
+def _acquire_twins(root: Any, base: int, nbytes: int) -> _Twins:
+    key = (id(root), base, nbytes)
+    with _lock:
+        t = _epochs.get(key)
+        if t is not None:
+            t.users += 1
+            return t
+        t = _epochs[key] = _Twins(nbytes, key)
+        return t
 
 
 class CallOutputs:
@@ -289,50 +298,19 @@ class CallOutputs:
 
     def __init__(self, totals: dict | None = None):
         self.totals = totals  # the pool's counters (None: this process's only)
-        self.segs: dict[bytes, tuple] = {}  # segment id -> (seg, base, root, ranges, snapshot)
-        self._twins: dict[bytes, _Twins] = {}
+        self.segs: dict[bytes, tuple] = {}  # segment id -> (seg, base, root, ranges, twins)
         self._lock = threading.Lock()
         self.closed = False
 
-    def add(self, seg, base: int, root: Any, ranges: list, snapshot: bool) -> None:
+    def add(self, seg, base: int, root: Any, ranges: list) -> None:
         """``ranges``: the marks of ``root`` when the call exported it (a later
-        ``shared``/``unshare`` applies to later calls); ``snapshot``: whether
-        its tasks read a snapshot (else they read the array as merges change it)."""
+        ``shared``/``unshare`` applies to later calls). The twins are taken
+        now, not at the first merge: a call that began before another one's
+        merges compares with the array as it was before them."""
         with self._lock:
             if seg.id in self.segs or self.closed:
                 return
-            self.segs[seg.id] = (seg, base, root, ranges, snapshot)
-            # Now, not at the first merge: a call that began before another one's
-            # merges must compare with the array as it was before them.
-            self._twins_of(seg, base, root, snapshot)
-
-    def _twins_of(self, seg, base: int, root: Any, snapshot: bool) -> _Twins:
-        t = self._twins.get(seg.id)
-        if t is not None:
-            return t
-        if snapshot:
-            t = _Twins(seg.nbytes)
-        else:
-            key = (id(root), base, seg.nbytes)
-            with _lock:
-                t = _epochs.get(key)
-                if t is not None:
-                    t.users += 1
-            if t is None:
-                t = _Twins(seg.nbytes, key)
-                with _lock:
-                    if key in _epochs:  # another pool's call made one meanwhile
-                        other = _epochs[key]
-                        other.users += 1
-                    else:
-                        _epochs[key] = t
-                        other = None
-                if other is not None:
-                    t.key = None
-                    t.release()
-                    t = other
-        self._twins[seg.id] = t
-        return t
+            self.segs[seg.id] = (seg, base, root, ranges, _acquire_twins(root, base, seg.nbytes))
 
     def merge(self, writes: list) -> WriteConflictError | None:
         """Apply a task's writes (from :func:`collect`); the conflict if any."""
@@ -343,12 +321,11 @@ class CallOutputs:
         with self._lock:
             if self.closed:
                 return None
-            plan = []
-            for seg_id, runs, chunks in writes:
-                ent = self.segs.get(bytes(seg_id))
-                if ent is not None:  # (always: only outputs of this call are sent)
-                    plan.append((ent, self._twins_of(*ent[:3], ent[4]), runs, chunks))
-        for (seg, base, root, ranges, snapshot), twins, runs, chunks in plan:
+            plan = [(self.segs.get(bytes(seg_id)), runs, chunks) for seg_id, runs, chunks in writes]
+        for ent, runs, chunks in plan:
+            if ent is None:
+                continue  # (never: only outputs of this call are sent)
+            seg, base, root, ranges, twins = ent
             runs = np.asarray(runs, np.uint64).reshape(-1, 2)
             if len(chunks) == 1:
                 groups = [(runs, chunks[0])]
@@ -364,14 +341,12 @@ class CallOutputs:
                         cbuf = ffi.new("uint64_t[3]")
                         rc = lib.ls_merge_apply(
                             twins.ctx,
-                            seg.id if snapshot else ffi.NULL,
                             ffi.cast("uint8_t *", base),
                             ffi.cast("uint64_t *", clipped.ctypes.data),
                             len(clipped),
                             ffi.from_buffer(src),
                             unit,
                             1 if last else 0,
-                            1 if snapshot else 0,
                             cbuf,
                         )
                         merged += _check(int(rc), "merging a task's writes")
@@ -390,10 +365,9 @@ class CallOutputs:
     def close(self) -> None:
         with self._lock:
             self.closed = True
-            twins, self._twins = self._twins, {}
-            self.segs.clear()
-        for t in twins.values():
-            t.release()
+            segs, self.segs = self.segs, {}
+        for ent in segs.values():
+            ent[4].release()
 
 
 def _clip(runs: np.ndarray, data: np.ndarray, ranges: list, base: int):

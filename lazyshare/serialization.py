@@ -298,8 +298,13 @@ class CallExports:
                 self._uses[key] += 1  # a use outside a task is never done: kept until close
                 if using is not None:
                     using.add(key)
+        marks = _output.marked(arr) if _output._marks else None
         if seg is None:
-            gen = None if self.pool is None else _live().acquire(pin, low, high, self.pool)
+            # A shared output is exported for the call alone: no page cache (its
+            # tasks' pages would be kept once more) and no snapshot (the merges
+            # would copy every block they write first); see lazyshare.output.
+            keep = self.pool is not None and marks is None
+            gen = _live().acquire(pin, low, high, self.pool) if keep else None
             seg = h.export_memory(pin, low, high - low) if gen is None else gen.desc
             with self._lock:
                 closed = self.closed
@@ -317,9 +322,8 @@ class CallExports:
                 raise ValueError("CallExports is closed")
         # A kept segment begins at its allocation's first page (see live._Gen).
         base = low if gen is None else gen.base
-        marks = _output.marked(arr) if _output._marks else None
         if marks is not None:
-            self.outputs.add(seg, base, pin, marks, gen is not None and gen.snap and gen.entry.sync)
+            self.outputs.add(seg, base, pin, marks)
         return h.ArrayDescriptor.for_view(seg, arr, base, marks is not None)
 
     def dumps(self, obj, task=None) -> list:
