@@ -6,9 +6,9 @@ A float64 output of --size-mib, 2 workers, 16 tasks, each row in one run:
 
 contiguous   task i fills out[i*k:(i+1)*k] (k = n/16) with i + 1.
              lazyshare: out = lazyshare.shared(np.zeros(n)); pool.starmap(fill, ...).
-             shared_memory: the output is a SharedMemory written in place by the
-             tasks of a forkserver multiprocessing.Pool that attach by name (the
-             SharedMemory created and the pool started before the clock).
+             shared_memory: the output is a fresh SharedMemory (created before the
+             clock, as lazyshare's np.zeros is) written in place by the tasks of a
+             forkserver multiprocessing.Pool, each attaching by name.
              multiprocessing.Pool: each task returns its piece (pickled back), the
              parent concatenates them into the output.
 interleaved  task i fills out[i::16] (every page written by every task), lazyshare.
@@ -63,18 +63,14 @@ def piece(i, n_total, n=N):
     return np.full(n_total // n, i + 1.0)
 
 
-_shm = None
-
-
-def _attach(name):
-    global _shm
-    _shm = shared_memory.SharedMemory(name=name)
-
-
-def shm_fill(i, n_total, n=N):
-    out = np.ndarray((n_total,), np.float64, buffer=_shm.buf)
-    fill_block(out, i, n)
-    del out
+def shm_fill(name, i, n_total, n=N):
+    shm = shared_memory.SharedMemory(name=name)
+    try:
+        out = np.ndarray((n_total,), np.float64, buffer=shm.buf)
+        fill_block(out, i, n)
+        del out
+    finally:
+        shm.close()
     return i
 
 
@@ -105,55 +101,54 @@ def main() -> int:
     times: dict[str, list] = {k: [] for k in ("ls", "shm", "mp", "inter")}
     sparse = []
     ctx = mp.get_context("forkserver")
-    shm = shared_memory.SharedMemory(create=True, size=n * 8)
-    try:
-        with lazyshare.Pool(2) as pool, ctx.Pool(2, initializer=_attach, initargs=(shm.name,)) as mpool:
-            pool.map(abs, range(4))
-            mpool.map(abs, range(4))
-            for _ in range(args.runs):
-                out = lazyshare.shared(np.zeros(n))
-                times["ls"].append(
-                    timed(lambda out=out: pool.starmap(fill_block, [(out, i) for i in range(N)]))
+    with lazyshare.Pool(2) as pool, ctx.Pool(2) as mpool:
+        pool.map(abs, range(4))
+        mpool.map(abs, range(4))
+        for _ in range(args.runs):
+            out = lazyshare.shared(np.zeros(n))
+            times["ls"].append(timed(lambda out=out: pool.starmap(fill_block, [(out, i) for i in range(N)])))
+            bad += not np.array_equal(out, expected_blocks(n))
+            del out
+            shm = shared_memory.SharedMemory(create=True, size=n * 8)
+            try:
+                times["shm"].append(
+                    timed(lambda shm=shm: mpool.starmap(shm_fill, [(shm.name, i, n) for i in range(N)]))
                 )
-                bad += not np.array_equal(out, expected_blocks(n))
-                del out
                 view = np.ndarray((n,), np.float64, buffer=shm.buf)
-                view[:] = 0
-                times["shm"].append(timed(lambda: mpool.starmap(shm_fill, [(i, n) for i in range(N)])))
                 bad += not np.array_equal(view, expected_blocks(n))
                 del view
-                res = np.zeros(n)
+            finally:
+                shm.close()
+                shm.unlink()
+            res = np.zeros(n)
 
-                def by_pieces(res=res):
-                    parts = mpool.starmap(piece, [(i, n) for i in range(N)])
-                    np.concatenate(parts, out=res)
+            def by_pieces(res=res):
+                parts = mpool.starmap(piece, [(i, n) for i in range(N)])
+                np.concatenate(parts, out=res)
 
-                times["mp"].append(timed(by_pieces))
-                bad += not np.array_equal(res, expected_blocks(n))
-                del res
-                out = lazyshare.shared(np.zeros(n))
-                times["inter"].append(
-                    timed(lambda out=out: pool.starmap(fill_strided, [(out, i) for i in range(N)]))
-                )
-                bad += not np.array_equal(out, expected_strided(n))
-                del out
-                # sparse: 1% of the pages, one float64 each
-                npages = n * 8 // PAGE
-                rng = np.random.default_rng(len(sparse))
-                picks = rng.choice(npages, max(N, npages // 100), replace=False)
-                parts = [sorted(picks[i::N].tolist()) for i in range(N)]
-                out = lazyshare.shared(np.zeros(n))
-                before = pool.stats(0)["outputs"]["bytes_sent"]
-                pool.starmap(touch_pages, [(out, parts[i]) for i in range(N)])
-                sent = pool.stats(0)["outputs"]["bytes_sent"] - before
-                exp = np.zeros(n)
-                exp[picks * (PAGE // 8)] = picks + 1.0
-                bad += not np.array_equal(out, exp)
-                sparse.append(sent / (len(picks) * PAGE))
-                del out, exp
-    finally:
-        shm.close()
-        shm.unlink()
+            times["mp"].append(timed(by_pieces))
+            bad += not np.array_equal(res, expected_blocks(n))
+            del res
+            out = lazyshare.shared(np.zeros(n))
+            times["inter"].append(
+                timed(lambda out=out: pool.starmap(fill_strided, [(out, i) for i in range(N)]))
+            )
+            bad += not np.array_equal(out, expected_strided(n))
+            del out
+            # sparse: 1% of the pages, one float64 each
+            npages = n * 8 // PAGE
+            rng = np.random.default_rng(len(sparse))
+            picks = rng.choice(npages, max(N, npages // 100), replace=False)
+            parts = [sorted(picks[i::N].tolist()) for i in range(N)]
+            out = lazyshare.shared(np.zeros(n))
+            before = pool.stats(0)["outputs"]["bytes_sent"]
+            pool.starmap(touch_pages, [(out, parts[i]) for i in range(N)])
+            sent = pool.stats(0)["outputs"]["bytes_sent"] - before
+            exp = np.zeros(n)
+            exp[picks * (PAGE // 8)] = picks + 1.0
+            bad += not np.array_equal(out, exp)
+            sparse.append(sent / (len(picks) * PAGE))
+            del out, exp
     med = {k: statistics.median(v) for k, v in times.items()}
     mode = lazyshare.capabilities().mode
     print(

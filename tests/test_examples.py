@@ -61,3 +61,17 @@ def test_notebook_executes():
     assert "lazyshare.Pool" in text and "multiprocessing.Pool" in text
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the chart was not drawn"
+
+
+def test_fill_output():
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "fill_output.py"), "--rows", "8192", "--cols", "256", "--tasks", "8"],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "identical outputs" in proc.stdout, proc.stdout
+    assert re.search(
+        r"^lazyshare\.Pool\s+[\d.]+s\s+[\d.]+ \w*B\s+\(lazy in \+ written back\)", proc.stdout, re.M
+    )

@@ -510,7 +510,8 @@ def test_no_leftovers(how):
 def test_stats_shape(pool):
     pool.map(f.sqr, range(10), chunksize=5)
     s = pool.stats()
-    assert set(s) == {"workers", "totals", "cache"}
+    assert set(s) == {"workers", "totals", "cache", "outputs"}
+    assert s["outputs"] == {"bytes_sent": 0, "bytes_merged": 0, "tasks_merged": 0, "conflicts": 0}
     assert set(s["cache"]) == {
         "segments",
         "segments_untracked",
