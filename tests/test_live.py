@@ -7,22 +7,13 @@ Each case runs in a fresh interpreter (tests/_live_child.py), on the full
 
 from __future__ import annotations
 
-import json
-import os
-import pwd
-import shutil
-import subprocess
-import sys
-import tempfile
-
 import pytest
-from _proc import as_user
+from _proc import run_case
 
 from lazyshare import handler
 
 pytestmark = pytest.mark.timeout(120)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 RUNGS = ["uffd", "uffd-user-mode-only"]
 
 
@@ -36,31 +27,8 @@ needs_tracking = pytest.mark.skipif(
 
 
 def case(name: str, rung: str = "uffd", env: dict | None = None) -> dict:
-    """Run _live_child.case_<name> at ``rung``: as root for ``uffd``, as user
-    nobody (no capability to open /dev/userfaultfd) for the user-mode-only rung."""
-    full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
-    full_env.update(env or {})
-    cmd = [sys.executable, os.path.join(HERE, "_live_child.py"), name]
-    rt = None
-    if rung == "uffd-user-mode-only":
-        if os.geteuid() != 0:
-            full_env["LAZYSHARE_MODE"] = rung  # an ordinary user: the rung it has
-        else:
-            nobody = pwd.getpwnam("nobody")
-            rt = tempfile.mkdtemp()
-            os.chown(rt, nobody.pw_uid, nobody.pw_gid)
-            full_env.update(LAZYSHARE_RUNTIME_DIR=os.path.join(rt, "ls"), HOME=rt, TMPDIR=rt)
-            cmd = as_user(cmd, nobody.pw_uid)
-    try:
-        r = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=110, cwd=rt or HERE)
-    finally:
-        if rt:
-            shutil.rmtree(rt, ignore_errors=True)
-    assert r.returncode == 0, r.stderr[-4000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    if "mode" in out:
-        assert out["mode"] == rung
-    return out
+    """Run _live_child.case_<name> at ``rung`` (see ``_proc.run_case``)."""
+    return run_case("_live_child.py", name, rung, env)
 
 
 @needs_tracking
