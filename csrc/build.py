@@ -23,7 +23,7 @@ ffibuilder.set_source(
     ],
     include_dirs=[os.path.relpath(HERE, ROOT)],
     extra_compile_args=["-std=gnu11", "-O2", "-Wall", "-Wextra", "-fvisibility=hidden"],
-    libraries=["pthread"],
+    libraries=["pthread", "dl"],
 )
 
 if __name__ == "__main__":

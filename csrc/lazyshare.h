@@ -319,3 +319,40 @@ int ls_track_dirty(uint64_t addr, uint64_t len, uint64_t *out, uint32_t max_rang
 int ls_track_remove(uint64_t addr, uint64_t len);
 /* Ranges tracked now (lost ones included). */
 int ls_track_count(void);
+
+/* ---- links between hosts (link.c): the page protocol relayed over TCP, in
+ * TLS 1.3 with both ends verified against one CA, or in plaintext if tls is 0
+ * (only when the user asked for it). Every function fills err (a sentence) on
+ * failure. ---- */
+struct ls_link_config {
+    int tls;               /* 1: TLS 1.3, mutual; 0: plaintext */
+    const char *ca_file;   /* PEM: the CA that signs every peer's certificate */
+    const char *cert_file; /* PEM: this end's certificate (chain) */
+    const char *key_file;  /* PEM: its private key */
+    uint32_t timeout_ms;   /* connect, handshake, and a silent link's end
+                              (TCP_USER_TIMEOUT, keepalive); 0: 10 s */
+};
+struct ls_link_stats {
+    uint64_t accepted; /* connections relayed */
+    uint64_t refused;  /* handshakes that failed (a bad certificate, a plaintext peer) */
+    uint64_t bytes_in; /* bytes from the TCP side to the Unix side */
+    uint64_t bytes_out;
+    uint64_t broken;   /* connections that ended in an error */
+};
+/* Load OpenSSL (the libraries Python's ssl module loaded): 0 or -errno. */
+int ls_tls_load(const char *libcrypto, const char *libssl, char *err, size_t errlen);
+/* Owner side: listen on host:port (port 0: any free one, *port_out tells);
+ * each connection that authenticates is relayed to the page server's Unix
+ * socket `target`. Returns the link's id (> 0) or -errno. */
+int ls_link_serve(const char *host, int port, const char *target, const struct ls_link_config *cfg,
+                  int *port_out, char *err, size_t errlen);
+/* Consumer side: listen on the Unix socket `path`; each connection to it is
+ * relayed to the owner's link at host:port. Returns the link's id or -errno. */
+int ls_link_connect(const char *path, const char *host, int port, const struct ls_link_config *cfg, char *err,
+                    size_t errlen);
+/* Connect to host:port, authenticate both ways and wait for the page
+ * server's greeting, then close: 0 or -errno (err says why). */
+int ls_link_probe(const char *host, int port, const struct ls_link_config *cfg, char *err, size_t errlen);
+/* Stop accepting; open connections end within a second. */
+int ls_link_stop(int id);
+int ls_link_stats(int id, struct ls_link_stats *out);

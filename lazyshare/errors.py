@@ -10,6 +10,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
     "LazyshareError",
+    "LinkError",
     "CapabilityError",
     "SegmentError",
     "OwnerGoneError",
@@ -84,3 +85,9 @@ class WriteConflictError(LazyshareError):
 
     def __reduce__(self):
         return (type(self), (self.args[0], self.array, self.start, self.stop, self.nbytes))
+
+
+class LinkError(LazyshareError):
+    """A link to an owner on another host could not be made or was refused:
+    unreachable, a certificate the other end does not trust (or that we do not),
+    a plaintext peer where TLS is required, or a cluster without encryption."""

@@ -27,6 +27,11 @@ never reads the environment: :mod:`lazyshare.handler` hands it these values.
                             calls (default: half the machine's memory); past it, the
                             caches of arrays no call reads are emptied, least recently
                             used first
+``LAZYSHARE_LINK_TIMEOUT``  seconds a link to another host may take to connect and
+                            authenticate, and after which a silent one is declared
+                            dead (default 10; see :mod:`lazyshare.link`)
+``LAZYSHARE_LINK``          ``auto`` (default): an owner on this host is reached over its
+                            Unix socket, one on another over TCP; ``tcp``: always TCP
 ==========================  =========================================================
 """
 
@@ -60,6 +65,8 @@ class Settings:
     runtime_dir: str | None = None
     cache: bool = True
     cache_max: int = dataclasses.field(default_factory=_half_the_memory)
+    link_timeout: float = 10.0
+    link: str = "auto"
 
 
 def _number(env, name: str, kind, default, minimum=0):
@@ -96,7 +103,16 @@ def read(env=None) -> Settings:
         runtime_dir=env.get("LAZYSHARE_RUNTIME_DIR") or None,
         cache=_flag(env, "LAZYSHARE_CACHE", d.cache),
         cache_max=_number(env, "LAZYSHARE_CACHE_MAX", int, d.cache_max, 1),
+        link_timeout=_number(env, "LAZYSHARE_LINK_TIMEOUT", float, d.link_timeout, 0.1),
+        link=_choice(env, "LAZYSHARE_LINK", ("auto", "tcp"), d.link),
     )
+
+
+def _choice(env, name: str, choices: tuple, default: str) -> str:
+    raw = env.get(name) or default
+    if raw not in choices:
+        raise ValueError(f"{name}={raw!r}: expected one of {list(choices)}")
+    return raw
 
 
 def _flag(env, name: str, default: bool) -> bool:
