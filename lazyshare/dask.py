@@ -449,7 +449,13 @@ def _auto_handle(arr: np.ndarray) -> SharedArray:
     o = _the_owner()
     with o.lock:
         hit = o.auto.get(id(arr))
-        if hit is not None and hit[0]() is arr and hit[1].seg in o.entries:
+        spec = hit[1] if hit is not None else None
+        if (
+            spec is not None
+            and hit[0]() is arr
+            and spec.seg in o.entries
+            and (spec.addr, spec.tls, spec.tcp) == (o.addr(), o.tls, o.tcp)  # not from before a re-install
+        ):
             return SharedArray(None, _attach, hit[1])
         h = o.share(arr)
         key = id(arr)

@@ -1,0 +1,39 @@
+"""Task functions for tests/test_dask.py (importable by the workers)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def chunk_sum(a, i, n=16):
+    step = len(a) // n
+    return float(a[i * step : (i + 1) * step].sum()), os.getpid()
+
+
+def nested(d):
+    (x,) = d["arrays"][0]
+    return float(x[:10].sum()) + float(d["other"][0][-1]), type(x).__name__
+
+
+def head(a, k=100):
+    return a[:k]
+
+
+def is_lazy(a):
+    from lazyshare.dask import _lazy
+
+    return _lazy(a)
+
+
+def lazy_results(dask_worker=None):
+    from lazyshare.dask import _lazy
+
+    return sorted(str(_lazy(v)) for v in dask_worker.data.values() if isinstance(v, np.ndarray))
+
+
+def fault_handler_started():
+    from lazyshare import handler
+
+    return handler._client_pid == os.getpid()
