@@ -37,3 +37,21 @@ def fault_handler_started():
     from lazyshare import handler
 
     return handler._client_pid == os.getpid()
+
+
+def slice_sum(a, i, frac=0.01):
+    """Sum a different 1% of a for each i (i < 1/frac)."""
+    n = int(len(a) * frac)
+    return float(a[i * n : (i + 1) * n].sum())
+
+
+def slow_read(a, announce=None):
+    """Touch a page at a time, slowly: a task that is mid-fetch for seconds."""
+    import time
+
+    step = 4096 // a.itemsize
+    total = 0.0
+    for k in range(0, len(a), step):
+        total += float(a[k])
+        time.sleep(0.005)
+    return total
