@@ -77,6 +77,11 @@ class _Spec:
     addr: tuple | None  # (host, port) of the owner's link, or None: this node only
     tls: bool
     tcp: bool  # always use the link (tests; LAZYSHARE_LINK=tcp on the worker does the same)
+    keeper: int = 0  # the process whose handles and futures keep it shared (0: pid)
+    node_of_keeper: str = ""
+
+    def kept_here(self) -> bool:
+        return (self.keeper or self.pid) == os.getpid() and (self.node_of_keeper or self.node) == _node()
 
     def __repr__(self) -> str:
         where = f"{self.addr[0]}:{self.addr[1]}" if self.addr else "this host only"
@@ -87,10 +92,11 @@ class _Spec:
 
 
 class _Entry:
-    __slots__ = ("desc", "array", "handles", "holds", "released")
+    __slots__ = ("desc", "array", "handles", "holds", "released", "pushed")
 
-    def __init__(self, desc: ArrayDescriptor, array: np.ndarray):
+    def __init__(self, desc: ArrayDescriptor | None, array: np.ndarray, pushed=None):
         self.desc, self.array = desc, array
+        self.pushed = pushed  # (client, scattered future, worker address): served by that worker
         self.handles = 0  # live SharedArray objects in this process
         self.holds = 0  # live futures built from them (install's wrappers)
         self.released = False
@@ -106,7 +112,9 @@ class _Owner:
         self.tls = False
         self.tcp = False
         self.clients: list = []  # weakrefs to installed clients
-        self.auto: dict[int, tuple[weakref.ref, _Spec]] = {}  # id(array) -> (array, spec): install's shares
+        self.auto: dict[int, tuple] = {}  # id(array) -> (array ref, spec, mode): install's shares
+        self.push_to = None  # the client whose workers get arrays pushed (they cannot reach us)
+        self.insecure = False
 
     def addr(self) -> tuple | None:
         return (self.listener.host, self.listener.port) if self.listener else None
@@ -137,6 +145,31 @@ class _Owner:
             self.entries[seg.id] = _Entry(desc, arr)
         return SharedArray(None, _attach, spec)
 
+    def mode(self) -> tuple:
+        return (
+            ("push", id(self.push_to))
+            if self.push_to is not None
+            else ("own", self.addr(), self.tls, self.tcp)
+        )
+
+    def push(self, client, array: np.ndarray) -> SharedArray:
+        """Scatter array once to one worker, which serves its pages to the others."""
+        arr = np.asarray(array)
+        if arr.dtype.hasobject:
+            raise TypeError("lazyshare.dask.share: arrays of Python objects cannot be shared (pickle them)")
+        if arr.size == 0:
+            raise ValueError("lazyshare.dask.share: a zero-size array has nothing to share")
+        workers = sorted(client.scheduler_info()["workers"])
+        if not workers:
+            raise LinkError("no worker to push the array to")
+        worker = workers[0]
+        fut = client.scatter(arr, workers=[worker], hash=False)
+        kw = client.run(_serve_pushed, fut.key, self.insecure, workers=[worker])[worker]
+        spec = _Spec(**kw, tcp=self.tcp, keeper=os.getpid(), node_of_keeper=_node())
+        with self.lock:
+            self.entries[spec.seg] = _Entry(None, arr, pushed=(client, fut, worker))
+        return SharedArray(None, _attach, spec)
+
     def count(self, seg: bytes, field: str, delta: int) -> None:
         with self.lock:
             e = self.entries.get(seg)
@@ -151,7 +184,19 @@ class _Owner:
         if e is not None and not e.released:
             e.released = True
             try:
-                handler.release(e.desc)
+                if e.pushed is not None:
+                    # From a thread of its own: this may run in a finalizer on the
+                    # client's event loop, where a blocking call would deadlock.
+                    client, _fut, worker = e.pushed  # the scattered copy goes with the entry
+                    if client.status == "running":
+                        threading.Thread(
+                            target=client.run,
+                            args=(_unserve, seg),
+                            kwargs={"workers": [worker]},
+                            daemon=True,
+                        ).start()
+                else:
+                    handler.release(e.desc)
             except Exception:  # interpreter shutting down, or released by hand
                 pass
 
@@ -189,7 +234,7 @@ class SharedArray(Task):
         super().__init__(key, func, *args, **kwargs)
         self._owned = False
         spec = args[0] if args else None
-        if isinstance(spec, _Spec) and spec.pid == os.getpid():
+        if isinstance(spec, _Spec) and spec.kept_here():
             self._owned = True
             _the_owner().count(spec.seg, "handles", +1)
 
@@ -235,7 +280,7 @@ class SharedArray(Task):
         """Stop sharing now. Tasks that have not mapped the array yet fail
         with :class:`lazyshare.SegmentError`; mappings made already keep
         working until their tasks end."""
-        if self.spec.pid == os.getpid():
+        if self.spec.kept_here():
             _the_owner().release(self.spec.seg)
 
     def __enter__(self) -> SharedArray:
@@ -257,12 +302,24 @@ class SharedArray(Task):
         return f"<lazyshare.dask.SharedArray {self.spec!r}>"
 
 
-def share(array: np.ndarray) -> SharedArray:
+def share(array: np.ndarray, *, push: bool = False, client=None) -> SharedArray:
     """A handle that stands for ``array`` in task arguments (see
     :class:`SharedArray`). Works without :func:`install` for workers on this
     host; workers on other hosts need the link that :func:`install` starts.
     As with a :class:`lazyshare.Pool`, do not write to the array while tasks
-    may still read it."""
+    may still read it.
+
+    ``push=True`` is for workers that cannot reach this process (a client
+    behind NAT): the array goes once, whole, to one worker of ``client``
+    (default: the current one) through Dask's own connection, and that worker
+    serves its pages to the others over its own link. The copy there is
+    dropped when the handle is released."""
+    if push:
+        if client is None:
+            from distributed import get_client
+
+            client = get_client()
+        return _the_owner().push(client, array)
     return _the_owner().share(array)
 
 
@@ -316,6 +373,45 @@ def _attach(spec: _Spec) -> np.ndarray:
                 )
         seg = SegmentDescriptor(spec.seg, spec.seg_nbytes, link.endpoint_for(*spec.addr, tls), 0)
     return handler.attach(ArrayDescriptor(seg, spec.offset, spec.shape, spec.strides, spec.dtype))
+
+
+_worker_listener: tuple | None = None  # (pid, Listener): this worker's link, for pushed arrays
+
+
+def _serve_pushed(key, insecure: bool, dask_worker=None) -> dict:
+    """On the worker a pushed array was scattered to: export it and serve it
+    to the other workers over this worker's own link."""
+    global _worker_listener
+    arr = np.asarray(dask_worker.data[key])
+    tls = _worker_tls(dask_worker)
+    addr = None  # without TLS (and no insecure=True), workers on this host only
+    if tls is not None or insecure:
+        if _worker_listener is None or _worker_listener[0] != os.getpid():
+            host = dask_worker.address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+            _worker_listener = (os.getpid(), link.serve(host, 0, tls))
+        addr = (_worker_listener[1].host, _worker_listener[1].port)
+    desc = handler.export(arr)
+    o = _the_owner()
+    with o.lock:
+        o.entries[desc.segment.id] = _Entry(desc, arr)  # until _unserve
+    seg = desc.segment
+    return dict(
+        seg=seg.id,
+        seg_nbytes=seg.nbytes,
+        offset=desc.offset,
+        shape=tuple(desc.shape),
+        strides=tuple(desc.strides),
+        dtype=np.dtype(desc.dtype),
+        endpoint=seg.endpoint,
+        pid=seg.owner_pid,
+        node=_node(),
+        addr=addr,
+        tls=tls is not None,
+    )
+
+
+def _unserve(seg: bytes, dask_worker=None) -> None:
+    _the_owner().release(seg)
 
 
 def _lazy(a: np.ndarray) -> bool:
@@ -448,18 +544,13 @@ def _auto_handle(arr: np.ndarray) -> SharedArray:
     (they, not the handle, keep it shared: see _hold)."""
     o = _the_owner()
     with o.lock:
+        mode = o.mode()
         hit = o.auto.get(id(arr))
-        spec = hit[1] if hit is not None else None
-        if (
-            spec is not None
-            and hit[0]() is arr
-            and spec.seg in o.entries
-            and (spec.addr, spec.tls, spec.tcp) == (o.addr(), o.tls, o.tcp)  # not from before a re-install
-        ):
+        if hit is not None and hit[0]() is arr and hit[1].seg in o.entries and hit[2] == mode:
             return SharedArray(None, _attach, hit[1])
-        h = o.share(arr)
+        h = o.push(o.push_to, arr) if o.push_to is not None else o.share(arr)
         key = id(arr)
-        o.auto[key] = (weakref.ref(arr, lambda _r, k=key: o.auto.pop(k, None)), h.spec)
+        o.auto[key] = (weakref.ref(arr, lambda _r, k=key: o.auto.pop(k, None)), h.spec, mode)
         return h
 
 
@@ -485,6 +576,7 @@ def install(
     port: int = 0,
     insecure: bool = False,
     transport: str = "auto",
+    push: bool | str = "auto",
 ) -> dict:
     """Make ``client``'s tasks map big arrays lazily. Returns, per worker, its
     capability ``rung`` and the ``path`` its pages take (``ipc``, ``tls``) or
@@ -509,13 +601,22 @@ def install(
 
     ``transport="tcp"`` sends pages over the link even to workers on this
     host (as ``LAZYSHARE_LINK=tcp`` does on a worker).
+
+    ``push``: where workers cannot reach this process, ``"auto"`` (default)
+    has the wrappers push each shared array once to one worker, which serves
+    its pages to the others (see :func:`share`); ``True`` always does;
+    ``False`` never does (tasks on those workers then fail with the reason).
     """
     if transport not in ("auto", "tcp"):
         raise ValueError(f"transport={transport!r}: expected 'auto' or 'tcp'")
+    if push not in ("auto", True, False):
+        raise ValueError(f"push={push!r}: expected 'auto', True or False")
     o = _the_owner()
     tls = link.TLS.from_security(client.security, "client")
     with o.lock:
         o.tcp = transport == "tcp"
+        o.insecure = insecure
+        o.push_to = client if push is True else None
         if o.listener is None:
             if tls is None and not insecure:
                 if getattr(client.security, "require_encryption", False):
@@ -528,9 +629,14 @@ def install(
     bad = {w: r["error"] for w, r in report.items() if r.get("error")}
     if bad:
         lines = "; ".join(f"{w}: {e}" for w, e in sorted(bad.items()))
+        if push == "auto" and share_above is not None:
+            o.push_to = client
+            then = "so each shared array goes once to one worker, which serves its pages to the others"
+        else:
+            then = "and their tasks on shared arrays will fail"
         warnings.warn(
-            f"lazyshare: {len(bad)} of {len(report)} workers cannot fetch pages from this process, and "
-            f"their tasks on shared arrays will fail: {lines}",
+            f"lazyshare: {len(bad)} of {len(report)} workers cannot fetch pages from this process, {then}: "
+            f"{lines}",
             LazyshareWarning,
             stacklevel=2,
         )
@@ -584,6 +690,7 @@ def uninstall(client) -> None:
         client._lazyshare_wrapped = False
     o = _the_owner()
     with o.lock:
+        o.push_to = None
         if o.listener is not None:
             o.listener.close()
             o.listener = None

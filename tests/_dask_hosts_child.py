@@ -66,9 +66,9 @@ def client(cfg):
 
     with Client(cfg["scheduler"], security=security(cfg), timeout=30) as c:
         c.wait_for_workers(cfg["workers"], timeout=30)
-        out(report=ld.install(c))
+        out(report=ld.install(c, host=cfg.get("listen")))
         a = np.arange(32 << 20, dtype=np.float64)  # 256 MiB
-        if cfg["case"] == "touch":
+        if cfg["case"] in ("touch", "push"):
             tx = veth_tx(cfg["dev"])
             t = time.monotonic()
             res = c.gather(c.map(slice_sum, [a] * 16, range(16)))

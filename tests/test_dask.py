@@ -11,6 +11,7 @@ tests/test_dask_hosts.py."""
 from __future__ import annotations
 
 import gc
+import os
 import pickle
 import warnings
 
@@ -22,7 +23,15 @@ pytest.importorskip(
     "distributed", minversion="2025.1", reason="lazyshare.dask needs dask.distributed 2025.1+ (Python 3.10+)"
 )
 import dask  # noqa: E402
-from _dask_funcs import chunk_sum, fault_handler_started, head, is_lazy, lazy_results, nested  # noqa: E402
+from _dask_funcs import (  # noqa: E402
+    chunk_sum,
+    fault_handler_started,
+    head,
+    is_lazy,
+    lazy_results,
+    nested,
+    served_here,
+)
 from distributed import Client, LocalCluster  # noqa: E402
 
 import lazyshare.dask as ld  # noqa: E402
@@ -144,15 +153,20 @@ def test_an_unencrypted_cluster_gets_no_link_unless_insecure():
     a = np.arange(1 << 20, dtype=np.float64)
     with cluster(n_workers=1) as cl, Client(cl) as c:
         try:
-            with pytest.warns(LazyshareWarning, match="cannot fetch pages.*not encrypted"):
-                report = ld.install(c, transport="tcp")
+            with pytest.warns(LazyshareWarning, match="cannot fetch pages.*will fail.*not encrypted"):
+                report = ld.install(c, transport="tcp", push=False)
             assert all("not encrypted" in r["error"] for r in report.values())
             with pytest.raises(LinkError, match="offers no link"):
                 c.submit(is_lazy, a).result()
             ld.uninstall(c)
+            # by default, workers that cannot reach the client get the arrays pushed
+            with pytest.warns(LazyshareWarning, match="goes once to one worker"):
+                ld.install(c, transport="tcp")
+            assert c.submit(chunk_sum, a, 1).result()[0] == chunk_sum(a, 1)[0]
+            ld.uninstall(c)
             report = ld.install(c, transport="tcp", insecure=True)
             assert {r["path"] for r in report.values()} == {"tcp (plaintext)"}
-            assert c.submit(chunk_sum, a, 1).result()[0] == chunk_sum(a, 1)[0]
+            assert c.submit(chunk_sum, a, 2).result()[0] == chunk_sum(a, 2)[0]
         finally:
             ld.uninstall(c)
 
@@ -166,3 +180,18 @@ def test_each_rung_reports_itself_and_serves_the_same_bytes(rung):
             report = ld.install(c)
         assert [r["rung"] for r in report.values()] == [rung]
         assert c.submit(chunk_sum, a, 5).result()[0] == chunk_sum(a, 5)[0]
+
+
+def test_push_mode_one_worker_serves_the_others():
+    a = np.arange(8 << 20, dtype=np.float64)  # 64 MiB
+    with cluster() as cl, Client(cl) as c:
+        ld.install(c, share_above=None)
+        with ld.share(a, push=True, client=c) as h:
+            assert h.spec.pid != os.getpid()  # a worker owns the segment
+            res = c.gather(c.map(chunk_sum, [h] * 16, range(16)))
+            step = len(a) // 16
+            assert [r[0] for r in res] == [float(a[i * step : (i + 1) * step].sum()) for i in range(16)]
+            assert sorted(c.run(served_here).values()) == [0, 1]  # one worker serves it
+            assert c.submit(is_lazy, h).result() in (True, False)  # the server itself gets its copy
+        assert wait_for(lambda: sorted(c.run(served_here).values()) == [0, 0])
+        assert _shared_now() == 0

@@ -120,8 +120,8 @@ class Cluster:
         self.procs[name] = p
         return p
 
-    def client(self, case, workers):
-        cfg = dict(self.certs, scheduler=self.address, case=case, workers=workers, dev=self.net["vb"])
+    def client(self, case, workers, **kw):
+        cfg = dict(self.certs, scheduler=self.address, case=case, workers=workers, dev=self.net["vb"], **kw)
         return self.start("client", self.net["b"], cfg, stdout=subprocess.PIPE)
 
     def log(self, name):
@@ -197,6 +197,24 @@ def test_tasks_on_other_hosts_fetch_only_the_pages_they_touch(make_cluster):
     with open(f"/proc/{cl.pid_of('scheduler')}/status") as f:
         hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) << 10
     assert hwm < 200 << 20, hwm
+
+
+def test_workers_that_cannot_reach_the_client_get_the_array_pushed_once(make_cluster):
+    cl = make_cluster(2)
+    # the client listens on its own loopback only: no worker can reach it (as behind NAT)
+    p = cl.client("push", 2, listen="127.0.0.1")
+    try:
+        report = _line(p)["report"]
+        assert all(r["error"] for r in report.values()), report
+        m = _line(p, timeout=120)
+    except AssertionError:
+        raise AssertionError(cl.log("client")) from None
+    assert m["ok"], m
+    assert "goes once to one worker" in cl.log("client")
+    array = 256 << 20
+    # the array crossed the veth once (to the worker it was pushed to), not per task
+    assert array <= m["veth_tx"] < 1.2 * array, m
+    assert m["link"].get("bytes_out", 0) == 0  # the client's own link served nothing
 
 
 def _worker_dies_clearly(cl, bound):

@@ -263,3 +263,32 @@ def test_page_protocol_fuzz_over_tls(ca, listener):
         assert fz.parse_stream(seg, got) == 2
     finally:
         handler.release(seg.seg)
+
+
+def test_a_consumer_that_dies_releases_its_holds(ca, listener):
+    data = np.ones(32 << 20, dtype=np.uint8)
+    seg = handler.export_memory(data, data.ctypes.data, data.nbytes)
+    consumer = None
+    try:
+        cfg = {
+            "host": "127.0.0.1",
+            "port": listener.port,
+            "tls": _tls_cfg(ca.tls("consumer")),
+            "seg": seg.id.hex(),
+            "nbytes": seg.nbytes,
+            "ranges": [],
+            "slow": True,
+        }
+        consumer = _child("consumer", cfg, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert json.loads(consumer.stdout.readline()) == {"reading": True}
+        assert handler.holders(seg) == 1  # its mapping, held through the link
+        consumer.kill()
+        consumer.wait(timeout=DEADLINE)
+        assert wait_for(lambda: handler.holders(seg) == 0)
+    finally:
+        if consumer and consumer.poll() is None:
+            consumer.kill()
+            consumer.wait()
+        for f in (consumer.stdout, consumer.stderr) if consumer else ():
+            f.close()
+        handler.release(seg)
