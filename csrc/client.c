@@ -834,10 +834,14 @@ static void *client_main(void *arg)
             last_event = ls_now_ns();
         retrying = conn_retry_connects();
         check_deadlines(ls_now_ns());
+        /* Reap first: a detached region freed here takes its requests with
+         * it (READ path), and what is published must be what the next sleep
+         * waits for -- a stale count would have the watchdog see requests on
+         * the wire while the loop sleeps without a timeout. */
+        reap_dying();
         atomic_store_explicit(&inflight_published, ninfl, memory_order_relaxed);
         uint64_t oldest = infl_oldest ? infl_oldest->tag : atomic_load_explicit(&next_tag, memory_order_relaxed);
         atomic_store_explicit(&oldest_tag, oldest, memory_order_release);
-        reap_dying();
         atomic_fetch_add_explicit(&heartbeat, 1, memory_order_relaxed);
     }
     return NULL;
@@ -880,16 +884,18 @@ static void *watch_main(void *arg)
         }
         struct pollfd pf = {.fd = client_uffd, .events = POLLIN};
         pthread_mutex_lock(&cmd_lock);
-        int waiting = cmd_head != NULL;
+        int cmds = cmd_head != NULL;
         pthread_mutex_unlock(&cmd_lock);
-        waiting |= atomic_load_explicit(&inflight_published, memory_order_relaxed) > 0;
-        waiting |= client_uffd >= 0 && poll(&pf, 1, 0) > 0;
-        if (!waiting)
+        int infl = atomic_load_explicit(&inflight_published, memory_order_relaxed);
+        int faults = client_uffd >= 0 && poll(&pf, 1, 0) > 0 ? pf.revents : 0;
+        if (!cmds && !infl && !faults)
             since = now; /* idle, not wedged */
         else if (now - since > fault_timeout_ns)
-            ls_fatal("the fault-handler thread has not run for %llu s while page faults wait for it; "
-                     "giving up rather than leaving them blocked",
-                     (unsigned long long)((now - since) / 1000000000ull));
+            ls_fatal("the fault-handler thread has not run for %llu s while work waits for it "
+                     "(%s%s%s); giving up rather than leaving page faults blocked",
+                     (unsigned long long)((now - since) / 1000000000ull), cmds ? "commands " : "",
+                     infl ? "requests on the wire " : "",
+                     faults & POLLIN ? "faults queued" : faults ? "userfaultfd error" : "");
         pthread_mutex_lock(&watch_lock);
     }
     pthread_mutex_unlock(&watch_lock);

@@ -7,6 +7,7 @@ Each prints one JSON line."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -44,6 +45,10 @@ def consumer(cfg):
             int(arr[off])
             time.sleep(0.002)
     out = {"sha": [hashlib.sha256(arr[lo:hi]).hexdigest() for lo, hi in cfg["ranges"]]}
+    if cfg.get("linger"):  # detach at once (read-ahead still in flight), then stay idle
+        del arr
+        gc.collect()
+        time.sleep(cfg["linger"])
     print(json.dumps(out), flush=True)
 
 

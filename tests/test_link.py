@@ -46,9 +46,12 @@ def listener(ca):
     lst.close()
 
 
-def _child(role, cfg, **kw):
+def _child(role, cfg, env=None, **kw):
     env = dict(
-        os.environ, LZ_LINK=json.dumps(cfg), PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", "")
+        os.environ,
+        LZ_LINK=json.dumps(cfg),
+        PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **(env or {}),
     )
     return subprocess.Popen(
         [sys.executable, os.path.join(HERE, "_link_child.py"), role], env=env, text=True, **kw
@@ -291,4 +294,43 @@ def test_a_consumer_that_dies_releases_its_holds(ca, listener):
             consumer.wait()
         for f in (consumer.stdout, consumer.stderr) if consumer else ():
             f.close()
+        handler.release(seg)
+
+
+def test_an_idle_consumer_after_a_detach_with_pages_in_flight_lives_on(ca, listener):
+    # Detaching while read-ahead is on the wire (READ path) used to leave the
+    # handler's published count of requests stale: the watchdog then saw
+    # requests waiting while the loop slept, and killed the idle process
+    # after LAZYSHARE_FAULT_TIMEOUT.
+    data = np.random.default_rng(2).integers(0, 255, 64 << 20, dtype=np.uint8)
+    seg = handler.export_memory(data, data.ctypes.data, data.nbytes)
+    try:
+        ranges = [(k << 20, (k << 20) + 4096) for k in range(0, 64, 8)] + [(0, 1 << 20)]
+        procs = []
+        for _ in range(4):  # a few, since the detach must catch requests in flight
+            cfg = {
+                "host": "127.0.0.1",
+                "port": listener.port,
+                "tls": _tls_cfg(ca.tls("consumer")),
+                "seg": seg.id.hex(),
+                "nbytes": seg.nbytes,
+                "ranges": ranges,
+                "linger": 3.5,
+            }
+            procs.append(
+                _child(
+                    "consumer",
+                    cfg,
+                    env={"LAZYSHARE_FAULT_TIMEOUT": "1.5"},
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )
+            )
+        for p in procs:
+            out, err = p.communicate(timeout=DEADLINE)
+            assert p.returncode == 0, err
+            assert json.loads(out.strip().splitlines()[-1])["sha"] == [
+                hashlib.sha256(data[lo:hi]).hexdigest() for lo, hi in ranges
+            ]
+    finally:
         handler.release(seg)
