@@ -41,6 +41,20 @@ def _data_path(mode: str) -> str:
     return "install (the owner copies pages in through this process's userfaultfd)"
 
 
+def _link_line() -> str:
+    """What TLS links between hosts (lazyshare.link) would use here."""
+    import ssl
+
+    from . import link
+    from .errors import LinkError
+
+    try:
+        crypto, libssl = link.openssl()
+    except LinkError as e:
+        return f"unavailable: {e}"
+    return f"TLS 1.3 with {ssl.OPENSSL_VERSION} ({libssl}); silent links end after {settings.read().link_timeout:g} s"
+
+
 def doctor(args) -> int:
     """Print the capability ladder on this machine and how to reach its best rung."""
     from lazyshare import handler
@@ -96,6 +110,7 @@ def doctor(args) -> int:
     )
     print(f"data path: {_data_path(in_use)}")
     print(f"across calls: {_live_line(in_use)}")
+    print(f"links to other hosts: {_link_line()}")
     if caps.mode == "uffd":
         print("\nThis machine gives the best rung: nothing to do.")
         return 0

@@ -32,6 +32,9 @@ def test_doctor_reports_this_machine(capsys, monkeypatch):
     assert f"uid {os.getuid()}, euid {os.geteuid()}" in out
     assert f"rung in use: {caps.mode}\n  {caps.reason}" in out
     assert re.search(r"^data path: (install|wire) \(", out, re.M)
+    assert re.search(
+        r"^links to other hosts: TLS 1\.3 with OpenSSL .*libssl.*silent links end after 10 s", out, re.M
+    )
     monkeypatch.setenv("LAZYSHARE_DATA_PATH", "wire")
     assert "data path: wire (pages sent in the reply, as LAZYSHARE_DATA_PATH=wire asks)" in _doctor(capsys)
     if os.path.exists("/dev/userfaultfd"):
