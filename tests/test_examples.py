@@ -75,3 +75,22 @@ def test_fill_output():
     assert re.search(
         r"^lazyshare\.Pool\s+[\d.]+s\s+[\d.]+ \w*B\s+\(lazy in \+ written back\)", proc.stdout, re.M
     )
+
+
+def test_dask_windows():
+    pytest.importorskip(
+        "distributed",
+        minversion="2025.1",
+        reason="lazyshare.dask needs dask.distributed 2025.1+ (Python 3.10+)",
+    )
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "dask_windows.py"), "--size-mib", "32", "--tasks", "4"],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert re.search(r"^lazyshare\.dask\s+[\d.]+s\s+[\d.]+ \w*B fetched by the workers", out, re.M), out
+    assert re.search(r"^dask \(pickled\)\s+[\d.]+s", out, re.M), out
+    assert "mean block maximum over 4 tasks" in out
