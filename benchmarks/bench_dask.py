@@ -17,7 +17,10 @@ Workloads, 16 tasks each (results checked against the client's own numpy):
 1%      task i sums a different 1% of the array (a[i*k:(i+1)*k], k = n/100).
         lazyshare: client.map after install(client).
         embedded: Client.map with the array in the arguments (not the wrapped
-        map: Dask puts the array in the graph).
+        map: Dask puts the array in the graph). Only the first 2 of the 16
+        tasks: every task's message to its worker carries the whole array
+        (16 tasks of a 1 GiB array paused a worker at 11 GiB of 11.8), so its
+        time is a lower bound of the 16 tasks' and its ratio an underestimate.
         scatter-bcast: client.scatter(a, broadcast=True), then the map.
 1/16    task i sums a different 1/16 of the array.
         lazyshare, and scatter: one client.scatter(a) (no broadcast) + the map.
@@ -123,14 +126,15 @@ def _client(cfg):
             arg = a
             if system.startswith("scatter"):
                 arg = c.scatter(a, broadcast=system == "scatter-bcast")
-            futs = cmap(part_sum, [arg] * N, range(N), [parts] * N, pure=False)
+            ntasks = 2 if system == "embedded" else N
+            futs = cmap(part_sum, [arg] * ntasks, range(ntasks), [parts] * ntasks, pure=False)
             submitted = time.perf_counter() - t0
             wait(futs, return_when="FIRST_COMPLETED")
             first = time.perf_counter() - t0
             got = dict(zip([f.key for f in futs], c.gather(futs)))
             total = time.perf_counter() - t0
             res = [got[f.key] for f in futs]
-            ok = res == expect[parts]
+            ok = res == expect[parts][:ntasks]
             del futs, got, arg
             c.run(
                 lambda dask_worker: dask_worker.data.clear() if hasattr(dask_worker.data, "clear") else None
@@ -339,7 +343,7 @@ def main():
         for r in args.rates.split(","):
             ls1, ls16 = by[(t, r, "lazyshare", 100)], by[(t, r, "lazyshare", N)]
             print(
-                f"{t:4} {r:7} 1%: embedded/lazyshare {by[(t, r, 'embedded', 100)]['total'] / ls1['total']:5.1f}x  "
+                f"{t:4} {r:7} 1%: embedded(2 tasks)/lazyshare >= {by[(t, r, 'embedded', 100)]['total'] / ls1['total']:5.1f}x  "
                 f"scatter-bcast/lazyshare {by[(t, r, 'scatter-bcast', 100)]['total'] / ls1['total']:5.1f}x   "
                 f"1/16: scatter/lazyshare {by[(t, r, 'scatter', N)]['total'] / ls16['total']:5.2f}x"
             )
