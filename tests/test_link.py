@@ -62,6 +62,13 @@ def _tls_cfg(t):
     return {"ca": t.ca, "cert": t.cert, "key": t.key} if t else None
 
 
+def _consumer_cfg(port, tls, seg, **kw):
+    """A consumer child's settings: segment seg (a descriptor, or (id hex, nbytes))
+    behind the listener at port, reached with credentials tls (None: plaintext)."""
+    sid, nbytes = (seg.id.hex(), seg.nbytes) if hasattr(seg, "id") else seg
+    return dict(host="127.0.0.1", port=port, tls=_tls_cfg(tls), seg=sid, nbytes=nbytes, **kw)
+
+
 def test_pages_cross_a_tls_link_exactly_and_only_those_touched(ca, listener):
     data = np.random.default_rng(1).integers(0, 255, 64 << 20, dtype=np.uint8)
     seg = handler.export_memory(data, data.ctypes.data, data.nbytes)
@@ -73,14 +80,7 @@ def test_pages_cross_a_tls_link_exactly_and_only_those_touched(ca, listener):
             (data.nbytes - 5, data.nbytes),
         ]
         before = listener.stats()["bytes_out"]
-        cfg = {
-            "host": "127.0.0.1",
-            "port": listener.port,
-            "tls": _tls_cfg(ca.tls("consumer")),
-            "seg": seg.id.hex(),
-            "nbytes": seg.nbytes,
-            "ranges": ranges,
-        }
+        cfg = _consumer_cfg(listener.port, ca.tls("consumer"), seg, ranges=ranges)
         p = _child("consumer", cfg, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = p.communicate(timeout=DEADLINE)
         assert p.returncode == 0, err
@@ -153,14 +153,7 @@ def test_plaintext_link_when_asked_for():
     lst = link.serve("127.0.0.1", 0, None)
     try:
         assert "PLAINTEXT" in repr(lst)
-        cfg = {
-            "host": "127.0.0.1",
-            "port": lst.port,
-            "tls": None,
-            "seg": seg.id.hex(),
-            "nbytes": seg.nbytes,
-            "ranges": [(0, data.nbytes)],
-        }
+        cfg = _consumer_cfg(lst.port, None, seg, ranges=[(0, data.nbytes)])
         p = _child("consumer", cfg, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = p.communicate(timeout=DEADLINE)
         assert p.returncode == 0, err
@@ -180,15 +173,9 @@ def test_an_owner_that_dies_ends_its_consumers_fault_in_a_clear_error(ca):
     consumer = None
     try:
         spec = json.loads(owner.stdout.readline())
-        cfg = {
-            "host": "127.0.0.1",
-            "port": spec["port"],
-            "tls": _tls_cfg(ca.tls("consumer")),
-            "seg": spec["seg"],
-            "nbytes": spec["nbytes"],
-            "ranges": [],
-            "slow": True,
-        }
+        cfg = _consumer_cfg(
+            spec["port"], ca.tls("consumer"), (spec["seg"], spec["nbytes"]), ranges=[], slow=True
+        )
         consumer = _child("consumer", cfg, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert json.loads(consumer.stdout.readline()) == {"reading": True}
         time.sleep(0.3)
@@ -273,15 +260,7 @@ def test_a_consumer_that_dies_releases_its_holds(ca, listener):
     seg = handler.export_memory(data, data.ctypes.data, data.nbytes)
     consumer = None
     try:
-        cfg = {
-            "host": "127.0.0.1",
-            "port": listener.port,
-            "tls": _tls_cfg(ca.tls("consumer")),
-            "seg": seg.id.hex(),
-            "nbytes": seg.nbytes,
-            "ranges": [],
-            "slow": True,
-        }
+        cfg = _consumer_cfg(listener.port, ca.tls("consumer"), seg, ranges=[], slow=True)
         consumer = _child("consumer", cfg, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert json.loads(consumer.stdout.readline()) == {"reading": True}
         assert handler.holders(seg) == 1  # its mapping, held through the link
@@ -308,15 +287,7 @@ def test_an_idle_consumer_after_a_detach_with_pages_in_flight_lives_on(ca, liste
         ranges = [(k << 20, (k << 20) + 4096) for k in range(0, 64, 8)] + [(0, 1 << 20)]
         procs = []
         for _ in range(4):  # a few, since the detach must catch requests in flight
-            cfg = {
-                "host": "127.0.0.1",
-                "port": listener.port,
-                "tls": _tls_cfg(ca.tls("consumer")),
-                "seg": seg.id.hex(),
-                "nbytes": seg.nbytes,
-                "ranges": ranges,
-                "linger": 3.5,
-            }
+            cfg = _consumer_cfg(listener.port, ca.tls("consumer"), seg, ranges=ranges, linger=3.5)
             procs.append(
                 _child(
                     "consumer",
