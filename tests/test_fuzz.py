@@ -223,7 +223,10 @@ def test_dealer_messages(seg, good):
         one()
     finally:
         s.close()
-    assert seen["ok"] > 100 and seen["err"] > 500, seen
+    # About 1 message in 12 is one valid READ: how many exactly depends on
+    # hypothesis's version (derandomized, but its generation changes between
+    # releases; one gave exactly 100). Enough of both kinds is what counts.
+    assert seen["ok"] > 50 and seen["err"] > 500, seen
 
 
 # ------------------------------------------------------------------ raw ZMTP
