@@ -659,7 +659,8 @@ def _wrap(client, threshold: int) -> None:
         t = client._lazyshare_threshold
         args = _share_deep(args, t, holds)
         kwargs = _share_deep(kwargs, t, holds)
-        fut = cls.submit(client, _CopyResult(func), *args, **opts, **kwargs)
+        actor = opts.get("actor") or opts.get("actors")  # a class to instantiate: not wrapped
+        fut = cls.submit(client, func if actor else _CopyResult(func), *args, **opts, **kwargs)
         if holds:
             _hold(fut, holds)
         return fut
@@ -670,7 +671,8 @@ def _wrap(client, threshold: int) -> None:
         t = client._lazyshare_threshold
         iterables = [[_share_deep(x, t, holds) for x in it] for it in iterables]
         kwargs = _share_deep(kwargs, t, holds)
-        futs = cls.map(client, _CopyResult(func), *iterables, **opts, **kwargs)
+        actor = opts.get("actor") or opts.get("actors")
+        futs = cls.map(client, func if actor else _CopyResult(func), *iterables, **opts, **kwargs)
         if holds:
             for f in futs:
                 _hold(f, holds)

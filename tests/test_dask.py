@@ -24,6 +24,7 @@ pytest.importorskip(
 )
 import dask  # noqa: E402
 from _dask_funcs import (  # noqa: E402
+    Counter,
     chunk_sum,
     fault_handler_started,
     head,
@@ -119,6 +120,10 @@ def test_lifetime_release_and_results_that_alias_lazy_memory():
         assert _shared_now() == 1
         del h
         assert wait_for(lambda: _shared_now() == 0)
+        # an actor class is instantiated as it is (its argument still shared)
+        actor = c.submit(Counter, a, actor=True).result()
+        assert actor.get().result() == float(a[:10].sum())
+        del actor
         # bad input: clear errors, nothing shared
         with pytest.raises(TypeError, match="Python objects"):
             ld.share(np.array([object()]))
