@@ -353,7 +353,7 @@ def _attach(spec: _Spec) -> np.ndarray:
         if e is None:
             raise SegmentError(f"shared array {spec!r} was released before its task ran")
         return e.array
-    local = spec.node == _node() and not spec.tcp and settings.read().link != "tcp"
+    local = _local(spec.node, spec.endpoint, spec.tcp)
     if local:
         seg = SegmentDescriptor(spec.seg, spec.seg_nbytes, spec.endpoint, spec.pid)
     else:
@@ -461,10 +461,23 @@ class _WorkerSetup(WorkerPlugin):
             worker._lazyshare_rung = caps.mode
 
 
-def _worker_report(addr, tls_required: bool, node: str, tcp: bool, dask_worker=None) -> dict:
+def _local(node: str, endpoint: str, tcp: bool) -> bool:
+    """Whether the owner's page server is reachable here over its Unix socket:
+    the same node, not forced onto the link, and a socket this user may use (a
+    worker of another user on the same host takes the link)."""
+    if node != _node() or tcp or settings.read().link == "tcp":
+        return False
+    from . import transport
+
+    return os.access(transport.endpoint_path(endpoint), os.W_OK)
+
+
+def _worker_report(
+    addr, tls_required: bool, node: str, tcp: bool, endpoint: str = "", dask_worker=None
+) -> dict:
     caps = handler._ensure_client()
     out = {"rung": caps.mode, "reason": caps.reason, "path": None, "error": None}
-    if node == _node() and not tcp and settings.read().link != "tcp":
+    if _local(node, endpoint, tcp):
         out["path"] = "ipc"
         return out
     if addr is None:
@@ -625,7 +638,7 @@ def install(
                 o.listener = link.serve(host or _reachable_host(client), port, tls)
                 o.tls = tls is not None
     client.register_plugin(_WorkerSetup(), name="lazyshare")
-    report = client.run(_worker_report, o.addr(), o.tls, _node(), o.tcp)
+    report = client.run(_worker_report, o.addr(), o.tls, _node(), o.tcp, handler._ensure_server())
     bad = {w: r["error"] for w, r in report.items() if r.get("error")}
     if bad:
         lines = "; ".join(f"{w}: {e}" for w, e in sorted(bad.items()))
