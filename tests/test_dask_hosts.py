@@ -147,6 +147,10 @@ class Cluster:
                 p.stdout.close()
         for f in self.logs.values():
             f.close()
+        # killed processes leave their socket directories: remove those of dead pids
+        from lazyshare import transport
+
+        transport._sweep(transport._base_dir())
 
 
 @pytest.fixture

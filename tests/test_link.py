@@ -27,7 +27,7 @@ from conftest import DEADLINE, wait_for
 pytest.importorskip("cryptography", reason="test certificates need the cryptography package")
 from _certs import CA  # noqa: E402
 
-from lazyshare import handler, link  # noqa: E402
+from lazyshare import handler, link, transport  # noqa: E402
 from lazyshare.errors import LinkError  # noqa: E402
 
 pytestmark = pytest.mark.timeout(DEADLINE * 2)
@@ -192,6 +192,7 @@ def test_an_owner_that_dies_ends_its_consumers_fault_in_a_clear_error(ca):
                 p.wait()
         if owner.stdin:
             owner.stdin.close()
+        transport._sweep(transport._base_dir())  # the killed owner's socket directory
 
 
 # ------------------------------------------------------------------ the fuzz, over TLS
