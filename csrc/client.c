@@ -117,6 +117,10 @@ static _Atomic uint64_t next_tag = 1; /* written by the handler only; read by ls
 static _Atomic uint64_t oldest_tag = 1; /* published: every request below it is answered */
 static uint64_t min_pages = 4;
 uint64_t client_max_pages = 1024;
+/* Across a link the bytes are the time, and a sequential run that stops
+ * leaves up to two windows of read-ahead on the wire: a smaller window there
+ * (its round trip is still small next to a window's transfer). */
+uint64_t client_link_max_pages = 1024;
 static uint64_t fault_timeout_ns = 60ull * 1000000000ull;
 static uint64_t spin_ns; /* ls_client_config.spin_us; 0 disables */
 int client_direct_wanted = 1; /* !ls_client_config.wire */
@@ -424,7 +428,7 @@ static void on_fault(uintptr_t addr, uint64_t now)
     uint64_t page = (addr - r->base) / ps;
 
     struct ls_readahead_plan plan;
-    ls_readahead_fault(&r->ra, page, r->npages, (uint32_t)min_pages, (uint32_t)client_max_pages, &plan);
+    ls_readahead_fault(&r->ra, page, r->npages, (uint32_t)min_pages, (uint32_t)r->max_pages, &plan);
     if (bit_get(r->requested, page)) {
         struct inflight *f = infl_find_page(r, page);
         if (f) {
@@ -931,6 +935,11 @@ int ls_client_start(const struct ls_client_config *cfg)
         return -EINVAL;
     min_pages = min_block / ps;
     client_max_pages = max_block / ps;
+    client_link_max_pages = cfg->link_max_block ? cfg->link_max_block / ps : client_max_pages;
+    if (client_link_max_pages < min_pages)
+        client_link_max_pages = min_pages;
+    if (client_link_max_pages > client_max_pages)
+        client_link_max_pages = client_max_pages;
     fault_timeout_ns = (uint64_t)cfg->fault_timeout_ms * 1000000ull;
     spin_ns = (uint64_t)cfg->spin_us * 1000ull;
     client_direct_wanted = !cfg->wire;
@@ -1133,6 +1142,7 @@ static int region_new(const struct ls_attach *a, int owner_pid, uint64_t timeout
     r->segoff = off;
     r->seglen = a->seglen;
     r->npages = npages;
+    r->max_pages = owner_pid > 0 ? client_max_pages : client_link_max_pages; /* 0: across a link */
     memcpy(r->seg, a->id, LS_ID_BYTES);
     r->requested = bits;
     r->dirty = dirty;

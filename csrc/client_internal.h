@@ -91,6 +91,8 @@ struct region {
     uint64_t segoff; /* the segment's byte mapped at base (page-aligned) */
     uint64_t seglen;
     uint64_t npages;
+    uint64_t max_pages; /* its largest read-ahead window: client_max_pages, or
+                           client_link_max_pages for an owner across a link */
     uint8_t seg[LS_ID_BYTES];
     struct peer *peer;
     uint8_t *requested; /* bitmap, one bit per page */
@@ -169,6 +171,7 @@ struct page_source {
 extern int client_uffd;           /* the userfaultfd; -1 on the eager rung */
 extern int client_direct_wanted;  /* !ls_client_config.wire */
 extern uint64_t client_max_pages; /* largest request, in pages */
+extern uint64_t client_link_max_pages; /* largest read-ahead window across a link */
 
 /* The attach of r is over (status 0 or -errno): its caller wakes. */
 void attach_finish(struct region *r, int status);

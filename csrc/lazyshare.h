@@ -192,6 +192,8 @@ struct ls_client_config {
     uint32_t fault_timeout_ms; /* a fault unanswered this long is fatal (SIGBUS) */
     uint32_t spin_us;          /* poll this long after activity before sleeping */
     int wire;                  /* 1: pages as reply payload (READ), never INSTALL */
+    uint32_t link_max_block;   /* largest read-ahead window for an owner across a link
+                                  (owner_pid 0), bytes; 0: max_block */
 };
 /* Start the handler thread "lazyshare-fault" (and its watchdog). */
 int ls_client_start(const struct ls_client_config *cfg);

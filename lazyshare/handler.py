@@ -572,6 +572,7 @@ def _ensure_client() -> Capabilities:
                     "fault_timeout_ms": int(cfg.fault_timeout * 1000),
                     "spin_us": cfg.spin_us,
                     "wire": cfg.data_path == "wire",
+                    "link_max_block": min(max(cfg.link_max_block, cfg.min_block), cfg.max_block),
                 },
             )
             rc = lib.ls_client_start(conf)

@@ -30,6 +30,9 @@ never reads the environment: :mod:`lazyshare.handler` hands it these values.
 ``LAZYSHARE_LINK_TIMEOUT``  seconds a link to another host may take to connect and
                             authenticate, and after which a silent one is declared
                             dead (default 10; see :mod:`lazyshare.link`)
+``LAZYSHARE_LINK_MAX_BLOCK`` largest read-ahead window for an owner across a link, bytes
+                            (default 512 KiB: there the bytes read ahead and never
+                            touched cost time; at most ``LAZYSHARE_MAX_BLOCK``)
 ``LAZYSHARE_LINK``          ``auto`` (default): an owner on this host is reached over its
                             Unix socket, one on another over TCP; ``tcp``: always TCP
 ==========================  =========================================================
@@ -66,6 +69,7 @@ class Settings:
     cache: bool = True
     cache_max: int = dataclasses.field(default_factory=_half_the_memory)
     link_timeout: float = 10.0
+    link_max_block: int = 512 << 10
     link: str = "auto"
 
 
@@ -104,6 +108,7 @@ def read(env=None) -> Settings:
         cache=_flag(env, "LAZYSHARE_CACHE", d.cache),
         cache_max=_number(env, "LAZYSHARE_CACHE_MAX", int, d.cache_max, 1),
         link_timeout=_number(env, "LAZYSHARE_LINK_TIMEOUT", float, d.link_timeout, 0.1),
+        link_max_block=_number(env, "LAZYSHARE_LINK_MAX_BLOCK", int, d.link_max_block, 1),
         link=_choice(env, "LAZYSHARE_LINK", ("auto", "tcp"), d.link),
     )
 

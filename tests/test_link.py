@@ -306,3 +306,27 @@ def test_an_idle_consumer_after_a_detach_with_pages_in_flight_lives_on(ca, liste
             ]
     finally:
         handler.release(seg)
+
+
+@pytest.mark.parametrize("block", [None, 128 << 10])
+def test_read_ahead_across_a_link_stays_within_two_link_windows(ca, listener, block):
+    # A sequential read that stops leaves at most the demand window and the
+    # one ahead of it on the wire; across a link the window is capped at
+    # LAZYSHARE_LINK_MAX_BLOCK (default 512 KiB), not the local 4 MiB.
+    data = np.random.default_rng(3).integers(0, 255, 64 << 20, dtype=np.uint8)
+    seg = handler.export_memory(data, data.ctypes.data, data.nbytes)
+    try:
+        window = block or 512 << 10
+        env = {"LAZYSHARE_LINK_MAX_BLOCK": str(block)} if block else {}
+        before = listener.stats()["bytes_out"]
+        cfg = _consumer_cfg(listener.port, ca.tls("consumer"), seg, ranges=[(0, 8 << 20)])
+        p = _child("consumer", cfg, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = p.communicate(timeout=DEADLINE)
+        assert p.returncode == 0, err
+        assert json.loads(out.strip().splitlines()[-1])["sha"] == [
+            hashlib.sha256(data[: 8 << 20]).hexdigest()
+        ]
+        sent = listener.stats()["bytes_out"] - before
+        assert 8 << 20 <= sent <= (8 << 20) + 2 * window + (64 << 10), (sent, window)
+    finally:
+        handler.release(seg)
