@@ -102,6 +102,15 @@ class _Entry:
         self.released = False
 
 
+def _shareable(array) -> np.ndarray:
+    arr = np.asarray(array)
+    if arr.dtype.hasobject:
+        raise TypeError("lazyshare.dask.share: arrays of Python objects cannot be shared (pickle them)")
+    if arr.size == 0:
+        raise ValueError("lazyshare.dask.share: a zero-size array has nothing to share")
+    return arr
+
+
 class _Owner:
     """The client process's side: its listener and what it shares."""
 
@@ -111,7 +120,6 @@ class _Owner:
         self.listener: link.Listener | None = None
         self.tls = False
         self.tcp = False
-        self.clients: list = []  # weakrefs to installed clients
         self.auto: dict[int, tuple] = {}  # id(array) -> (array ref, spec, mode): install's shares
         self.push_to = None  # the client whose workers get arrays pushed (they cannot reach us)
         self.insecure = False
@@ -120,11 +128,7 @@ class _Owner:
         return (self.listener.host, self.listener.port) if self.listener else None
 
     def share(self, array: np.ndarray) -> SharedArray:
-        arr = np.asarray(array)
-        if arr.dtype.hasobject:
-            raise TypeError("lazyshare.dask.share: arrays of Python objects cannot be shared (pickle them)")
-        if arr.size == 0:
-            raise ValueError("lazyshare.dask.share: a zero-size array has nothing to share")
+        arr = _shareable(array)
         desc = handler.export(arr)
         seg = desc.segment
         spec = _Spec(
@@ -154,11 +158,7 @@ class _Owner:
 
     def push(self, client, array: np.ndarray) -> SharedArray:
         """Scatter array once to one worker, which serves its pages to the others."""
-        arr = np.asarray(array)
-        if arr.dtype.hasobject:
-            raise TypeError("lazyshare.dask.share: arrays of Python objects cannot be shared (pickle them)")
-        if arr.size == 0:
-            raise ValueError("lazyshare.dask.share: a zero-size array has nothing to share")
+        arr = _shareable(array)
         workers = sorted(client.scheduler_info()["workers"])
         if not workers:
             raise LinkError("no worker to push the array to")
