@@ -273,14 +273,6 @@ def run_transport(net, transport, rates, args, certs, tmp):
                     r["sched_hwm"] = _hwm(procs[0].pid)
                     r["worker_hwm"] = max(_hwm(p.pid) for p in procs[1:])
                     runs.append(r)
-                    if os.environ.get("BENCH_VERBOSE"):
-                        print(
-                            "  run",
-                            system,
-                            parts,
-                            {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()},
-                            flush=True,
-                        )
                 med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "ok"}
                 rows.append((transport, rate, system, parts, med))
                 print(_fmt(rows[-1], args.size_mib), flush=True)

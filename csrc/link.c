@@ -240,9 +240,9 @@ static int set_nonblock(int fd, int on)
 /* Bound every blocking step of a TCP socket and end a silent link: 0 or -errno. */
 static int tcp_tune(int fd, uint32_t timeout_ms)
 {
-    int one = 1, idle = 1, intvl = 1, cnt = 3;
+    int one = 1, intvl = 1, cnt = 3;
+    int idle = timeout_ms >= 8000 ? (int)(timeout_ms / 4000) : 1; /* whole seconds, at least 1 */
     unsigned int uto = timeout_ms;
-    idle = (int)(timeout_ms / 4000) ? (int)(timeout_ms / 4000) : 1;
     struct timeval tv = {.tv_sec = timeout_ms / 1000, .tv_usec = (timeout_ms % 1000) * 1000};
     if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0 ||
         setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one) < 0 ||
@@ -471,20 +471,45 @@ struct conn_arg {
     int fd;   /* the accepted socket */
 };
 
-static void conn_log(const struct link *l, const char *fmt, const char *why)
+/* One line on stderr: "lazyshare: link <peer>: <what>". */
+static void conn_log(const char *peer, const char *what, const char *why)
 {
-    char buf[600];
-    int n = snprintf(buf, sizeof buf, "lazyshare: link %s %s:%d: ", l->server ? "from a consumer at" : "to the owner at",
-                     l->host, l->port);
-    n += snprintf(buf + n, sizeof buf - (size_t)n, fmt, why);
-    if (n > (int)sizeof buf - 2)
-        n = (int)sizeof buf - 2;
-    buf[n++] = '\n';
+    char buf[700];
+    int n = snprintf(buf, sizeof buf - 1, "lazyshare: link %s: %s%s\n", peer, what, why);
+    if (n < 0)
+        return;
+    if (n > (int)sizeof buf - 1) { /* cut short: still one line */
+        n = (int)sizeof buf - 1;
+        buf[n - 1] = '\n';
+    }
     ssize_t w = write(2, buf, (size_t)n);
     (void)w;
 }
 
-static void relay(struct link *l, int unix_fd, int tcp_fd, SSL *ssl)
+/* "from a consumer at <its address>" (serve) or "to the owner at host:port". */
+static void describe_peer(const struct link *l, int tcp_fd, char *out, size_t len)
+{
+    if (!l->server) {
+        snprintf(out, len, "to the owner at %s:%d", l->host, l->port);
+        return;
+    }
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    char host[INET6_ADDRSTRLEN] = "?";
+    int port = 0;
+    if (getpeername(tcp_fd, (struct sockaddr *)&ss, &sl) == 0) {
+        if (ss.ss_family == AF_INET6) {
+            inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, host, sizeof host);
+            port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+        } else if (ss.ss_family == AF_INET) {
+            inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, host, sizeof host);
+            port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+        }
+    }
+    snprintf(out, len, "from a consumer at %s:%d (to %s:%d)", host, port, l->host, l->port);
+}
+
+static void relay(struct link *l, int unix_fd, int tcp_fd, SSL *ssl, const char *peer)
 {
     struct stream u = {unix_fd, NULL}, t = {tcp_fd, ssl};
     struct buf up = {malloc(BUF_BYTES), 0, 0}, down = {malloc(BUF_BYTES), 0, 0};
@@ -530,7 +555,7 @@ out:
         /* A reset is the other process ending (its side says why, if it
          * has to); a link that goes silent is said here, where it shows. */
         if (err != -ECONNRESET && err != -EPIPE)
-            conn_log(l, "broke: %s", strerror(-err));
+            conn_log(peer, "broke: ", strerror(-err));
     }
     if (ssl && !err)
         ossl.SSL_shutdown(ssl);
@@ -557,11 +582,12 @@ static void *conn_main(void *arg)
     ls_block_signals();
     pthread_setname_np(pthread_self(), "lazyshare-link");
     struct link *l = ca.l;
-    char err[512] = "";
+    char err[512] = "", peer[400];
     int tcp = -1, ux = -1;
     SSL *ssl = NULL;
     if (l->server) {
         tcp = ca.fd;
+        describe_peer(l, tcp, peer, sizeof peer);
         if (tcp_tune(tcp, l->timeout_ms) < 0 || set_nonblock(tcp, 0) < 0)
             goto out;
         if (l->ctx && !(ssl = tls_handshake(l->ctx, tcp, 1, err, sizeof err))) {
@@ -572,18 +598,19 @@ static void *conn_main(void *arg)
             goto out;
     } else {
         ux = ca.fd;
+        describe_peer(l, -1, peer, sizeof peer);
         if ((tcp = tcp_connect(l->host, l->port, l->timeout_ms, err, sizeof err)) < 0) {
-            conn_log(l, "%s", err);
+            conn_log(peer, "", err);
             goto out;
         }
         if (l->ctx && !(ssl = tls_handshake(l->ctx, tcp, 0, err, sizeof err))) {
             count(&l->st.refused, 1);
-            conn_log(l, "refused: %s", err);
+            conn_log(peer, "refused: ", err);
             goto out;
         }
     }
     count(&l->st.accepted, 1);
-    relay(l, ux, tcp, ssl);
+    relay(l, ux, tcp, ssl, peer);
 out:
     if (ssl)
         ossl.SSL_free(ssl);

@@ -102,6 +102,22 @@ class _Entry:
         self.released = False
 
 
+def _exported(desc: ArrayDescriptor) -> dict:
+    """The _Spec fields that an export in this process gives."""
+    seg = desc.segment
+    return dict(
+        seg=seg.id,
+        seg_nbytes=seg.nbytes,
+        offset=desc.offset,
+        shape=tuple(desc.shape),
+        strides=tuple(desc.strides),
+        dtype=np.dtype(desc.dtype),
+        endpoint=seg.endpoint,
+        pid=seg.owner_pid,
+        node=_node(),
+    )
+
+
 def _shareable(array) -> np.ndarray:
     arr = np.asarray(array)
     if arr.dtype.hasobject:
@@ -130,23 +146,9 @@ class _Owner:
     def share(self, array: np.ndarray) -> SharedArray:
         arr = _shareable(array)
         desc = handler.export(arr)
-        seg = desc.segment
-        spec = _Spec(
-            seg.id,
-            seg.nbytes,
-            desc.offset,
-            tuple(desc.shape),
-            tuple(desc.strides),
-            np.dtype(desc.dtype),
-            seg.endpoint,
-            seg.owner_pid,
-            _node(),
-            self.addr(),
-            self.tls,
-            self.tcp,
-        )
+        spec = _Spec(**_exported(desc), addr=self.addr(), tls=self.tls, tcp=self.tcp)
         with self.lock:
-            self.entries[seg.id] = _Entry(desc, arr)
+            self.entries[spec.seg] = _Entry(desc, arr)
         return SharedArray(None, _attach, spec)
 
     def mode(self) -> tuple:
@@ -394,20 +396,7 @@ def _serve_pushed(key, insecure: bool, dask_worker=None) -> dict:
     o = _the_owner()
     with o.lock:
         o.entries[desc.segment.id] = _Entry(desc, arr)  # until _unserve
-    seg = desc.segment
-    return dict(
-        seg=seg.id,
-        seg_nbytes=seg.nbytes,
-        offset=desc.offset,
-        shape=tuple(desc.shape),
-        strides=tuple(desc.strides),
-        dtype=np.dtype(desc.dtype),
-        endpoint=seg.endpoint,
-        pid=seg.owner_pid,
-        node=_node(),
-        addr=addr,
-        tls=tls is not None,
-    )
+    return dict(_exported(desc), addr=addr, tls=tls is not None)
 
 
 def _unserve(seg: bytes, dask_worker=None) -> None:
