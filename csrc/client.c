@@ -608,8 +608,10 @@ static void on_hold_reply(const struct ls_rep *rep)
     if (client_mode == LS_MODE_EAGER) {
         r->state = R_EAGER;
         source_for(r)->pull(r); /* the wire source: no userfaultfd on this rung */
-        if (!r->npages)
+        if (!r->inflight) { /* nothing to fetch (empty, or all plain) */
+            r->state = R_ACTIVE;
             attach_finish(r, 0);
+        }
     } else {
         r->state = R_ACTIVE;
         attach_finish(r, 0);
@@ -1135,6 +1137,24 @@ static int region_new(const struct ls_attach *a, int owner_pid, uint64_t timeout
         }
         munmap(base, maplen);
         return -ENOMEM;
+    }
+    /* A shared output's pages that were zeros when exported: plain memory,
+     * never fetched (the task sees them as of submission, zeros). */
+    for (uint32_t i = 0; !cached && i < a->nplain; i++) {
+        uint64_t p0 = a->plain[2 * i] / ps * ps, p1 = (a->plain[2 * i + 1] + ps - 1) / ps * ps;
+        p0 = p0 > off ? p0 - off : 0;
+        p1 = p1 > off ? p1 - off : 0;
+        if (p1 > maplen)
+            p1 = maplen;
+        if (p1 <= p0)
+            continue;
+        if (client_mode != LS_MODE_EAGER) {
+            struct uffdio_range rg = {.start = (uintptr_t)base + p0, .len = p1 - p0};
+            if (ioctl(client_uffd, UFFDIO_UNREGISTER, &rg) < 0)
+                continue; /* (never: ours, registered) it stays lazy, which is as exact */
+        }
+        for (uint64_t p = p0 / ps; p < p1 / ps; p++)
+            bit_set(bits, p);
     }
     r->id = atomic_fetch_add(&next_region_id, 1);
     r->base = (uintptr_t)base;

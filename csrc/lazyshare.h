@@ -150,15 +150,24 @@ int ls_server_snap_begin(const uint8_t *id, uint64_t addr, uint64_t len);
 int ls_server_snap_end(const uint8_t *id, uint64_t addr);
 /* Shared output arrays (merge.c). The pages of [addr, addr+len) (whole pages)
  * this process wrote: anonymous or swapped, not the zero page (a lazy region's
- * clean pages are its cache's file pages, or absent). Up to max (start, end)
- * address pairs into out; their count, -ENOTTY (no PAGEMAP_SCAN: take the whole
- * range), -E2BIG, -errno. */
-int64_t ls_written_pages(uint64_t addr, uint64_t len, uint64_t *out, uint32_t max);
+ * clean pages are its cache's file pages, or absent), less those holding only
+ * zeros in the nzeros sorted (start, end) address pairs of zeros (pages whose
+ * twin is zeros: ls_merge_zeros). Up to max (start, end) address pairs into
+ * out; their count, -ENOTTY (no PAGEMAP_SCAN: take the whole range), -E2BIG,
+ * -EINVAL, -errno. */
+int64_t ls_written_pages(uint64_t addr, uint64_t len, const uint64_t *zeros, uint32_t nzeros, uint64_t *out,
+                         uint32_t max);
 /* A call's merges into one segment of seglen bytes: the twins of the pages its
  * tasks wrote. NULL if out of memory. */
 struct ls_merge;
 struct ls_merge *ls_merge_new(uint64_t seglen);
 void ls_merge_free(struct ls_merge *m);
+/* Mark the pages of the segment at segaddr that were never written (absent,
+ * or the zero page) and have no twin yet as having zeros for twin: up to max
+ * (start, end) segment offsets of them and of those never written whose twin
+ * is zeros already (whole pages; the last may pass the segment's end) into
+ * out. Their count, -ENOTTY (no PAGEMAP_SCAN), -errno. */
+int64_t ls_merge_zeros(struct ls_merge *m, uint64_t segaddr, uint64_t *out, uint32_t max);
 /* Merge a task's pages into base (the segment's memory, seglen bytes): nruns
  * (offset, length) runs of the segment whose bytes follow each other in src.
  * An item (unit bytes: 1, 2, 4 or 8, the runs starting on item boundaries)
@@ -210,6 +219,10 @@ struct ls_attach {
     int32_t cache_fd;        /* in: the segment's page cache (ls_server_cache): its fd in the owner */
     uint64_t cache_ino;      /* in: its inode, checked before mapping it; 0: no cache */
     int32_t cached;          /* out: 1 if the region maps the cache, 0 if anonymous memory */
+    const uint64_t *plain;   /* in: nplain (start, end) segment offsets, whole pages, that
+                                were zeros when exported (a shared output's, ls_merge_zeros):
+                                mapped as plain zero memory, never fetched (not with a cache) */
+    uint32_t nplain;
 };
 /* Map n regions of segments served at endpoint by owner_pid; blocks until the
  * owner confirms every one (or timeout_ms passes); in eager mode until every

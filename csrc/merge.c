@@ -29,11 +29,67 @@
 #define PAGE_IS_FILE (1 << 4)
 #endif
 
-int64_t ls_written_pages(uint64_t addr, uint64_t len, uint64_t *out, uint32_t max)
+static int page_is_zero(const uint8_t *p, uint64_t ps)
+{
+    const uint64_t *w = (const uint64_t *)p;
+    uint64_t acc = 0;
+    for (uint64_t i = 0; i < ps / 8; i++)
+        acc |= w[i];
+    return !acc;
+}
+
+/* Append [s, e) to the n runs of out (merged with the last if contiguous). */
+static int emit(uint64_t *out, uint32_t *n, uint32_t max, uint64_t s, uint64_t e)
+{
+    if (e <= s)
+        return 0;
+    if (*n && out[2 * *n - 1] == s) {
+        out[2 * *n - 1] = e;
+        return 0;
+    }
+    if (*n == max)
+        return -E2BIG;
+    out[2 * *n] = s;
+    out[2 * *n + 1] = e;
+    (*n)++;
+    return 0;
+}
+
+/* [s, e), written, less the pages lying in zeros (sorted address pairs) that
+ * hold only zeros: their twin is zeros, so they changed nothing. */
+static int emit_written(uint64_t *out, uint32_t *n, uint32_t max, uint64_t s, uint64_t e, const uint64_t *zeros,
+                        uint32_t nzeros, uint64_t ps)
+{
+    for (uint32_t z = 0; z < nzeros && s < e; z++) {
+        uint64_t z0 = zeros[2 * z], z1 = zeros[2 * z + 1];
+        if (z1 <= s || z0 >= e)
+            continue;
+        if (z0 > s) {
+            int rc = emit(out, n, max, s, z0);
+            if (rc)
+                return rc;
+            s = z0;
+        }
+        uint64_t stop = z1 < e ? z1 : e;
+        for (; s < stop; s += ps)
+            if (!page_is_zero((const uint8_t *)(uintptr_t)s, ps)) {
+                int rc = emit(out, n, max, s, s + ps);
+                if (rc)
+                    return rc;
+            }
+    }
+    return emit(out, n, max, s, e);
+}
+
+int64_t ls_written_pages(uint64_t addr, uint64_t len, const uint64_t *zeros, uint32_t nzeros, uint64_t *out,
+                         uint32_t max)
 {
     const uint64_t ps = ls_page_size();
     if (addr % ps || len % ps || !max)
         return -EINVAL;
+    for (uint32_t z = 0; z < nzeros; z++)
+        if (zeros[2 * z] % ps || zeros[2 * z + 1] % ps || (z && zeros[2 * z] < zeros[2 * z - 1]))
+            return -EINVAL;
     int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return -errno;
@@ -41,7 +97,7 @@ int64_t ls_written_pages(uint64_t addr, uint64_t len, uint64_t *out, uint32_t ma
     uint64_t pos = addr, end = addr + len;
     uint32_t n = 0;
     int64_t rc = 0;
-    while (pos < end && n < max) {
+    while (pos < end) {
         /* Written: an anonymous page (a copy-on-write of a cached file page, or a
          * page filled by UFFDIO_COPY) or one swapped out; never the zero page. */
         struct ls_pm_scan_arg a = {
@@ -62,19 +118,8 @@ int64_t ls_written_pages(uint64_t addr, uint64_t len, uint64_t *out, uint32_t ma
             rc = errno == EINVAL ? -ENOTTY : -errno; /* no PAGEMAP_SCAN: the caller takes all */
             break;
         }
-        for (long i = 0; i < k; i++) {
-            if (n && out[2 * n - 1] == v[i].start) {
-                out[2 * n - 1] = v[i].end; /* contiguous with the last one */
-                continue;
-            }
-            if (n == max) {
-                rc = -E2BIG;
-                break;
-            }
-            out[2 * n] = v[i].start;
-            out[2 * n + 1] = v[i].end;
-            n++;
-        }
+        for (long i = 0; i < k && !rc; i++)
+            rc = emit_written(out, &n, max, v[i].start, v[i].end, zeros, nzeros, ps);
         if (rc)
             break;
         /* walk_end is unreliable past a full vector: go on from the last region */
@@ -83,8 +128,6 @@ int64_t ls_written_pages(uint64_t addr, uint64_t len, uint64_t *out, uint32_t ma
         pos = v[k - 1].end;
     }
     close(fd);
-    if (rc == 0 && pos < end && n == max)
-        rc = -E2BIG;
     return rc ? rc : (int64_t)n;
 }
 
@@ -95,7 +138,11 @@ struct ls_merge {
     uint64_t npages;
     uint8_t *twin;  /* sparse, npages * ps */
     uint8_t *have;  /* bit per page: twin made */
+    uint8_t *zero;  /* bit per page: its twin is zeros (never written when exported): no copy kept */
 };
+
+/* The twin of a page whose twin is zeros. */
+static const uint8_t zero_page[65536] __attribute__((aligned(4096)));
 
 struct ls_merge *ls_merge_new(uint64_t seglen)
 {
@@ -108,10 +155,12 @@ struct ls_merge *ls_merge_new(uint64_t seglen)
     m->len = seglen;
     m->npages = (seglen + ps - 1) / ps;
     m->have = calloc((size_t)(m->npages + 7) / 8, 1);
+    m->zero = calloc((size_t)(m->npages + 7) / 8, 1);
     m->twin = mmap(NULL, m->npages * ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                    -1, 0);
-    if (!m->have || m->twin == MAP_FAILED) {
+    if (!m->have || !m->zero || m->twin == MAP_FAILED) {
         free(m->have);
+        free(m->zero);
         if (m->twin != MAP_FAILED)
             munmap(m->twin, m->npages * ps);
         free(m);
@@ -126,7 +175,77 @@ void ls_merge_free(struct ls_merge *m)
         return;
     munmap(m->twin, m->npages * ls_page_size());
     free(m->have);
+    free(m->zero);
     free(m);
+}
+
+static inline int bit(const uint8_t *b, uint64_t i) { return (b[i / 8] >> (i % 8)) & 1; }
+static inline void set_bit(uint8_t *b, uint64_t i) { b[i / 8] |= (uint8_t)(1u << (i % 8)); }
+
+int64_t ls_merge_zeros(struct ls_merge *m, uint64_t segaddr, uint64_t *out, uint32_t max)
+{
+    const uint64_t ps = ls_page_size();
+    if (ps > sizeof zero_page || !max)
+        return -EINVAL;
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    struct ls_page_region v[64];
+    uint64_t pos = segaddr / ps * ps, end = (segaddr + m->len + ps - 1) / ps * ps;
+    uint32_t n = 0;
+    int64_t rc = 0;
+    while (pos < end && n < max) {
+        /* Never written: neither present nor swapped, or mapping the zero page. */
+        struct ls_pm_scan_arg a = {
+            .size = sizeof a,
+            .start = pos,
+            .end = end,
+            .vec = (uintptr_t)v,
+            .vec_len = 64,
+            .category_inverted = PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            .category_mask = PAGE_IS_SWAPPED,
+            .category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_PFNZERO,
+            .return_mask = PAGE_IS_PRESENT | PAGE_IS_PFNZERO,
+        };
+        long k = ioctl(fd, PAGEMAP_SCAN, &a);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0) {
+            rc = errno == EINVAL ? -ENOTTY : -errno;
+            break;
+        }
+        for (long i = 0; i < k && n < max; i++) {
+            /* the segment's pages lying wholly in it (the last one may be partial) */
+            uint64_t a0 = v[i].start > segaddr ? v[i].start - segaddr : 0;
+            uint64_t a1 = v[i].end - segaddr >= m->len ? m->len : v[i].end - segaddr;
+            uint64_t p0 = (a0 + ps - 1) / ps, p1 = a1 == m->len ? m->npages : a1 / ps;
+            uint64_t q0 = p0, q1 = p0;
+            for (uint64_t p = p0; p <= p1; p++) {
+                /* a page with a twin of bytes (a merge, then madvise) keeps it */
+                if (p < p1 && (!bit(m->have, p) || bit(m->zero, p))) {
+                    set_bit(m->have, p);
+                    set_bit(m->zero, p);
+                    q1 = p + 1;
+                    continue;
+                }
+                if (q1 > q0) {
+                    if (n && out[2 * n - 1] == q0 * ps) {
+                        out[2 * n - 1] = q1 * ps;
+                    } else if (n < max) {
+                        out[2 * n] = q0 * ps;
+                        out[2 * n + 1] = q1 * ps;
+                        n++;
+                    }
+                }
+                q0 = q1 = p + 1;
+            }
+        }
+        if (k < 64)
+            break;
+        pos = v[k - 1].end;
+    }
+    close(fd);
+    return rc ? rc : (int64_t)n;
 }
 
 /* Make the twins of pages [p0, p1) that have none: runs of missing ones, read
@@ -151,6 +270,33 @@ static void make_twins(struct ls_merge *m, const uint8_t *base, uint64_t p0, uin
         memcpy(m->twin + off, base + off, n);
         for (uint64_t k = p; k < q; k++)
             m->have[k / 8] |= (uint8_t)(1u << (k % 8));
+        p = q;
+    }
+}
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+/* The pages of [p0, p1) whose twin is zeros were never written when the call
+ * exported them: likely still absent. Fault them in writable in one call
+ * before the merge writes them (a first read would map the zero page, and the
+ * write then replace it: two faults and a TLB flush per page). Failure (an
+ * older kernel) leaves the faults to the writes. */
+static void populate_zeros(struct ls_merge *m, uint8_t *base, uint64_t p0, uint64_t p1)
+{
+    const uint64_t ps = ls_page_size();
+    for (uint64_t p = p0; p < p1;) {
+        if (!bit(m->zero, p)) {
+            p++;
+            continue;
+        }
+        uint64_t q = p + 1;
+        while (q < p1 && bit(m->zero, q))
+            q++;
+        uintptr_t a = (uintptr_t)(base + p * ps) / ps * ps;
+        uintptr_t b = ((uintptr_t)(base + (q * ps < m->len ? q * ps : m->len)) + ps - 1) / ps * ps;
+        madvise((void *)a, b - a, MADV_POPULATE_WRITE);
         p = q;
     }
 }
@@ -191,13 +337,14 @@ static uint64_t merge_item(uint8_t *d, const uint8_t *t, const uint8_t *s, unsig
     return changed;
 }
 
-/* How many of the 8 bytes of x are not zero. */
+/* How many of the 8 bytes of x are not zero (no popcount: it is a libgcc call
+ * without -mpopcnt). */
 static inline uint64_t nonzero_bytes(uint64_t x)
 {
     x |= x >> 4;
     x |= x >> 2;
     x |= x >> 1;
-    return (uint64_t)__builtin_popcountll(x & 0x0101010101010101ULL);
+    return ((x & 0x0101010101010101ULL) * 0x0101010101010101ULL) >> 56;
 }
 
 /* Merge src over dst (n bytes, one page at most, segment offset at) against
@@ -248,11 +395,13 @@ int64_t ls_merge_apply(struct ls_merge *m, uint8_t *base, const uint64_t *runs, 
         if (!n)
             continue;
         make_twins(m, base, off / ps, (off + n + ps - 1) / ps);
+        populate_zeros(m, base, off / ps, (off + n + ps - 1) / ps);
         for (uint64_t o = off; o < off + n;) {
             uint64_t e = (o / ps + 1) * ps;
             if (e > off + n)
                 e = off + n;
-            changed += merge_piece(base + o, m->twin + o, src + at + (o - off), e - o, unit, last, o, conflict);
+            const uint8_t *t = bit(m->zero, o / ps) ? zero_page + o % ps : m->twin + o;
+            changed += merge_piece(base + o, t, src + at + (o - off), e - o, unit, last, o, conflict);
             o = e;
         }
         at += n;

@@ -34,11 +34,13 @@ static int install(struct region *r, uint64_t off, const uint8_t *src, uint64_t 
 static void eager_pump(struct region *r)
 {
     while (r->inflight < EAGER_INFLIGHT && r->eager_next < r->npages) {
-        uint64_t n = r->npages - r->eager_next;
-        if (n > client_max_pages)
-            n = client_max_pages;
-        request_run(r, r->eager_next, n, 0);
-        r->eager_next += n;
+        uint64_t start, n; /* the pages not requested (plain ones are marked so) */
+        if (!ls_readahead_next_run(r->requested, r->eager_next, r->npages, client_max_pages, &start, &n)) {
+            r->eager_next = r->npages;
+            break;
+        }
+        request_run(r, start, n, 0);
+        r->eager_next = start + n;
     }
 }
 

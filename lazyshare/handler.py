@@ -217,13 +217,23 @@ class ArrayDescriptor:
     dtype: Any
     writeable: bool = True
     output: bool = False  # a shared output (lazyshare.shared): the task's writes go back
+    # A shared output's (start, end) segment offsets, whole pages, that were zeros when
+    # it was exported (flat): mapped as plain memory, never fetched.
+    zeros: tuple = ()
 
     @classmethod
     def for_view(
-        cls, seg: SegmentDescriptor, arr: np.ndarray, low: int, output: bool = False
+        cls, seg: SegmentDescriptor, arr: np.ndarray, low: int, output: bool = False, zeros: tuple = ()
     ) -> ArrayDescriptor:
         return cls(
-            seg, arr.ctypes.data - low, arr.shape, arr.strides, arr.dtype, bool(arr.flags.writeable), output
+            seg,
+            arr.ctypes.data - low,
+            arr.shape,
+            arr.strides,
+            arr.dtype,
+            bool(arr.flags.writeable),
+            output,
+            zeros,
         )
 
     @property
@@ -716,7 +726,12 @@ def attach_all(descs: list) -> list[np.ndarray]:
     attach_timeout = settings.read().attach_timeout
     for (endpoint, owner_pid), regions in by_owner.items():
         specs = ffi.new("struct ls_attach[]", len(regions))
+        keep = []  # the plain extents' arrays, alive until attached
         for spec, (seg, members) in zip(specs, regions):
+            zeros = next((descs[i].zeros for i in members if descs[i].zeros), ())
+            if zeros:
+                keep.append(ffi.new("uint64_t[]", list(zeros)))
+                spec.plain, spec.nplain = keep[-1], len(zeros) // 2
             ffi.memmove(spec.id, seg.id, len(seg.id))
             spec.seglen = seg.nbytes
             spec.map_off = min(extents[i][0] for i in members)

@@ -185,8 +185,55 @@ def description(arr_root: Any) -> str:
 
 # ---------------------------------------------------------------- worker side
 
-#: Runs a task's writes are sent as, zero-copy, before they are gathered into one buffer.
-_MAX_FRAMES = 16
+#: The most bytes of a task's writes one frame carries: the parent receives a frame
+#: into a malloc'd buffer, which glibc serves from the heap it reuses up to 32 MiB
+#: (bigger ones are fresh mmaps: every page faulted and zeroed again).
+_FRAME = 4 << 20
+#: Runs at least this long go as zero-copy views of the mapping; shorter ones are
+#: gathered into frames (one copy, fewer frames).
+_VIEW_MIN = 256 << 10
+
+
+def _frames(raw: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+    """The runs [starts, ends) of ``raw`` as frames of at most ``_FRAME`` bytes:
+    ``(runs, chunks, counts)``, runs an (n, 2) array of (offset, length) in
+    order, ``chunks[i]`` the bytes of the next ``counts[i]`` runs."""
+    pieces = []
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        for x in range(a, b, _FRAME):
+            pieces.append((x, min(b, x + _FRAME)))
+    chunks: list = []
+    counts: list = []
+    pending: list = []  # short pieces waiting to be gathered
+    size = 0
+
+    def gather():
+        nonlocal size
+        buf = np.empty(size, np.uint8)
+        pos = 0
+        for x, y in pending:
+            buf[pos : pos + y - x] = raw[x:y]
+            pos += y - x
+        chunks.append(buf)
+        counts.append(len(pending))
+        pending.clear()
+        size = 0
+
+    for x, y in pieces:
+        if y - x >= _VIEW_MIN:
+            if pending:
+                gather()
+            chunks.append(raw[x:y])
+            counts.append(1)
+            continue
+        if size + y - x > _FRAME:
+            gather()
+        pending.append((x, y))
+        size += y - x
+    if pending:
+        gather()
+    runs = np.array([(x, y - x) for x, y in pieces], np.uint64).reshape(-1, 2)
+    return runs, chunks, counts
 
 
 def _mapping_of(arr: np.ndarray):
@@ -200,22 +247,35 @@ def _mapping_of(arr: np.ndarray):
 
 def collect(outputs: list) -> list:
     """The pages the task wrote in the regions of its shared outputs:
-    ``[(segment id, runs, chunks)]`` where ``runs`` is an (n, 2) uint64 array of
-    (segment offset, length) and ``chunks`` the bytes of the runs, in order (one
-    buffer, or one view per run: views keep the mapping alive until sent)."""
+    ``[(segment id, runs, chunks, counts)]`` where ``runs`` is an (n, 2) uint64
+    array of (segment offset, length) and ``chunks[i]`` the bytes of the next
+    ``counts[i]`` runs (a view of the mapping, which it keeps alive until sent,
+    or a gathered buffer; see ``_frames``)."""
     from .handler import _check, ffi, lib
 
     out = []
     seen = set()
     ps = 4096
-    for seg_id, seglen, arr in outputs:
+    for seg_id, seglen, arr, zeros in outputs:
         m = _mapping_of(arr)
         if m is None or id(m) in seen:
             continue
         seen.add(id(m))
         npairs = m.nbytes // ps // 2 + 2
         buf = np.empty((npairs, 2), np.uint64)
-        n = lib.ls_written_pages(m.address, m.nbytes, ffi.cast("uint64_t *", buf.ctypes.data), npairs)
+        # The extents whose twin is zeros, as addresses of this mapping: their
+        # pages holding only zeros changed nothing and stay here.
+        z = np.asarray(zeros, np.int64).reshape(-1, 2) - m.segoff
+        z = np.clip(z, 0, m.nbytes)
+        z = np.ascontiguousarray(z[z[:, 1] > z[:, 0]] + m.address, np.uint64)
+        n = lib.ls_written_pages(
+            m.address,
+            m.nbytes,
+            ffi.cast("uint64_t *", z.ctypes.data),
+            len(z),
+            ffi.cast("uint64_t *", buf.ctypes.data),
+            npairs,
+        )
         if n == -38 or n == -25:  # ENOSYS/ENOTTY: no PAGEMAP_SCAN here: every byte is a candidate
             pairs = np.array([[m.address, m.address + m.nbytes]], np.uint64)
         else:
@@ -230,18 +290,9 @@ def collect(outputs: list) -> list:
         if not len(starts):
             continue
         raw = np.asarray(m)
-        runs = np.stack([starts + m.segoff, ends - starts], axis=1).astype(np.uint64)
-        if len(runs) <= _MAX_FRAMES:
-            chunks = [raw[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
-        else:
-            total = int((ends - starts).sum())
-            data = np.empty(total, np.uint8)
-            pos = 0
-            for a, b in zip(starts.tolist(), ends.tolist()):
-                data[pos : pos + b - a] = raw[a:b]
-                pos += b - a
-            chunks = [data]
-        out.append((seg_id, runs, chunks))
+        runs, chunks, counts = _frames(raw, starts, ends)
+        runs[:, 0] += m.segoff
+        out.append((seg_id, runs, chunks, counts))
     return out
 
 
@@ -302,15 +353,23 @@ class CallOutputs:
         self._lock = threading.Lock()
         self.closed = False
 
-    def add(self, seg, base: int, root: Any, ranges: list) -> None:
+    def add(self, seg, base: int, root: Any, ranges: list) -> tuple:
         """``ranges``: the marks of ``root`` when the call exported it (a later
         ``shared``/``unshare`` applies to later calls). The twins are taken
         now, not at the first merge: a call that began before another one's
-        merges compares with the array as it was before them."""
+        merges compares with the array as it was before them.
+
+        Returns the segment's extents that were never written (flat (start,
+        end) segment offsets): their twin is zeros, and tasks map them as plain
+        zero memory, as of submission, instead of fetching them."""
         with self._lock:
-            if seg.id in self.segs or self.closed:
-                return
-            self.segs[seg.id] = (seg, base, root, ranges, _acquire_twins(root, base, seg.nbytes))
+            ent = self.segs.get(seg.id)
+            if ent is not None or self.closed:
+                return ent[5] if ent is not None else ()
+            twins = _acquire_twins(root, base, seg.nbytes)
+            zeros = _zero_extents(twins, base, seg.nbytes)
+            self.segs[seg.id] = (seg, base, root, ranges, twins, zeros)
+            return zeros
 
     def merge(self, writes: list) -> WriteConflictError | None:
         """Apply a task's writes (from :func:`collect`); the conflict if any."""
@@ -321,16 +380,14 @@ class CallOutputs:
         with self._lock:
             if self.closed:
                 return None
-            plan = [(self.segs.get(bytes(seg_id)), runs, chunks) for seg_id, runs, chunks in writes]
-        for ent, runs, chunks in plan:
+            plan = [(self.segs.get(bytes(seg_id)), *rest) for seg_id, *rest in writes]
+        for ent, runs, chunks, counts in plan:
             if ent is None:
                 continue  # (never: only outputs of this call are sent)
-            seg, base, root, ranges, twins = ent
+            seg, base, root, ranges, twins, _ = ent
             runs = np.asarray(runs, np.uint64).reshape(-1, 2)
-            if len(chunks) == 1:
-                groups = [(runs, chunks[0])]
-            else:
-                groups = [(runs[i : i + 1], c) for i, c in enumerate(chunks)]
+            bounds = np.cumsum([0, *counts]).tolist()
+            groups = [(runs[bounds[i] : bounds[i + 1]], c) for i, c in enumerate(chunks)]
             with twins.lock:
                 if twins.ctx is None:
                     continue
@@ -368,6 +425,29 @@ class CallOutputs:
             segs, self.segs = self.segs, {}
         for ent in segs.values():
             ent[4].release()
+
+
+#: Extents of never-written pages a descriptor carries at most (the rest are fetched).
+_MAX_ZEROS = 256
+
+
+def _zero_extents(twins: _Twins, base: int, nbytes: int) -> tuple:
+    """Mark the never-written pages of the segment at ``base`` as having zeros for
+    twin; their extents (see :meth:`CallOutputs.add`). Only in private anonymous
+    memory that is not itself lazy, where an absent page reads as zeros."""
+    from .handler import _check, _untouched_pages_are_zero, ffi, lib
+
+    if not _untouched_pages_are_zero(base, nbytes):
+        return ()
+    buf = np.empty(2 * _MAX_ZEROS, np.uint64)
+    with twins.lock:
+        if twins.ctx is None:
+            return ()
+        n = lib.ls_merge_zeros(twins.ctx, base, ffi.cast("uint64_t *", buf.ctypes.data), _MAX_ZEROS)
+    if n == -25:  # ENOTTY: no PAGEMAP_SCAN (Linux < 6.7): every page is fetched
+        return ()
+    n = _check(int(n), "finding a shared output's never-written pages")
+    return tuple(buf[: 2 * n].tolist())
 
 
 def _clip(runs: np.ndarray, data: np.ndarray, ranges: list, base: int):

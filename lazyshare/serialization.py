@@ -322,9 +322,8 @@ class CallExports:
                 raise ValueError("CallExports is closed")
         # A kept segment begins at its allocation's first page (see live._Gen).
         base = low if gen is None else gen.base
-        if marks is not None:
-            self.outputs.add(seg, base, pin, marks)
-        return h.ArrayDescriptor.for_view(seg, arr, base, marks is not None)
+        zeros = self.outputs.add(seg, base, pin, marks) if marks is not None else ()
+        return h.ArrayDescriptor.for_view(seg, arr, base, marks is not None, zeros)
 
     def dumps(self, obj, task=None) -> list:
         """Pickle ``obj``; its segments stay offered until ``task_done(task)``
@@ -628,14 +627,14 @@ def _rebuild_masked(cls, baseclass, data, mask, fill_value, hardmask, state):
 def loads(frames, outputs: list | None = None) -> Any:
     """Unpickle ``CallExports.dumps`` frames; lazy buffers are attached. The
     shared outputs among them (``lazyshare.shared``) are appended to
-    ``outputs`` as (segment id, segment length, array)."""
+    ``outputs`` as (segment id, segment length, array, zero extents)."""
     head = pickle.loads(frames[0])
     kinds, views = head if isinstance(head, tuple) else (head, ())
     lazy = [d for d in kinds if d is not None]
     descs = [*lazy, *views]
     arrays = _handler().attach_all(descs) if descs else []
     if outputs is not None:
-        outputs.extend((d.segment.id, d.segment.nbytes, a) for d, a in zip(descs, arrays) if d.output)
+        outputs.extend((d.segment.id, d.segment.nbytes, a, d.zeros) for d, a in zip(descs, arrays) if d.output)
     oob = iter(arrays[: len(lazy)])
     inline = iter(frames[2:])
     buffers = [next(inline) if d is None else memoryview(next(oob)) for d in kinds]

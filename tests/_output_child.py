@@ -250,17 +250,53 @@ def case_sparse():
     }
 
 
+def read_last_after(out, delay):
+    time.sleep(delay)
+    return float(out[-1])
+
+
 def case_parent_writes():
     """The parent writes a page of the output while a task runs; the task
     writes another page: both land (the task's merge applies only what it
-    changed)."""
+    changed). The page was never written when the call was submitted: a task
+    reading it after the parent's write still sees zeros (as of submission)."""
     out = lazyshare.shared(np.zeros(MB // 8))
     with lazyshare.Pool(2) as p:
         r = p.apply_async(write_then, (out, [(0, 8)], 3.0, None, 0.5))
+        seen = p.apply_async(read_last_after, (out, 0.5))
         time.sleep(0.1)
         out[-1] = 99.0
         r.get(60)
-    return {"task": float(out[0]), "parent": float(out[-1]), "mode": _mode()}
+        seen = seen.get(60)
+    return {"task": float(out[0]), "parent": float(out[-1]), "seen": seen, "mode": _mode()}
+
+
+def case_prefilled():
+    """An output whose first half the parent wrote before the call (fetched
+    lazily by the tasks) and whose second half it never wrote (plain zero
+    memory in the tasks): a read-modify-write by 16 tasks lands everywhere;
+    zeros written over data land; zeros written over never-written pages
+    change nothing and are not sent."""
+    n = 32 * MB // 8
+    out = np.zeros(n)
+    out[: n // 2] = np.arange(n // 2)
+    lazyshare.shared(out)
+    exp = np.zeros(n)
+    exp[: n // 2] = np.arange(n // 2)
+    exp += 1
+    res = {"mode": _mode()}
+    with lazyshare.Pool(2) as p:
+        p.starmap(bump, [(out, i) for i in range(N)])
+        res["bump"] = bool(np.array_equal(out, exp))
+        p.apply(write_then, (out, [(0, 1000), (n - 1000, n)], 0.0))
+        exp[:1000] = exp[-1000:] = 0
+        res["zeros_over_data"] = bool(np.array_equal(out, exp))
+        fresh = lazyshare.shared(np.zeros(n))
+        before = p.stats(0)["outputs"]["bytes_sent"]
+        p.apply(write_then, (fresh, [(0, n)], 0.0))
+        res["zeros_over_zeros_sent"] = p.stats(0)["outputs"]["bytes_sent"] - before
+        res["fresh_zero"] = not fresh.any()
+    return res
 
 
 def case_executor_joblib():

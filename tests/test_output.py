@@ -77,10 +77,21 @@ def test_sparse_writes_send_back_only_the_pages_written(rung):
     assert r["bytes_sent"] <= 1.1 * r["pages_changed"] * r["page"]
 
 
-@pytest.mark.parametrize("rung", ["uffd", "uffd-user-mode-only"])
+@pytest.mark.parametrize("rung", RUNGS)
 def test_parent_writes_during_the_call_are_kept(rung):
+    # The page the parent writes was never written at submission: on every
+    # rung the task reads it as zeros, and the merge keeps the parent's write.
     r = case("parent_writes", rung)
-    assert r == {"task": 3.0, "parent": 99.0, "mode": rung}
+    assert r == {"task": 3.0, "parent": 99.0, "seen": 0.0, "mode": rung}
+
+
+@pytest.mark.parametrize("rung", RUNGS)
+def test_written_and_never_written_pages(rung):
+    r = case("prefilled", rung)
+    # 32 MiB of zeros written over never-written pages: at most the two pages
+    # the array shares with the heap (written by malloc) go back.
+    assert r.pop("zeros_over_zeros_sent") <= 2 * 4096
+    assert r == {"mode": rung, "bump": True, "zeros_over_data": True, "fresh_zero": True}
 
 
 def test_executor_and_joblib_backend():
