@@ -634,7 +634,9 @@ def loads(frames, outputs: list | None = None) -> Any:
     descs = [*lazy, *views]
     arrays = _handler().attach_all(descs) if descs else []
     if outputs is not None:
-        outputs.extend((d.segment.id, d.segment.nbytes, a, d.zeros) for d, a in zip(descs, arrays) if d.output)
+        outputs.extend(
+            (d.segment.id, d.segment.nbytes, a, d.zeros) for d, a in zip(descs, arrays) if d.output
+        )
     oob = iter(arrays[: len(lazy)])
     inline = iter(frames[2:])
     buffers = [next(inline) if d is None else memoryview(next(oob)) for d in kinds]
