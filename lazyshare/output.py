@@ -25,6 +25,11 @@ task of the call changed to another value is a conflict: the later task's result
 ``conflicts="last"``, the later value wins. A task that raises, or whose
 worker dies, sends nothing: nothing of it is merged.
 
+Pages the parent never wrote before the call exported the output (absent, or
+the zero page) have zeros for twin (no copy kept), and tasks map them as plain
+zero memory, never fetched: they read them as of submission on every rung,
+and a page left holding only zeros is not sent (it changed nothing).
+
 Twin and diff cannot tell an element rewritten with its old value from one not
 written at all: such a write is no change (and no conflict).
 """
