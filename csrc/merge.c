@@ -81,6 +81,59 @@ static int emit_written(uint64_t *out, uint32_t *n, uint32_t max, uint64_t s, ui
     return emit(out, n, max, s, e);
 }
 
+/* Call fn(arg, start, end) for each run of pages of [pos, end) that PAGEMAP_SCAN
+ * reports with these categories, in order, until fn returns non-zero: 0 (every
+ * run seen), fn's value, -ENOTTY (no PAGEMAP_SCAN), -errno. */
+static int scan_pages(uint64_t pos, uint64_t end, uint64_t inverted, uint64_t mask, uint64_t anyof,
+                      int (*fn)(void *, uint64_t, uint64_t), void *arg)
+{
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    struct ls_page_region v[64];
+    int rc = 0;
+    while (pos < end && !rc) {
+        struct ls_pm_scan_arg a = {
+            .size = sizeof a,
+            .start = pos,
+            .end = end,
+            .vec = (uintptr_t)v,
+            .vec_len = 64,
+            .category_inverted = inverted,
+            .category_mask = mask,
+            .category_anyof_mask = anyof,
+            .return_mask = mask | anyof,
+        };
+        long k = ioctl(fd, PAGEMAP_SCAN, &a);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0) {
+            rc = errno == EINVAL ? -ENOTTY : -errno;
+            break;
+        }
+        for (long i = 0; i < k && !rc; i++)
+            rc = fn(arg, v[i].start, v[i].end);
+        /* walk_end is unreliable past a full vector: go on from the last region */
+        if (k < 64)
+            break;
+        pos = v[k - 1].end;
+    }
+    close(fd);
+    return rc;
+}
+
+struct written {
+    uint64_t *out;
+    uint32_t n, max, nzeros;
+    const uint64_t *zeros;
+};
+
+static int on_written(void *arg, uint64_t s, uint64_t e)
+{
+    struct written *w = arg;
+    return emit_written(w->out, &w->n, w->max, s, e, w->zeros, w->nzeros, ls_page_size());
+}
+
 int64_t ls_written_pages(uint64_t addr, uint64_t len, const uint64_t *zeros, uint32_t nzeros, uint64_t *out,
                          uint32_t max)
 {
@@ -90,45 +143,12 @@ int64_t ls_written_pages(uint64_t addr, uint64_t len, const uint64_t *zeros, uin
     for (uint32_t z = 0; z < nzeros; z++)
         if (zeros[2 * z] % ps || zeros[2 * z + 1] % ps || (z && zeros[2 * z] < zeros[2 * z - 1]))
             return -EINVAL;
-    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    struct ls_page_region v[64];
-    uint64_t pos = addr, end = addr + len;
-    uint32_t n = 0;
-    int64_t rc = 0;
-    while (pos < end) {
-        /* Written: an anonymous page (a copy-on-write of a cached file page, or a
-         * page filled by UFFDIO_COPY) or one swapped out; never the zero page. */
-        struct ls_pm_scan_arg a = {
-            .size = sizeof a,
-            .start = pos,
-            .end = end,
-            .vec = (uintptr_t)v,
-            .vec_len = 64,
-            .category_inverted = PAGE_IS_FILE | PAGE_IS_PFNZERO,
-            .category_mask = PAGE_IS_FILE | PAGE_IS_PFNZERO,
-            .category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-            .return_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-        };
-        long k = ioctl(fd, PAGEMAP_SCAN, &a);
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k < 0) {
-            rc = errno == EINVAL ? -ENOTTY : -errno; /* no PAGEMAP_SCAN: the caller takes all */
-            break;
-        }
-        for (long i = 0; i < k && !rc; i++)
-            rc = emit_written(out, &n, max, v[i].start, v[i].end, zeros, nzeros, ps);
-        if (rc)
-            break;
-        /* walk_end is unreliable past a full vector: go on from the last region */
-        if (k < 64)
-            break;
-        pos = v[k - 1].end;
-    }
-    close(fd);
-    return rc ? rc : (int64_t)n;
+    /* Written: an anonymous page (a copy-on-write of a cached file page, or a
+     * page filled by UFFDIO_COPY) or one swapped out; never the zero page. */
+    struct written w = {.out = out, .max = max, .zeros = zeros, .nzeros = nzeros};
+    int rc = scan_pages(addr, addr + len, PAGE_IS_FILE | PAGE_IS_PFNZERO, PAGE_IS_FILE | PAGE_IS_PFNZERO,
+                        PAGE_IS_PRESENT | PAGE_IS_SWAPPED, on_written, &w);
+    return rc ? rc : (int64_t)w.n;
 }
 
 #define HUGE (2ULL << 20)
@@ -182,70 +202,50 @@ void ls_merge_free(struct ls_merge *m)
 static inline int bit(const uint8_t *b, uint64_t i) { return (b[i / 8] >> (i % 8)) & 1; }
 static inline void set_bit(uint8_t *b, uint64_t i) { b[i / 8] |= (uint8_t)(1u << (i % 8)); }
 
+struct zeros {
+    struct ls_merge *m;
+    uint64_t segaddr, *out;
+    uint32_t n, max;
+};
+
+/* A run of never-written pages [s, e) (addresses): the segment's pages lying
+ * wholly in it (the last one may be partial) get zeros for twin, unless they
+ * have a twin of bytes already (a merge, then madvise); emitted as offsets. */
+static int on_zeros(void *arg, uint64_t s, uint64_t e)
+{
+    struct zeros *z = arg;
+    struct ls_merge *m = z->m;
+    const uint64_t ps = ls_page_size();
+    uint64_t a0 = s > z->segaddr ? s - z->segaddr : 0;
+    uint64_t a1 = e - z->segaddr >= m->len ? m->len : e - z->segaddr;
+    uint64_t p0 = (a0 + ps - 1) / ps, p1 = a1 == m->len ? m->npages : a1 / ps;
+    for (uint64_t p = p0; p < p1;) {
+        if (bit(m->have, p) && !bit(m->zero, p)) {
+            p++;
+            continue;
+        }
+        uint64_t q = p;
+        for (; q < p1 && (!bit(m->have, q) || bit(m->zero, q)); q++) {
+            set_bit(m->have, q);
+            set_bit(m->zero, q);
+        }
+        if (emit(z->out, &z->n, z->max, p * ps, q * ps))
+            return 1; /* full: the pages left are fetched (their twin is zeros: as exact) */
+        p = q;
+    }
+    return 0;
+}
+
 int64_t ls_merge_zeros(struct ls_merge *m, uint64_t segaddr, uint64_t *out, uint32_t max)
 {
     const uint64_t ps = ls_page_size();
     if (ps > sizeof zero_page || !max)
         return -EINVAL;
-    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -errno;
-    struct ls_page_region v[64];
-    uint64_t pos = segaddr / ps * ps, end = (segaddr + m->len + ps - 1) / ps * ps;
-    uint32_t n = 0;
-    int64_t rc = 0;
-    while (pos < end && n < max) {
-        /* Never written: neither present nor swapped, or mapping the zero page. */
-        struct ls_pm_scan_arg a = {
-            .size = sizeof a,
-            .start = pos,
-            .end = end,
-            .vec = (uintptr_t)v,
-            .vec_len = 64,
-            .category_inverted = PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-            .category_mask = PAGE_IS_SWAPPED,
-            .category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_PFNZERO,
-            .return_mask = PAGE_IS_PRESENT | PAGE_IS_PFNZERO,
-        };
-        long k = ioctl(fd, PAGEMAP_SCAN, &a);
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k < 0) {
-            rc = errno == EINVAL ? -ENOTTY : -errno;
-            break;
-        }
-        for (long i = 0; i < k && n < max; i++) {
-            /* the segment's pages lying wholly in it (the last one may be partial) */
-            uint64_t a0 = v[i].start > segaddr ? v[i].start - segaddr : 0;
-            uint64_t a1 = v[i].end - segaddr >= m->len ? m->len : v[i].end - segaddr;
-            uint64_t p0 = (a0 + ps - 1) / ps, p1 = a1 == m->len ? m->npages : a1 / ps;
-            uint64_t q0 = p0, q1 = p0;
-            for (uint64_t p = p0; p <= p1; p++) {
-                /* a page with a twin of bytes (a merge, then madvise) keeps it */
-                if (p < p1 && (!bit(m->have, p) || bit(m->zero, p))) {
-                    set_bit(m->have, p);
-                    set_bit(m->zero, p);
-                    q1 = p + 1;
-                    continue;
-                }
-                if (q1 > q0) {
-                    if (n && out[2 * n - 1] == q0 * ps) {
-                        out[2 * n - 1] = q1 * ps;
-                    } else if (n < max) {
-                        out[2 * n] = q0 * ps;
-                        out[2 * n + 1] = q1 * ps;
-                        n++;
-                    }
-                }
-                q0 = q1 = p + 1;
-            }
-        }
-        if (k < 64)
-            break;
-        pos = v[k - 1].end;
-    }
-    close(fd);
-    return rc ? rc : (int64_t)n;
+    /* Never written: neither present nor swapped, or mapping the zero page. */
+    struct zeros z = {.m = m, .segaddr = segaddr, .out = out, .max = max};
+    int rc = scan_pages(segaddr / ps * ps, (segaddr + m->len + ps - 1) / ps * ps, PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                        PAGE_IS_SWAPPED, PAGE_IS_PRESENT | PAGE_IS_PFNZERO, on_zeros, &z);
+    return rc < 0 ? rc : (int64_t)z.n;
 }
 
 /* Make the twins of pages [p0, p1) that have none: runs of missing ones, read
