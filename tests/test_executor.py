@@ -298,14 +298,17 @@ def test_a_done_future_is_all_that_holds_its_result(ex):
 @pytest.mark.parametrize("chunksize", [1, 2])
 def test_map_iterator_drops_what_it_yielded(ex, chunksize):
     it = ex.map(u.make_thing, [10] * 4, chunksize=chunksize)
+    # The pool's result thread may still be returning from the callback that set
+    # the result (its frame holds the value for a moment): wait for that, not
+    # for ever; a suspended iterator that held the value would hold it for good.
     first = next(it)
     ref = weakref.ref(first)
     del first
-    assert _dead(ref)  # the suspended iterator does not hold the last result
+    assert wait_for(lambda: _dead(ref), timeout=5)  # the suspended iterator does not hold it
     second = next(it)
-    ref = weakref.ref(second)
+    ref2 = weakref.ref(second)
     del second
-    assert _dead(ref)
+    assert wait_for(lambda: _dead(ref2), timeout=5)
     assert len(list(it)) == 2
 
 
