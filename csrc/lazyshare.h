@@ -148,7 +148,18 @@ int ls_server_snap_begin(const uint8_t *id, uint64_t addr, uint64_t len);
 /* Close it: 0 if it was kept whole, 1 if not (a block could not be copied,
  * or this process discarded pages of it with madvise), -ENOENT. */
 int ls_server_snap_end(const uint8_t *id, uint64_t addr);
-/* Shared output arrays (merge.c). The pages of [addr, addr+len) (whole pages)
+/* Shared output arrays (merge.c). Written pages whose twin is zeros and that
+ * hold few non-zero words, as (page, mask, words) instead of whole pages:
+ * ls_written_pages fills it (when not NULL) up to its capacities; a page that
+ * does not fit goes in its runs. */
+struct ls_sparse {
+    uint64_t *pages;  /* their addresses */
+    uint32_t *counts; /* non-zero words of each */
+    uint64_t *masks;  /* a bit per 8-byte word of each (page size / 512 of them per page) */
+    uint64_t *words;  /* the non-zero words, page after page */
+    uint64_t npages, max_pages, nwords, max_words;
+};
+/* The pages of [addr, addr+len) (whole pages)
  * this process wrote: anonymous or swapped, not the zero page (a lazy region's
  * clean pages are its cache's file pages, or absent), less those holding only
  * zeros in the nzeros sorted (start, end) address pairs of zeros (pages whose
@@ -156,7 +167,7 @@ int ls_server_snap_end(const uint8_t *id, uint64_t addr);
  * out; their count, -ENOTTY (no PAGEMAP_SCAN: take the whole range), -E2BIG,
  * -EINVAL, -errno. */
 int64_t ls_written_pages(uint64_t addr, uint64_t len, const uint64_t *zeros, uint32_t nzeros, uint64_t *out,
-                         uint32_t max);
+                         uint32_t max, struct ls_sparse *sparse);
 /* A call's merges into one segment of seglen bytes: the twins of the pages its
  * tasks wrote. NULL if out of memory. */
 struct ls_merge;
@@ -179,6 +190,13 @@ int64_t ls_merge_zeros(struct ls_merge *m, uint64_t segaddr, uint64_t *out, uint
  * write. The bytes changed, or -ERANGE. */
 int64_t ls_merge_apply(struct ls_merge *m, uint8_t *base, const uint64_t *runs, uint32_t nruns, const uint8_t *src,
                        unsigned unit, int last, uint64_t *conflict);
+/* The same for npages pages given sparse (struct ls_sparse's form; pages are
+ * segment offsets of whole pages whose twin is zeros): a word not in a page's
+ * mask is zeros, as its twin. The bytes changed, -ERANGE, -EPROTO (a page
+ * whose twin is not zeros, or masks and words that disagree). */
+int64_t ls_merge_sparse(struct ls_merge *m, uint8_t *base, const uint64_t *pages, uint64_t npages,
+                        const uint64_t *masks, const uint64_t *words, uint64_t nwords, unsigned unit, int last,
+                        uint64_t *conflict);
 
 /* Stop offering a segment: 1 if freed now, 0 if mappings still hold it (its
  * id comes out of ls_server_pop_freed when the last one is gone). A holder is

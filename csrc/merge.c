@@ -3,10 +3,14 @@
  *
  *   consumer (worker), after a task:   ls_written_pages: the pages of a lazy
  *                                       region this process wrote (the candidates
- *                                       it sends back with the task's result)
- *   owner (parent), per result:        ls_merge_apply: the bytes of those pages
- *                                       that differ from the call's twin, applied
- *                                       to the parent's array; conflicts found
+ *                                       it sends back with the task's result);
+ *                                       those whose twin is zeros and that hold
+ *                                       few non-zero words, as a mask and those
+ *                                       words (struct ls_sparse)
+ *   owner (parent), per result:        ls_merge_apply / ls_merge_sparse: the
+ *                                       bytes of those pages that differ from the
+ *                                       call's twin, applied to the parent's
+ *                                       array; conflicts found
  *
  * The twin of a page is its bytes before the first merge into it (of the calls
  * running on the array), kept in a sparse anonymous mapping while they run. Byte-level multiple-writer merge
@@ -55,10 +59,44 @@ static int emit(uint64_t *out, uint32_t *n, uint32_t max, uint64_t s, uint64_t e
     return 0;
 }
 
+/* A page whose twin is zeros, p (ps bytes), into sp if it holds at most a
+ * quarter of non-zero words (and sp has room): 0 if it holds none, 1 if
+ * stored sparse, 2 if it goes whole. The words are written as they are read
+ * (a store the next non-zero word overwrites when this one is zero), so one
+ * pass reads the page; a page dense from its start costs its first 64 words. */
+static int sparse_page(const uint8_t *p, uint64_t ps, struct ls_sparse *sp)
+{
+    const uint64_t nw = ps / 8, limit = nw / 4;
+    if (!sp || sp->npages == sp->max_pages || sp->max_words - sp->nwords < nw)
+        return page_is_zero(p, ps) ? 0 : 2;
+    const uint64_t *w = (const uint64_t *)p;
+    uint64_t *dst = sp->words + sp->nwords, *mask = sp->masks + sp->npages * (nw / 64);
+    uint64_t k = 0;
+    for (uint64_t i = 0; i < nw; i += 64) {
+        uint64_t m = 0;
+        for (unsigned j = 0; j < 64; j++) {
+            uint64_t x = w[i + j], nz = x != 0;
+            dst[k] = x;
+            m |= nz << j;
+            k += nz;
+        }
+        mask[i / 64] = m;
+        if (k > limit)
+            return 2;
+    }
+    if (!k)
+        return 0;
+    sp->pages[sp->npages] = (uintptr_t)p;
+    sp->counts[sp->npages] = (uint32_t)k;
+    sp->npages++;
+    sp->nwords += k;
+    return 1;
+}
+
 /* [s, e), written, less the pages lying in zeros (sorted address pairs) that
- * hold only zeros: their twin is zeros, so they changed nothing. */
+ * hold only zeros (their twin is zeros: they changed nothing) or go in sp. */
 static int emit_written(uint64_t *out, uint32_t *n, uint32_t max, uint64_t s, uint64_t e, const uint64_t *zeros,
-                        uint32_t nzeros, uint64_t ps)
+                        uint32_t nzeros, uint64_t ps, struct ls_sparse *sp)
 {
     for (uint32_t z = 0; z < nzeros && s < e; z++) {
         uint64_t z0 = zeros[2 * z], z1 = zeros[2 * z + 1];
@@ -72,7 +110,7 @@ static int emit_written(uint64_t *out, uint32_t *n, uint32_t max, uint64_t s, ui
         }
         uint64_t stop = z1 < e ? z1 : e;
         for (; s < stop; s += ps)
-            if (!page_is_zero((const uint8_t *)(uintptr_t)s, ps)) {
+            if (sparse_page((const uint8_t *)(uintptr_t)s, ps, sp) == 2) {
                 int rc = emit(out, n, max, s, s + ps);
                 if (rc)
                     return rc;
@@ -126,26 +164,29 @@ struct written {
     uint64_t *out;
     uint32_t n, max, nzeros;
     const uint64_t *zeros;
+    struct ls_sparse *sp;
 };
 
 static int on_written(void *arg, uint64_t s, uint64_t e)
 {
     struct written *w = arg;
-    return emit_written(w->out, &w->n, w->max, s, e, w->zeros, w->nzeros, ls_page_size());
+    return emit_written(w->out, &w->n, w->max, s, e, w->zeros, w->nzeros, ls_page_size(), w->sp);
 }
 
 int64_t ls_written_pages(uint64_t addr, uint64_t len, const uint64_t *zeros, uint32_t nzeros, uint64_t *out,
-                         uint32_t max)
+                         uint32_t max, struct ls_sparse *sparse)
 {
     const uint64_t ps = ls_page_size();
-    if (addr % ps || len % ps || !max)
+    if (addr % ps || len % ps || !max || ps % 512)
         return -EINVAL;
+    if (sparse)
+        sparse->npages = sparse->nwords = 0;
     for (uint32_t z = 0; z < nzeros; z++)
         if (zeros[2 * z] % ps || zeros[2 * z + 1] % ps || (z && zeros[2 * z] < zeros[2 * z - 1]))
             return -EINVAL;
     /* Written: an anonymous page (a copy-on-write of a cached file page, or a
      * page filled by UFFDIO_COPY) or one swapped out; never the zero page. */
-    struct written w = {.out = out, .max = max, .zeros = zeros, .nzeros = nzeros};
+    struct written w = {.out = out, .max = max, .zeros = zeros, .nzeros = nzeros, .sp = sparse};
     int rc = scan_pages(addr, addr + len, PAGE_IS_FILE | PAGE_IS_PFNZERO, PAGE_IS_FILE | PAGE_IS_PFNZERO,
                         PAGE_IS_PRESENT | PAGE_IS_SWAPPED, on_written, &w);
     return rc ? rc : (int64_t)w.n;
@@ -159,6 +200,7 @@ struct ls_merge {
     uint8_t *twin;  /* sparse, npages * ps */
     uint8_t *have;  /* bit per page: twin made */
     uint8_t *zero;  /* bit per page: its twin is zeros (never written when exported): no copy kept */
+    uint8_t *pop;   /* bit per page whose twin is zeros: faulted in by populate_zeros already */
 };
 
 /* The twin of a page whose twin is zeros. */
@@ -176,11 +218,13 @@ struct ls_merge *ls_merge_new(uint64_t seglen)
     m->npages = (seglen + ps - 1) / ps;
     m->have = calloc((size_t)(m->npages + 7) / 8, 1);
     m->zero = calloc((size_t)(m->npages + 7) / 8, 1);
+    m->pop = calloc((size_t)(m->npages + 7) / 8, 1);
     m->twin = mmap(NULL, m->npages * ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                    -1, 0);
-    if (!m->have || !m->zero || m->twin == MAP_FAILED) {
+    if (!m->have || !m->zero || !m->pop || m->twin == MAP_FAILED) {
         free(m->have);
         free(m->zero);
+        free(m->pop);
         if (m->twin != MAP_FAILED)
             munmap(m->twin, m->npages * ps);
         free(m);
@@ -196,6 +240,7 @@ void ls_merge_free(struct ls_merge *m)
     munmap(m->twin, m->npages * ls_page_size());
     free(m->have);
     free(m->zero);
+    free(m->pop);
     free(m);
 }
 
@@ -281,19 +326,19 @@ static void make_twins(struct ls_merge *m, const uint8_t *base, uint64_t p0, uin
 /* The pages of [p0, p1) whose twin is zeros were never written when the call
  * exported them: likely still absent. Fault them in writable in one call
  * before the merge writes them (a first read would map the zero page, and the
- * write then replace it: two faults and a TLB flush per page). Failure (an
- * older kernel) leaves the faults to the writes. */
+ * write then replace it: two faults and a TLB flush per page), once. Failure
+ * (an older kernel) leaves the faults to the writes. */
 static void populate_zeros(struct ls_merge *m, uint8_t *base, uint64_t p0, uint64_t p1)
 {
     const uint64_t ps = ls_page_size();
     for (uint64_t p = p0; p < p1;) {
-        if (!bit(m->zero, p)) {
+        if (!bit(m->zero, p) || bit(m->pop, p)) {
             p++;
             continue;
         }
-        uint64_t q = p + 1;
-        while (q < p1 && bit(m->zero, q))
-            q++;
+        uint64_t q = p;
+        for (; q < p1 && bit(m->zero, q) && !bit(m->pop, q); q++)
+            set_bit(m->pop, q);
         uintptr_t a = (uintptr_t)(base + p * ps) / ps * ps;
         uintptr_t b = ((uintptr_t)(base + (q * ps < m->len ? q * ps : m->len)) + ps - 1) / ps * ps;
         madvise((void *)a, b - a, MADV_POPULATE_WRITE);
@@ -337,14 +382,22 @@ static uint64_t merge_item(uint8_t *d, const uint8_t *t, const uint8_t *s, unsig
     return changed;
 }
 
-/* How many of the 8 bytes of x are not zero (no popcount: it is a libgcc call
- * without -mpopcnt). */
+/* How many of the 8 bytes of x are not zero (no __builtin_popcount: it is a
+ * libgcc call without -mpopcnt). */
 static inline uint64_t nonzero_bytes(uint64_t x)
 {
     x |= x >> 4;
     x |= x >> 2;
     x |= x >> 1;
     return ((x & 0x0101010101010101ULL) * 0x0101010101010101ULL) >> 56;
+}
+
+static inline uint64_t popcount64(uint64_t x)
+{
+    x -= (x >> 1) & 0x5555555555555555ULL;
+    x = (x & 0x3333333333333333ULL) + ((x >> 2) & 0x3333333333333333ULL);
+    x = (x + (x >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
+    return (x * 0x0101010101010101ULL) >> 56;
 }
 
 /* Merge src over dst (n bytes, one page at most, segment offset at) against
@@ -405,6 +458,65 @@ int64_t ls_merge_apply(struct ls_merge *m, uint8_t *base, const uint64_t *runs, 
             o = e;
         }
         at += n;
+    }
+    return (int64_t)changed;
+}
+
+/* One word of a page whose twin is zeros: ws the task's, at d in
+ * the array, segment offset at. */
+static uint64_t merge_word_zero(uint8_t *d, uint64_t ws, unsigned u, int last, uint64_t at, uint64_t *conflict)
+{
+    uint64_t wd;
+    memcpy(&wd, d, 8);
+    if (!wd) { /* nobody else changed it: the task's, whole */
+        memcpy(d, &ws, 8);
+        return nonzero_bytes(ws);
+    }
+    if (wd == ws)
+        return 0;
+    uint8_t s[8];
+    memcpy(s, &ws, 8);
+    uint64_t changed = 0;
+    for (unsigned b = 0; b < 8; b += u)
+        changed += merge_item(d + b, zero_page, s + b, u, last, at + b, conflict);
+    return changed;
+}
+
+int64_t ls_merge_sparse(struct ls_merge *m, uint8_t *base, const uint64_t *pages, uint64_t npages,
+                        const uint64_t *masks, const uint64_t *words, uint64_t nwords, unsigned unit, int last,
+                        uint64_t *conflict)
+{
+    const uint64_t ps = ls_page_size(), per = ps / 512;
+    if (unit != 1 && unit != 2 && unit != 4 && unit != 8)
+        unit = 1;
+    /* Checked whole first: a task is merged all or nothing. */
+    uint64_t bits = 0;
+    for (uint64_t i = 0; i < npages; i++) {
+        if (pages[i] % ps || pages[i] > m->len || ps > m->len - pages[i])
+            return -ERANGE;
+        if (!bit(m->zero, pages[i] / ps))
+            return -EPROTO;
+        for (uint64_t b = 0; b < per; b++)
+            bits += popcount64(masks[i * per + b]);
+    }
+    if (bits != nwords)
+        return -EPROTO;
+    uint64_t changed = 0, k = 0;
+    for (uint64_t i = 0; i < npages;) {
+        /* a run of consecutive pages: populated in one call */
+        uint64_t j = i + 1;
+        while (j < npages && pages[j] == pages[j - 1] + ps)
+            j++;
+        populate_zeros(m, base, pages[i] / ps, pages[j - 1] / ps + 1);
+        for (; i < j; i++) {
+            uint8_t *page = base + pages[i];
+            for (uint64_t b = 0; b < per; b++) {
+                for (uint64_t x = masks[i * per + b]; x; x &= x - 1) {
+                    uint64_t o = (b * 64 + (uint64_t)__builtin_ctzll(x)) * 8, ws = words[k++];
+                    changed += merge_word_zero(page + o, ws, unit, last, pages[i] + o, conflict);
+                }
+            }
+        }
     }
     return (int64_t)changed;
 }

@@ -85,7 +85,8 @@ def case_interleaved():
     exp = np.empty(n)
     for i in range(N):
         exp[i::N] = np.arange(i, n, N) * 7.0 + 0.5
-    return {"ok": r == list(range(N)) and bool(np.array_equal(out, exp)), "stats": st, "mode": _mode()}
+    ok = r == list(range(N)) and bool(np.array_equal(out, exp))
+    return {"ok": ok, "stats": st, "nbytes": out.nbytes, "mode": _mode()}
 
 
 def case_blocks():
@@ -207,6 +208,18 @@ def case_views():
         lazyshare.shared(a[64:128])
         p.apply(write_all, (a,))  # the task gets all of a and writes all of it
         res["only_view"] = [float(a[64:128].min()), float(a[:64].max()), float(a[128:].max())]
+        # A marked span that starts and ends inside pages, written sparsely
+        # (every 16th element: the words go back, not the pages) across the
+        # whole base: only the span's elements land, the pages it shares with
+        # the unmarked bytes too.
+        b = np.zeros(300_000)
+        lazyshare.shared(b[1000:250_001])
+        p.starmap(fill_strided, [(b, i) for i in range(N)])
+        exp = np.zeros(300_000)
+        for i in range(N):
+            exp[i::N] = np.arange(i, 300_000, N) * 7.0 + 0.5
+        exp[:1000] = exp[250_001:] = 0
+        res["span"] = bool(np.array_equal(b, exp))
         # a small one (below the export threshold) goes lazily too
         small = lazyshare.shared(np.zeros(10))
         p.starmap(write_then, [(small, [(i, i + 1)], float(i + 1)) for i in range(10)])
