@@ -168,6 +168,9 @@ struct ls_sparse {
  * -EINVAL, -errno. */
 int64_t ls_written_pages(uint64_t addr, uint64_t len, const uint64_t *zeros, uint32_t nzeros, uint64_t *out,
                          uint32_t max, struct ls_sparse *sparse);
+/* Zero the words that sparse pages (addresses and masks, as ls_written_pages
+ * gave them) hold: the pages read as zeros again, as their twin. */
+void ls_sparse_clear(const uint64_t *pages, const uint64_t *masks, uint64_t npages);
 /* A call's merges into one segment of seglen bytes: the twins of the pages its
  * tasks wrote. NULL if out of memory. */
 struct ls_merge;

@@ -192,6 +192,17 @@ int64_t ls_written_pages(uint64_t addr, uint64_t len, const uint64_t *zeros, uin
     return rc ? rc : (int64_t)w.n;
 }
 
+void ls_sparse_clear(const uint64_t *pages, const uint64_t *masks, uint64_t npages)
+{
+    const uint64_t per = ls_page_size() / 512;
+    for (uint64_t i = 0; i < npages; i++) {
+        uint64_t *w = (uint64_t *)(uintptr_t)pages[i];
+        for (uint64_t b = 0; b < per; b++)
+            for (uint64_t x = masks[i * per + b]; x; x &= x - 1)
+                w[b * 64 + (uint64_t)__builtin_ctzll(x)] = 0;
+    }
+}
+
 #define HUGE (2ULL << 20)
 
 struct ls_merge {
@@ -281,6 +292,13 @@ static int on_zeros(void *arg, uint64_t s, uint64_t e)
     return 0;
 }
 
+/* Edge page p, not emitted by the scan, whose bytes are zeros (zeros): its
+ * twin may be zeros if it has none yet, or zeros already. */
+static int edge_is_zeros(struct ls_merge *m, uint64_t p, int zeros)
+{
+    return zeros && (!bit(m->have, p) || bit(m->zero, p));
+}
+
 int64_t ls_merge_zeros(struct ls_merge *m, uint64_t segaddr, uint64_t *out, uint32_t max)
 {
     const uint64_t ps = ls_page_size();
@@ -290,7 +308,35 @@ int64_t ls_merge_zeros(struct ls_merge *m, uint64_t segaddr, uint64_t *out, uint
     struct zeros z = {.m = m, .segaddr = segaddr, .out = out, .max = max};
     int rc = scan_pages(segaddr / ps * ps, (segaddr + m->len + ps - 1) / ps * ps, PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
                         PAGE_IS_SWAPPED, PAGE_IS_PRESENT | PAGE_IS_PFNZERO, on_zeros, &z);
-    return rc < 0 ? rc : (int64_t)z.n;
+    if (rc < 0)
+        return rc;
+    /* The segment's first and last pages share memory pages with what lies
+     * beside the array (malloc's header before a big array), written, so
+     * never "never written": their twin is zeros too if the array's bytes
+     * there are zeros (two pages read). Then a task writing all of the
+     * array writes only pages whose twin is zeros. */
+    const uint8_t *seg = (const uint8_t *)(uintptr_t)segaddr;
+    uint64_t last = m->npages - 1, tail = m->len - last * ps;
+    int first_ok = !(z.n && out[0] == 0) && !memcmp(seg, zero_page, last ? ps : tail);
+    if (edge_is_zeros(m, 0, first_ok) && (z.n < max || (z.n && out[0] == ps))) {
+        if (z.n && out[0] == ps) {
+            out[0] = 0;
+        } else {
+            memmove(out + 2, out, 2 * (size_t)z.n * sizeof *out);
+            out[0] = 0;
+            out[1] = ps;
+            z.n++;
+        }
+        set_bit(m->have, 0);
+        set_bit(m->zero, 0);
+    }
+    int last_ok = !(z.n && out[2 * z.n - 1] > last * ps) && !memcmp(seg + last * ps, zero_page, tail);
+    if (last && edge_is_zeros(m, last, last_ok) &&
+        !emit(out, &z.n, max, last * ps, (last + 1) * ps)) {
+        set_bit(m->have, last);
+        set_bit(m->zero, last);
+    }
+    return (int64_t)z.n;
 }
 
 /* Make the twins of pages [p0, p1) that have none: runs of missing ones, read

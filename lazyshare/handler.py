@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from . import output as _output
 from . import settings, transport
 from ._native import ffi, lib
 from .errors import CapabilityError, LazyshareError, OwnerGoneError, ProtocolError, SegmentError
@@ -604,11 +605,12 @@ def _ensure_client() -> Capabilities:
 class _Mapping:
     """Owns one attached region; numpy arrays over it keep it alive as ``.base``."""
 
-    __slots__ = ("address", "nbytes", "region", "segoff", "pid", "__array_interface__", "__weakref__")
+    __slots__ = ("address", "nbytes", "region", "segoff", "pid", "park", "__array_interface__", "__weakref__")
 
-    def __init__(self, address: int, nbytes: int, region: int, segoff: int = 0):
+    def __init__(self, address: int, nbytes: int, region: int, segoff: int = 0, park=None):
         self.address, self.nbytes, self.region, self.pid = address, nbytes, region, os.getpid()
         self.segoff = segoff  # the segment offset mapped at address
+        self.park = park  # a shared output's region: its key among parked ones (lazyshare.output)
         self.__array_interface__ = {
             "shape": (nbytes,),
             "typestr": "|u1",
@@ -724,6 +726,8 @@ def attach_all(descs: list) -> list[np.ndarray]:
             by_owner.setdefault((seg.endpoint, seg.owner_pid), []).append((seg, [members[k] for k in region]))
     out: list = [None] * len(descs)
     attach_timeout = settings.read().attach_timeout
+    if _output._parked:
+        by_owner = _reuse_parked(by_owner, descs, extents, out)
     for (endpoint, owner_pid), regions in by_owner.items():
         specs = ffi.new("struct ls_attach[]", len(regions))
         keep = []  # the plain extents' arrays, alive until attached
@@ -745,16 +749,45 @@ def attach_all(descs: list) -> list[np.ndarray]:
         _check(
             rc, f"attaching segment {what} of pid {owner_pid} at {endpoint} (timeout {attach_timeout:g} s)"
         )
-        for spec, (_, members) in zip(specs, regions):
-            raw = np.asarray(_Mapping(spec.addr, spec.map_len, spec.region, spec.off))
-            for i in members:
-                d = descs[i]
-                # Writable even if the owner's array is not (``desc.writeable``): the mapping
-                # is private, and unpickling gives a writable copy too.
-                out[i] = np.ndarray(
-                    d.shape, np.dtype(d.dtype), buffer=raw, offset=d.offset - spec.off, strides=d.strides
-                )
+        for spec, (seg, members) in zip(specs, regions):
+            key = _park_key(seg, members, descs, extents)
+            _views_over(_Mapping(spec.addr, spec.map_len, spec.region, spec.off, key), members, descs, out)
     return out
+
+
+def _views_over(m: _Mapping, members: list[int], descs: list, out: list) -> None:
+    raw = np.asarray(m)
+    for i in members:
+        d = descs[i]
+        # Writable even if the owner's array is not (``desc.writeable``): the mapping
+        # is private, and unpickling gives a writable copy too.
+        out[i] = np.ndarray(
+            d.shape, np.dtype(d.dtype), buffer=raw, offset=d.offset - m.segoff, strides=d.strides
+        )
+
+
+def _park_key(seg, members: list[int], descs: list, extents: list):
+    """A region holding a shared output: what a later attach must ask for to
+    be given it again once parked (see ``lazyshare.output.settle``)."""
+    if not any(descs[i].output for i in members):
+        return None
+    zeros = next((descs[i].zeros for i in members if descs[i].zeros), ())
+    lo = min(extents[i][0] for i in members)
+    return (seg.id, lo, max(extents[i][1] for i in members) - lo, tuple(zeros))
+
+
+def _reuse_parked(by_owner: dict, descs: list, extents: list, out: list) -> dict:
+    """Give the regions that a parked mapping of this job matches that mapping
+    (their views go in ``out``); the others, to attach."""
+    left: dict = {}
+    for owner, regions in by_owner.items():
+        for seg, members in regions:
+            m = _output.unpark(_park_key(seg, members, descs, extents))
+            if m is None:
+                left.setdefault(owner, []).append((seg, members))
+            else:
+                _views_over(m, members, descs, out)
+    return left
 
 
 def set_memory_budget(nbytes: int | None) -> None:

@@ -37,6 +37,9 @@ _BYE_TIMEOUT = 5.0
 #: An idle worker whose last counters were not settled reads them again after
 #: this long, then twice as long each time, until they are.
 _RECHECK_MS = 1
+#: A shared output's region kept for the next task of its call (lazyshare.output)
+#: goes once the worker has idled this long.
+_PARK_MS = 200
 
 
 #: What numpy's ``tofile`` says when the write falls short ("%ld requested and
@@ -215,6 +218,7 @@ def _run_task(sock, msg, budget: int | None = None, future: bool = False) -> boo
     job, index, mode = transport.TASK_HDR.unpack(msg[1].buffer)
     func = args = kwds = payload = value = None
     outputs: list = []  # shared outputs (lazyshare.shared) among the arguments
+    output.begin(job)
     try:
         payload = serialization.loads([f.buffer for f in msg[2:]], outputs)
         msg = None
@@ -247,6 +251,8 @@ def _run_task(sock, msg, budget: int | None = None, future: bool = False) -> boo
         sock,
         [transport.RESULT, transport.RESULT_HDR.pack(job, index, seconds, lazy, faults, settled), *frames],
     )
+    frames = None
+    output.settle()  # its shared outputs' regions, taken back for the call's next task here
     return settled
 
 
@@ -373,9 +379,12 @@ def _worker_main(
                 raise  # printed by multiprocessing, exit code 1, as in the stdlib
         transport.send(sock, [transport.READY])
         completed = 0
+        last_task = time.monotonic()
         recheck = 0  # ms until the counters are read again (0: they were settled)
         while maxtasks is None or completed < maxtasks:
-            if not sock.poll(recheck or transport.POLL_MS):
+            if not sock.poll(recheck or (_PARK_MS if output._parked else transport.POLL_MS)):
+                if output._parked and time.monotonic() - last_task >= _PARK_MS / 1000:
+                    output.drop_parked()  # idle: the call is likely over, its segments held for nothing
                 if recheck:  # idle: report the counters once they settle
                     counters = _native_counters()
                     if counters[2]:
@@ -388,6 +397,7 @@ def _worker_main(
             kind = msg[0].bytes
             if kind == transport.TASK:
                 recheck = 0 if _run_task(sock, msg, budget, future) else _RECHECK_MS
+                last_task = time.monotonic()
                 msg = None
                 completed += 1
             elif kind == transport.STOP:

@@ -263,6 +263,40 @@ def case_sparse():
     }
 
 
+def check_then_fill(out, i, keep=False):
+    """Task i sees the output as of submission (all zeros: never written),
+    whatever this worker's earlier tasks wrote, then writes out[i::16]."""
+    from lazyshare import output
+
+    clean = not out.any()
+    out[i::N] = i + 1.0
+    if keep:  # held past the task (in a list this process keeps): its region cannot be taken back
+        sys.__dict__.setdefault("_kept_by_tasks", []).append(out)
+    return clean, os.getpid(), output._reused
+
+
+def case_reuse():
+    """A worker gives a shared output's region to the call's next task once it
+    has cleared what the last one wrote: every task still sees zeros, and
+    every element lands; a region a task kept a reference to is not reused."""
+    n = 16 * MB // 8
+    res = {}
+    with lazyshare.Pool(2) as p:
+        for keep in (False, True):
+            out = lazyshare.shared(np.zeros(n))
+            r = p.starmap(check_then_fill, [(out, i, keep) for i in range(N)], chunksize=1)
+            exp = np.repeat(np.arange(1.0, N + 1)[None, :], n // N, axis=0).reshape(-1)
+            by_pid: dict = {}
+            for _, pid, count in r:  # each worker's count of regions given again
+                by_pid.setdefault(pid, []).append(count)
+            res["kept" if keep else "plain"] = {
+                "clean": all(c for c, _, _ in r),
+                "exact": bool(np.array_equal(out, exp)),
+                "reused": sum(max(c) - min(c) for c in by_pid.values()),
+            }
+    return res
+
+
 def read_last_after(out, delay):
     time.sleep(delay)
     return float(out[-1])

@@ -82,6 +82,15 @@ def test_sparse_writes_send_back_only_the_pages_written(rung):
 
 
 @pytest.mark.parametrize("rung", RUNGS)
+def test_a_workers_next_task_reuses_the_cleared_region(rung):
+    r = case("reuse", rung)
+    assert r["plain"]["clean"] and r["plain"]["exact"]
+    assert r["plain"]["reused"] >= 1  # 16 tasks on 2 workers: regions were given again
+    assert r["kept"]["clean"] and r["kept"]["exact"]
+    assert r["kept"]["reused"] == 0  # every task kept its argument: none reused
+
+
+@pytest.mark.parametrize("rung", RUNGS)
 def test_parent_writes_during_the_call_are_kept(rung):
     # The page the parent writes was never written at submission: on every
     # rung the task reads it as zeros, and the merge keeps the parent's write.
