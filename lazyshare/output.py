@@ -310,13 +310,13 @@ def collect(outputs: list) -> list:
         sp = ffi.new("struct ls_sparse *")
         if zpages:
             nw = ps // 8
-            sp_pages = np.empty(zpages, np.uint64)
-            sp_counts = np.empty(zpages, np.uint32)
-            sp_masks = np.empty((zpages, ps // 512), np.uint64)
+            sp_pages = _scratch("pages", zpages)
+            sp_counts = _scratch("counts", zpages, np.uint32)
+            sp_masks = _scratch("masks", zpages * (ps // 512)).reshape(zpages, ps // 512)
             # a sparse page holds a quarter of its words at most; one page's worth
             # of room more is what the encoder wants free (np.empty: untouched
             # room costs no memory)
-            sp_words = np.empty(zpages * (nw // 4) + nw, np.uint64)
+            sp_words = _scratch("words", zpages * (nw // 4) + nw)
             sp.pages = ffi.cast("uint64_t *", sp_pages.ctypes.data)
             sp.counts = ffi.cast("uint32_t *", sp_counts.ctypes.data)
             sp.masks = ffi.cast("uint64_t *", sp_masks.ctypes.data)
@@ -361,6 +361,23 @@ def collect(outputs: list) -> list:
                     (m, sp_pages[:k] if k else None, sp_masks[:k] if k else None, starts, ends)
                 )
     return out
+
+
+_scratch_bufs: dict = {}  # what the sparse encoding writes into, kept between tasks
+
+
+def _scratch(kind: str, n: int, dtype=np.uint64) -> np.ndarray:
+    """n items of a buffer kept for the next task: the encoding's words of a
+    task that wrote a GiB are 128 MiB, and a fresh buffer is faulted in page by
+    page (the kernel zeroing each). A buffer is reused only once nothing else
+    holds it (its frames sent: libzmq has let go of its views)."""
+    import sys
+
+    a = _scratch_bufs.pop(kind, None)
+    if a is None or a.size < n or sys.getrefcount(a) > 2:  # this name and the argument
+        a = np.empty(max(n, 1), dtype)
+    _scratch_bufs[kind] = a
+    return a[:n]
 
 
 def _within(starts: np.ndarray, ends: np.ndarray, z: np.ndarray) -> bool:
@@ -438,9 +455,11 @@ def settle() -> None:
 
 
 def drop_parked() -> None:
-    """Release every parked region (the worker idles, or ends)."""
+    """Release every parked region and the encoding's buffers (the worker
+    idles, or ends)."""
     _candidates.clear()
     _parked.clear()
+    _scratch_bufs.clear()
 
 
 # ---------------------------------------------------------------- parent side
