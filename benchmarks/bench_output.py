@@ -11,7 +11,8 @@ contiguous   task i fills out[i*k:(i+1)*k] (k = n/16) with i + 1.
              forkserver multiprocessing.Pool, each attaching by name.
              multiprocessing.Pool: each task returns its piece (pickled back), the
              parent concatenates them into the output.
-interleaved  task i fills out[i::16] (every page written by every task), lazyshare.
+interleaved  task i fills out[i::16] (every page written by every task), lazyshare;
+             and shared_memory by hand as above, for reference (no aim).
 sparse       task i changes one float64 in each of 1/16 of 1% of the pages
              (chosen at random): bytes sent back over bytes changed, rounded to
              pages (pool.stats()["outputs"]["bytes_sent"] / (pages x 4096)).
@@ -63,11 +64,11 @@ def piece(i, n_total, n=N):
     return np.full(n_total // n, i + 1.0)
 
 
-def shm_fill(name, i, n_total, n=N):
+def shm_fill(name, i, n_total, n=N, fill=fill_block):
     shm = shared_memory.SharedMemory(name=name)
     try:
         out = np.ndarray((n_total,), np.float64, buffer=shm.buf)
-        fill_block(out, i, n)
+        fill(out, i, n)
         del out
     finally:
         shm.close()
@@ -98,7 +99,7 @@ def main() -> int:
         args.size_mib, args.runs = 64, 2
     n = args.size_mib * (1 << 20) // 8 // N * N
     bad = 0
-    times: dict[str, list] = {k: [] for k in ("ls", "shm", "mp", "inter")}
+    times: dict[str, list] = {k: [] for k in ("ls", "shm", "mp", "inter", "shm_inter")}
     sparse = []
     ctx = mp.get_context("forkserver")
     with lazyshare.Pool(2) as pool, ctx.Pool(2) as mpool:
@@ -109,17 +110,20 @@ def main() -> int:
             times["ls"].append(timed(lambda out=out: pool.starmap(fill_block, [(out, i) for i in range(N)])))
             bad += not np.array_equal(out, expected_blocks(n))
             del out
-            shm = shared_memory.SharedMemory(create=True, size=n * 8)
-            try:
-                times["shm"].append(
-                    timed(lambda shm=shm: mpool.starmap(shm_fill, [(shm.name, i, n) for i in range(N)]))
-                )
-                view = np.ndarray((n,), np.float64, buffer=shm.buf)
-                bad += not np.array_equal(view, expected_blocks(n))
-                del view
-            finally:
-                shm.close()
-                shm.unlink()
+            for key, fill, expected in (
+                ("shm", fill_block, expected_blocks),
+                ("shm_inter", fill_strided, expected_strided),
+            ):
+                shm = shared_memory.SharedMemory(create=True, size=n * 8)
+                try:
+                    tasks = [(shm.name, i, n, N, fill) for i in range(N)]
+                    times[key].append(timed(lambda tasks=tasks: mpool.starmap(shm_fill, tasks)))
+                    view = np.ndarray((n,), np.float64, buffer=shm.buf)
+                    bad += not np.array_equal(view, expected(n))
+                    del view
+                finally:
+                    shm.close()
+                    shm.unlink()
             res = np.zeros(n)
 
             def by_pieces(res=res):
@@ -167,6 +171,11 @@ def main() -> int:
     print(
         f"{'interleaved out[i::16]: lazyshare.shared':<44}{med['inter']:>10.3f}"
         f"{med['inter'] / med['ls']:>10.2f}  interleaved/contiguous <= 3"
+    )
+    print(
+        f"{'interleaved: shared_memory by hand':<44}{med['shm_inter']:>10.3f}"
+        f"{med['inter'] / med['shm_inter']:>10.2f}  (lazyshare/shm; shm's interleaved/contiguous "
+        f"{med['shm_inter'] / med['shm']:.2f})"
     )
     print(f"{'sparse 1%: bytes sent / bytes changed':<44}{'':>10}{statistics.median(sparse):>10.3f}  <= 1.1")
     print("all runs:", {k: [round(x, 3) for x in v] for k, v in times.items()})
