@@ -278,8 +278,11 @@ def check_then_fill(out, i, keep=False):
 def case_reuse():
     """A worker gives a shared output's region to the call's next task once it
     has cleared what the last one wrote: every task still sees zeros, and
-    every element lands; a region a task kept a reference to is not reused."""
-    n = 16 * MB // 8
+    every element lands; a region a task kept a reference to is not reused.
+    64 MiB: above glibc's largest mmap threshold (32 MiB), so each output is
+    fresh, never-written memory (a heap block that calloc zeroed was written:
+    its tasks would fetch it, and see other tasks' merged elements)."""
+    n = 64 * MB // 8
     res = {}
     with lazyshare.Pool(2) as p:
         for keep in (False, True):
@@ -294,6 +297,13 @@ def case_reuse():
                 "exact": bool(np.array_equal(out, exp)),
                 "reused": sum(max(c) - min(c) for c in by_pid.values()),
             }
+            del out
+            if not keep:
+                # Parked regions hold the output's segment: an idle worker lets go.
+                t0 = time.monotonic()
+                while handler.pinned_segments() and time.monotonic() - t0 < 10:
+                    time.sleep(0.01)
+                res["unpinned_after"] = time.monotonic() - t0
     return res
 
 

@@ -88,6 +88,7 @@ def test_a_workers_next_task_reuses_the_cleared_region(rung):
     assert r["plain"]["reused"] >= 1  # 16 tasks on 2 workers: regions were given again
     assert r["kept"]["clean"] and r["kept"]["exact"]
     assert r["kept"]["reused"] == 0  # every task kept its argument: none reused
+    assert r["unpinned_after"] < 3  # the idle workers let the segments go (after 0.2 s)
 
 
 @pytest.mark.parametrize("rung", RUNGS)
