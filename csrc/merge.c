@@ -63,7 +63,8 @@ static int emit(uint64_t *out, uint32_t *n, uint32_t max, uint64_t s, uint64_t e
  * quarter of non-zero words (and sp has room): 0 if it holds none, 1 if
  * stored sparse, 2 if it goes whole. The words are written as they are read
  * (a store the next non-zero word overwrites when this one is zero), so one
- * pass reads the page; a page dense from its start costs its first 64 words. */
+ * pass reads the page; a page dense from its start costs its first three
+ * blocks of 64 words. */
 static int sparse_page(const uint8_t *p, uint64_t ps, struct ls_sparse *sp)
 {
     const uint64_t nw = ps / 8, limit = nw / 4;

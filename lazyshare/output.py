@@ -543,6 +543,20 @@ class CallOutputs:
 
         conflict = None
         sent = merged = conflicts = 0
+
+        def step(where, fn, args, unit, last):
+            """One native merge call, ``fn(twins, base, *args, unit, last, conflict)``,
+            into the segment ``where`` = (twins, base, root, ranges)."""
+            nonlocal merged, conflicts, conflict
+            ctx, base, root, ranges = where
+            cbuf = ffi.new("uint64_t[3]")
+            rc = fn(ctx, ffi.cast("uint8_t *", base), *args, unit, 1 if last else 0, cbuf)
+            merged += _check(int(rc), "merging a task's writes")
+            if cbuf[0]:
+                conflicts += 1
+                if not last and conflict is None:
+                    conflict = _conflict(root, ranges, base, cbuf)
+
         with self._lock:
             if self.closed:
                 return None
@@ -557,6 +571,7 @@ class CallOutputs:
             with twins.lock:
                 if twins.ctx is None:
                     continue
+                where = (twins.ctx, base, root, ranges)
                 for offs, masks, words in sparse:
                     offs, masks, words = (_u64(x) for x in (offs, masks, words))
                     sent += offs.nbytes + masks.nbytes + words.nbytes
@@ -564,44 +579,19 @@ class CallOutputs:
                         if dense is not None:  # pages across a range's end: whole
                             groups.append(dense)
                             continue
-                        cbuf = ffi.new("uint64_t[3]")
-                        rc = lib.ls_merge_sparse(
-                            twins.ctx,
-                            ffi.cast("uint8_t *", base),
-                            ffi.cast("uint64_t *", p.ctypes.data),
-                            len(p),
+                        pages = ffi.cast("uint64_t *", p.ctypes.data), len(p)
+                        bits = (
                             ffi.cast("uint64_t *", mk.ctypes.data),
                             ffi.cast("uint64_t *", w.ctypes.data),
                             len(w),
-                            unit,
-                            1 if last else 0,
-                            cbuf,
                         )
-                        merged += _check(int(rc), "merging a task's writes")
-                        if cbuf[0]:
-                            conflicts += 1
-                            if not last and conflict is None:
-                                conflict = _conflict(root, ranges, base, cbuf)
+                        step(where, lib.ls_merge_sparse, (*pages, *bits), unit, last)
                 for grp, data in groups:
                     data = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
                     sent += data.nbytes
                     for last, unit, clipped, src in _clip(grp, data, ranges, base):
-                        cbuf = ffi.new("uint64_t[3]")
-                        rc = lib.ls_merge_apply(
-                            twins.ctx,
-                            ffi.cast("uint8_t *", base),
-                            ffi.cast("uint64_t *", clipped.ctypes.data),
-                            len(clipped),
-                            ffi.from_buffer(src),
-                            unit,
-                            1 if last else 0,
-                            cbuf,
-                        )
-                        merged += _check(int(rc), "merging a task's writes")
-                        if cbuf[0]:
-                            conflicts += 1
-                            if not last and conflict is None:
-                                conflict = _conflict(root, ranges, base, cbuf)
+                        runs_at = ffi.cast("uint64_t *", clipped.ctypes.data), len(clipped)
+                        step(where, lib.ls_merge_apply, (*runs_at, ffi.from_buffer(src)), unit, last)
         for t in (_totals, self.totals):
             if t is not None:
                 t["bytes_sent"] += sent
