@@ -26,7 +26,8 @@ task of the call changed to another value is a conflict: the later task's result
 worker dies, sends nothing: nothing of it is merged.
 
 Pages the parent never wrote before the call exported the output (absent, or
-the zero page) have zeros for twin (no copy kept), and tasks map them as plain
+the zero page; and the array's first and last pages, which it shares with the
+heap, when its bytes there are zeros) have zeros for twin (no copy kept), and tasks map them as plain
 zero memory, never fetched: they read them as of submission on every rung,
 and a page left holding only zeros is not sent (it changed nothing). There the
 worker diffs against the twin itself: a written page holding a quarter of
