@@ -481,6 +481,71 @@ static uint64_t merge_piece(uint8_t *dst, const uint8_t *t, const uint8_t *src, 
     return changed;
 }
 
+/* One word of a page whose twin is zeros: ws the task's, at d in
+ * the array, segment offset at. */
+static uint64_t merge_word_zero(uint8_t *d, uint64_t ws, unsigned u, int last, uint64_t at, uint64_t *conflict)
+{
+    uint64_t wd;
+    memcpy(&wd, d, 8);
+    if (!wd) { /* nobody else changed it: the task's, whole */
+        memcpy(d, &ws, 8);
+        return nonzero_bytes(ws);
+    }
+    if (wd == ws)
+        return 0;
+    uint8_t s[8];
+    memcpy(s, &ws, 8);
+    uint64_t changed = 0;
+    for (unsigned b = 0; b < 8; b += u)
+        changed += merge_item(d + b, zero_page, s + b, u, last, at + b, conflict);
+    return changed;
+}
+
+/* merge_piece for a page whose twin is zeros, 64 bytes at a time where it
+ * can: a block the task left as zeros is skipped, one the array still holds
+ * as zeros takes the task's bytes whole (a copy the compiler can vectorize);
+ * only blocks that both changed go word by word. */
+static uint64_t merge_piece_zero(uint8_t *dst, const uint8_t *src, uint64_t n, unsigned u, int last, uint64_t at,
+                                 uint64_t *conflict)
+{
+    uint64_t changed = 0, i = 0;
+    for (; i + 64 <= n; i += 64) {
+        uint64_t s[8], d[8], os = 0, od = 0;
+        memcpy(s, src + i, 64);
+        memcpy(d, dst + i, 64);
+        for (unsigned j = 0; j < 8; j++) {
+            os |= s[j];
+            od |= d[j];
+        }
+        if (!os)
+            continue;
+        if (!od) {
+            memcpy(dst + i, s, 64);
+            uint64_t flags = 0; /* per byte lane: how many of the 8 words have it non-zero */
+            for (unsigned j = 0; j < 8; j++) {
+                uint64_t x = s[j] | (s[j] >> 4);
+                x |= x >> 2;
+                x |= x >> 1;
+                flags += x & 0x0101010101010101ULL;
+            }
+            changed += (flags * 0x0101010101010101ULL) >> 56;
+            continue;
+        }
+        for (unsigned j = 0; j < 8; j++)
+            changed += merge_word_zero(dst + i + 8 * j, s[j], u, last, at + i + 8 * j, conflict);
+    }
+    for (; i + 8 <= n; i += 8) {
+        uint64_t ws;
+        memcpy(&ws, src + i, 8);
+        changed += merge_word_zero(dst + i, ws, u, last, at + i, conflict);
+    }
+    for (; i < n; i += u) {
+        unsigned k = n - i < u ? (unsigned)(n - i) : u;
+        changed += merge_item(dst + i, zero_page, src + i, k, last, at + i, conflict);
+    }
+    return changed;
+}
+
 int64_t ls_merge_apply(struct ls_merge *m, uint8_t *base, const uint64_t *runs, uint32_t nruns, const uint8_t *src,
                        unsigned unit, int last, uint64_t *conflict)
 {
@@ -500,33 +565,16 @@ int64_t ls_merge_apply(struct ls_merge *m, uint8_t *base, const uint64_t *runs, 
             uint64_t e = (o / ps + 1) * ps;
             if (e > off + n)
                 e = off + n;
-            const uint8_t *t = bit(m->zero, o / ps) ? zero_page + o % ps : m->twin + o;
-            changed += merge_piece(base + o, t, src + at + (o - off), e - o, unit, last, o, conflict);
+            const uint8_t *s = src + at + (o - off);
+            if (bit(m->zero, o / ps))
+                changed += merge_piece_zero(base + o, s, e - o, unit, last, o, conflict);
+            else
+                changed += merge_piece(base + o, m->twin + o, s, e - o, unit, last, o, conflict);
             o = e;
         }
         at += n;
     }
     return (int64_t)changed;
-}
-
-/* One word of a page whose twin is zeros: ws the task's, at d in
- * the array, segment offset at. */
-static uint64_t merge_word_zero(uint8_t *d, uint64_t ws, unsigned u, int last, uint64_t at, uint64_t *conflict)
-{
-    uint64_t wd;
-    memcpy(&wd, d, 8);
-    if (!wd) { /* nobody else changed it: the task's, whole */
-        memcpy(d, &ws, 8);
-        return nonzero_bytes(ws);
-    }
-    if (wd == ws)
-        return 0;
-    uint8_t s[8];
-    memcpy(s, &ws, 8);
-    uint64_t changed = 0;
-    for (unsigned b = 0; b < 8; b += u)
-        changed += merge_item(d + b, zero_page, s + b, u, last, at + b, conflict);
-    return changed;
 }
 
 int64_t ls_merge_sparse(struct ls_merge *m, uint8_t *base, const uint64_t *pages, uint64_t npages,

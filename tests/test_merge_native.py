@@ -113,3 +113,41 @@ def test_a_page_whose_twin_is_not_zeros_is_refused(seg):
         assert rc == -errno.EPROTO and (other == 1).all()
     finally:
         lib.ls_merge_free(ctx2)
+
+
+def apply_dense(ctx, base, runs, src, unit=8, last=0):
+    conflict = ffi.new("uint64_t[3]")
+    runs = np.array(runs, np.uint64).reshape(-1, 2)
+    rc = lib.ls_merge_apply(
+        ctx,
+        ffi.cast("uint8_t *", base),
+        ffi.cast("uint64_t *", runs.ctypes.data),
+        len(runs),
+        ffi.from_buffer(src),
+        unit,
+        last,
+        conflict,
+    )
+    return rc, list(conflict)
+
+
+def test_whole_pages_over_zeros(seg):
+    arr, base, ctx = seg
+    w = PS // 8
+    first = np.arange(1, w + 1, dtype=np.uint64)
+    rc, c = apply_dense(ctx, base, [(2 * PS, PS)], first)
+    assert c[0] == 0 and rc == np.count_nonzero(first.view(np.uint8))  # the bytes changed
+    assert (arr[2 * w : 3 * w] == first).all()
+    # A second task: its zeros change nothing, the same value is no conflict,
+    # another value where the first wrote is one (and stays the first's).
+    second = np.zeros(w, np.uint64)
+    second[0] = first[0]
+    second[5] = 99
+    rc, c = apply_dense(ctx, base, [(2 * PS, PS)], second)
+    assert rc == 0 and c[0] == 8 and c[1] == 2 * PS + 40 and c[2] == 2 * PS + 48
+    assert (arr[2 * w : 3 * w] == first).all()
+    # A run that is not whole words: byte items, all of them over zeros.
+    tail = np.arange(1, 101, dtype=np.uint8)
+    rc, c = apply_dense(ctx, base, [(3 * PS, 100)], tail, unit=1)
+    assert rc == 100 and c[0] == 0
+    assert bytes(arr[3 * w : 3 * w + 13].view(np.uint8)[:100]) == bytes(tail)
