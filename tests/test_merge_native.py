@@ -52,21 +52,21 @@ def sparse(pages: dict[int, dict[int, int]]):
     return np.array(offs, np.uint64), np.array(masks, np.uint64), np.array(words, np.uint64)
 
 
-def apply(ctx, base, offs, masks, words, unit=8, last=0):
+def native(fn, ctx, base, *args, unit=8, last=0):
+    """fn(ctx, base, *args, unit, last, conflict): (its return, the conflict)."""
     conflict = ffi.new("uint64_t[3]")
-    rc = lib.ls_merge_sparse(
-        ctx,
-        ffi.cast("uint8_t *", base),
-        ffi.cast("uint64_t *", offs.ctypes.data),
-        len(offs),
-        ffi.cast("uint64_t *", masks.ctypes.data),
-        ffi.cast("uint64_t *", words.ctypes.data),
-        len(words),
-        unit,
-        last,
-        conflict,
-    )
+    rc = fn(ctx, ffi.cast("uint8_t *", base), *args, unit, last, conflict)
     return rc, list(conflict)
+
+
+def u64p(a: np.ndarray):
+    return ffi.cast("uint64_t *", a.ctypes.data)
+
+
+def apply(ctx, base, offs, masks, words, unit=8, last=0):
+    """ls_merge_sparse of (offsets, masks, words)."""
+    args = u64p(offs), len(offs), u64p(masks), u64p(words), len(words)
+    return native(lib.ls_merge_sparse, ctx, base, *args, unit=unit, last=last)
 
 
 def test_sparse_words_land_and_conflict_by_element(seg):
@@ -116,19 +116,11 @@ def test_a_page_whose_twin_is_not_zeros_is_refused(seg):
 
 
 def apply_dense(ctx, base, runs, src, unit=8, last=0):
-    conflict = ffi.new("uint64_t[3]")
+    """ls_merge_apply of (offset, length) runs whose bytes follow each other in src."""
     runs = np.array(runs, np.uint64).reshape(-1, 2)
-    rc = lib.ls_merge_apply(
-        ctx,
-        ffi.cast("uint8_t *", base),
-        ffi.cast("uint64_t *", runs.ctypes.data),
-        len(runs),
-        ffi.from_buffer(src),
-        unit,
-        last,
-        conflict,
+    return native(
+        lib.ls_merge_apply, ctx, base, u64p(runs), len(runs), ffi.from_buffer(src), unit=unit, last=last
     )
-    return rc, list(conflict)
 
 
 def test_whole_pages_over_zeros(seg):
