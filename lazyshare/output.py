@@ -413,9 +413,8 @@ def begin(job: int) -> None:
     global _job
     _job = job
     _candidates.clear()
-    if _parked and any(j != job for j, _ in _parked.values()):
-        for key in [k for k, (j, _) in _parked.items() if j != job]:
-            del _parked[key]
+    for key in [k for k, (j, _) in _parked.items() if j != job]:
+        del _parked[key]
 
 
 def unpark(key) -> Any:
@@ -453,6 +452,12 @@ def settle() -> None:
             raw[a:b] = 0
         raw = None
         _parked[m.park] = (_job, m)
+
+
+def holding() -> bool:
+    """Whether this worker keeps parked regions or encoding buffers (its idle
+    loop then wakes to drop them)."""
+    return bool(_parked or _scratch_bufs)
 
 
 def drop_parked() -> None:
@@ -698,8 +703,8 @@ def _clip_sparse(offs: np.ndarray, masks: np.ndarray, words: np.ndarray, ranges:
 
     for last, unit, sel in parts:
         yield (last, unit, *take(np.flatnonzero(sel)), None)
-    # a page across a range's end: whole, for _clip to cut; the first range's
-    # rules are the dense path's too (it applies each range's own)
+    # a page across a range's end: whole, for _clip to cut (it applies each
+    # range's own rules)
     for i in np.flatnonzero(touches & ~inside).tolist():
         page = np.zeros(ps // 8, np.uint64)
         page[np.unpackbits(masks[i].view(np.uint8), bitorder="little").astype(bool)] = words[

@@ -382,7 +382,7 @@ def _worker_main(
         last_task = time.monotonic()
         recheck = 0  # ms until the counters are read again (0: they were settled)
         while maxtasks is None or completed < maxtasks:
-            kept = output._parked or output._scratch_bufs
+            kept = output.holding()
             if not sock.poll(recheck or (_PARK_MS if kept else transport.POLL_MS)):
                 if kept and time.monotonic() - last_task >= _PARK_MS / 1000:
                     output.drop_parked()  # idle: the call is likely over, its segments held for nothing
