@@ -229,7 +229,11 @@ def _worker_dies_clearly(cl, bound):
     except subprocess.TimeoutExpired:
         raise AssertionError(f"the worker still runs after {bound} s:\n{cl.log('worker0')[-3000:]}") from None
     log = cl.log("worker0")
-    assert w.returncode == -signal.SIGBUS, log[-3000:]
+    # The worker runs with faulthandler on, which walks every thread's frames
+    # while the others keep running: now and then that walk itself faults, and
+    # the process ends on SIGSEGV in the middle of reporting the SIGBUS.
+    died_in_dump = w.returncode == -signal.SIGSEGV and "Fatal Python error: Bus error" in log
+    assert w.returncode == -signal.SIGBUS or died_in_dump, log[-3000:]
     assert "lost the connection to the owner" in log, log[-3000:]
     return time.monotonic() - t, log
 
