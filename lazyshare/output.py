@@ -578,6 +578,7 @@ class CallOutputs:
                 if twins.ctx is None:
                     continue
                 where = (twins.ctx, base, root, ranges)
+                nsent = len(groups)
                 for offs, masks, words in sparse:
                     offs, masks, words = (_u64(x) for x in (offs, masks, words))
                     sent += offs.nbytes + masks.nbytes + words.nbytes
@@ -592,9 +593,10 @@ class CallOutputs:
                             len(w),
                         )
                         step(where, lib.ls_merge_sparse, (*pages, *bits), unit, last)
-                for grp, data in groups:
+                for k, (grp, data) in enumerate(groups):
                     data = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data
-                    sent += data.nbytes
+                    if k < nsent:  # not a sparse page made whole (counted as sent above)
+                        sent += data.nbytes
                     for last, unit, clipped, src in _clip(grp, data, ranges, base):
                         runs_at = ffi.cast("uint64_t *", clipped.ctypes.data), len(clipped)
                         step(where, lib.ls_merge_apply, (*runs_at, ffi.from_buffer(src)), unit, last)

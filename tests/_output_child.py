@@ -220,6 +220,23 @@ def case_views():
             exp[i::N] = np.arange(i, 300_000, N) * 7.0 + 0.5
         exp[:1000] = exp[250_001:] = 0
         res["span"] = bool(np.array_equal(b, exp))
+        # One task writes an element in each of three pages of a fresh output's
+        # marked span: the first and last cross the span's ends. Each goes as a
+        # sparse page (80 bytes), whatever it is cut into for the merge.
+        c = np.zeros(8 << 20)  # 64 MiB: a fresh mapping, never written
+        v = lazyshare.shared(c[1000:-1000])
+        k = len(v)
+        sent = p.stats(0)["outputs"]["bytes_sent"]
+        p.apply(write_then, (v, [(0, 1), (k // 2, k // 2 + 1), (k - 1, k)], 3.0))
+        res["ends_sent"] = p.stats(0)["outputs"]["bytes_sent"] - sent
+        res["ends"] = [
+            float(c[999]),
+            float(c[1000]),
+            float(c[1000 + k // 2]),
+            float(c[-1001]),
+            float(c[-1000]),
+        ]
+        res["ends_sum"] = float(c.sum())
         # a small one (below the export threshold) goes lazily too
         small = lazyshare.shared(np.zeros(10))
         p.starmap(write_then, [(small, [(i, i + 1)], float(i + 1)) for i in range(10)])
