@@ -97,8 +97,16 @@ static void *handler(void *arg)
         bank_next = off + CHUNK;
         memset(bank + off, 0, CHUNK); /* the previous task's data */
         struct uffdio_move mv = {.dst = at, .src = (uint64_t)(uintptr_t)(bank + off), .len = CHUNK};
-        if (ioctl(uffd, UFFDIO_MOVE, &mv) && errno != EEXIST)
-            die("UFFDIO_MOVE into the block");
+        if (ioctl(uffd, UFFDIO_MOVE, &mv)) {
+            if (errno != EEXIST)
+                die("UFFDIO_MOVE into the block");
+            /* part of the block was there already (a repeated fault): a failed
+             * move wakes nobody, so wake the faulting thread; a page still
+             * missing faults again and takes the next chunk */
+            struct uffdio_range rg = {.start = at, .len = CHUNK};
+            if (ioctl(uffd, UFFDIO_WAKE, &rg))
+                die("UFFDIO_WAKE");
+        }
     }
     return NULL;
 }

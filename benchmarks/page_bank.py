@@ -27,11 +27,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def run_pair(exe: str, mode: str) -> float:
     procs = [subprocess.Popen([exe, mode], stdout=subprocess.PIPE, text=True) for _ in range(2)]
     times = []
-    for p in procs:
-        out, _ = p.communicate(timeout=120)
-        if p.returncode:
-            sys.exit(f"page_bank {mode} failed ({p.returncode})")
-        times.append(float(out.split()[1]))
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=120)
+            if p.returncode:
+                sys.exit(f"page_bank {mode} failed ({p.returncode})")
+            times.append(float(out.split()[1]))
+    finally:  # a failed or stuck one takes its twin with it
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return max(times)
 
 
